@@ -1,0 +1,390 @@
+"""``agile``: the command line for the whole loop (corpus, concepts, labels, rounds)."""
+
+import csv
+import io
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from agile_pipeline import settings
+
+app = typer.Typer(
+    help="Agile Modeling: from a visual concept to a trained image classifier in minutes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+concept_app = typer.Typer(help="Create, edit and list concepts.", no_args_is_help=True)
+app.add_typer(concept_app, name="concept")
+
+Strategy = Literal["margin", "margin-positive"]
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for name in ("lance", "lancedb", "alembic", "mlflow", "dagster"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _store():  # type: ignore[no-untyped-def]
+    from agile_pipeline.lib.state import StateError, StateStore
+
+    paths = settings.paths()
+    try:
+        paths.ensure()
+    except OSError as exc:
+        fail(f"cannot use data directory {paths.home}: {exc.strerror}. Set AGILE_HOME to a writable folder")
+    try:
+        return StateStore(paths.state_db)
+    except (StateError, OSError) as exc:
+        fail(str(exc))
+        raise
+
+
+def _env():  # type: ignore[no-untyped-def]
+    from agile_pipeline.defs.concepts import loop_env
+    from agile_pipeline.defs.resources import AgileHome
+
+    return loop_env(AgileHome())
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` and turn user-facing errors into one red line and exit code 1."""
+    from agile_pipeline.lib.loop import LoopError
+    from agile_pipeline.lib.state import StateError
+    from agile_pipeline.runner import RunFailed
+
+    try:
+        return fn()
+    except (StateError, LoopError, RunFailed, LookupError) as exc:
+        fail(str(exc).strip("'\""))
+
+
+@app.command("demo-corpus")
+def demo_corpus(
+    dest: Annotated[Path, typer.Argument(help="Folder to write the corpus into.")],
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    limit: Annotated[int | None, typer.Option(help="Write at most this many images.")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel rasterizers.")] = 2,
+) -> None:
+    """Write the demo corpus: OpenMoji artwork as PNGs in DEST/<group>/<subgroup>/<name>.png."""
+    from agile_pipeline.lib.demo_corpus import write_demo_corpus
+
+    _setup_logging()
+    try:
+        stats = write_demo_corpus(dest, size=size, limit=limit, workers=workers)
+    except (FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(
+        f"demo corpus in {dest}: {stats.n_written} written, {stats.n_skipped_existing} already "
+        f"there, {stats.n_failed} failed, {stats.seconds:.1f}s; labels in {dest / 'labels.csv'}"
+    )
+
+
+@app.command()
+def ingest(
+    sources: Annotated[list[str], typer.Argument(help="Folders, path/URL list files, or parquet files with a 'url' column.")],
+    workers: Annotated[int, typer.Option(help="Parallel readers/decoders.")] = 4,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Ingest, dedup, split and embed SOURCES into $AGILE_HOME; print what happened."""
+    from agile_pipeline.defs.corpus import image_embeddings, image_manifest, train_test_assignment
+    from agile_pipeline.runner import metadata_of, run_corpus
+
+    _setup_logging(verbose)
+    t0 = time.perf_counter()
+    typer.echo(f"data directory: {settings.data_home()}")
+    result = _guard(lambda: run_corpus(sources, workers=workers))
+    m = metadata_of(result, image_manifest)
+    s = metadata_of(result, train_test_assignment)
+    e = metadata_of(result, image_embeddings)
+    skipped = {k.removeprefix("skipped_"): v for k, v in m.items()
+               if k.startswith("skipped_") and k != "skipped_total"}
+    seconds = time.perf_counter() - t0
+    typer.echo(f"files seen:   {m.get('files_seen', 0)} ({m.get('unchanged_since_last_scan', 0)} unchanged since last scan)")
+    typer.echo(f"ingested:     {m.get('ingested', 0)}")
+    typer.echo(f"duplicates:   {m.get('duplicates', 0)}")
+    typer.echo(f"skipped:      {m.get('skipped_total', 0)}" + (
+        "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")" if skipped else ""))
+    typer.echo(f"split:        train {s.get('train', 0)}, test {s.get('test', 0)}")
+    typer.echo(f"embedded:     {e.get('embedded_now', 0)} with {e.get('model_id', '?')} "
+               f"({e.get('rows_total', 0)} in table; {e.get('failed_now', 0)} failed)")
+    rate = e.get("images_per_second")
+    typer.echo(f"seconds:      {seconds:.1f}" + (f"  (embedding: {rate} images/s)" if rate else ""))
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="A phrase, e.g. 'dog'.")],
+    k: Annotated[int, typer.Option("-k", help="How many images.")] = 10,
+    split: Annotated[str | None, typer.Option(help="train or test (default: both).")] = None,
+) -> None:
+    """Print the K images nearest to TEXT: path, split, cosine score."""
+    _setup_logging()
+    env = _env()
+    from agile_pipeline.defs.resources import AgileHome
+
+    encoder = AgileHome().load_encoder()
+    q = encoder.embed_texts([text])[0]
+    hits = _guard(lambda: env.vectors.search(env.model_id, q, k, split=split))
+    paths = {r["id"]: r["path"] for r in env.store.image_rows([h[0] for h in hits])}
+    for image_id, sp, score in hits:
+        typer.echo(f"{paths.get(image_id, image_id)}\t{sp}\t{score:.4f}")
+
+
+@concept_app.command("create")
+def concept_create(
+    name: Annotated[str, typer.Argument(help="Concept name; also used as a positive phrase.")],
+    pos: Annotated[list[str] | None, typer.Option("--pos", help="Positive phrase (repeat).")] = None,
+    neg: Annotated[list[str] | None, typer.Option("--neg", help="Negative phrase (repeat).")] = None,
+    description: Annotated[str, typer.Option(help="Instructions for raters.")] = "",
+    owner: Annotated[str, typer.Option(help="The concept owner (their label wins).")] = "owner",
+    expand: Annotated[bool, typer.Option(help="Build the first batch (expansion) now.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for sampling the first batch.")] = 0,
+) -> None:
+    """Create a concept (adds its Dagster partition) and build its first batch to rate."""
+    from agile_pipeline.runner import ensure_partition, instance
+
+    _setup_logging()
+    store = _store()
+    concept = _guard(lambda: store.create_concept(name, pos or [], neg or [], owner=owner, description=description))
+    ensure_partition(instance(), concept.name)
+    typer.echo(f"created concept {concept.name!r}: positives {[p for k, p in concept.phrases if k == 'positive']}, "
+               f"negatives {list(concept.negatives)}")
+    if expand:
+        _start(concept.name, seed)
+
+
+def _start(name: str, seed: int) -> None:
+    from agile_pipeline.defs.concepts import expansion_candidates
+    from agile_pipeline.runner import metadata_of, run_concept_start
+
+    result = _guard(lambda: run_concept_start(name, seed=seed))
+    m = metadata_of(result, expansion_candidates)
+    typer.echo(f"first batch ready: {m.get('candidates', 0)} images from {m.get('union_of_neighbours', 0)} "
+               f"nearest neighbours of the phrases; list them with `agile candidates {name!r}`")
+
+
+@concept_app.command("expand")
+def concept_expand(
+    name: str,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+) -> None:
+    """Build a fresh expansion batch (e.g. after editing the phrases)."""
+    _setup_logging()
+    _start(name, seed)
+
+
+@concept_app.command("edit")
+def concept_edit(
+    name: str,
+    pos: Annotated[list[str] | None, typer.Option("--pos", help="Replace positive phrases.")] = None,
+    neg: Annotated[list[str] | None, typer.Option("--neg", help="Replace negative phrases.")] = None,
+    description: Annotated[str | None, typer.Option(help="Replace the rater instructions.")] = None,
+) -> None:
+    """Edit a concept's phrases or description."""
+    store = _store()
+    c = _guard(lambda: store.update_concept(name, positives=pos, negatives=neg, description=description))
+    typer.echo(f"updated {c.name!r}: positives {list(c.positives)}, negatives {list(c.negatives)}")
+
+
+@concept_app.command("list")
+def concept_list() -> None:
+    """List concepts with their label counts and rounds."""
+    store = _store()
+    names = store.concept_names()
+    if not names:
+        typer.echo("no concepts yet: `agile concept create NAME --pos PHRASE --neg PHRASE`")
+        return
+    typer.echo("name\tpositive\tnegative\trounds\tphrases")
+    for n in names:
+        c = store.get_concept(n)
+        labels = store.effective_labels(n)
+        pos = sum(labels.values())
+        typer.echo(f"{n}\t{pos}\t{len(labels) - pos}\t{len(store.rounds(n))}\t"
+                   + "; ".join(f"{'+' if k == 'positive' else '-'}{p}" for k, p in c.phrases))
+
+
+@concept_app.command("show")
+def concept_show(name: str) -> None:
+    """Show a concept: phrases, labels, rounds and model versions."""
+    store = _store()
+    c = _guard(lambda: store.get_concept(name))
+    labels = store.effective_labels(c.name)
+    pos = sum(labels.values())
+    typer.echo(f"concept:      {c.name} (owner {c.owner})")
+    typer.echo(f"positives:    {[p for k, p in c.phrases if k == 'positive']}")
+    typer.echo(f"negatives:    {list(c.negatives)}")
+    if c.description:
+        typer.echo(f"instructions: {c.description}")
+    typer.echo(f"train labels: {pos} positive, {len(labels) - pos} negative")
+    for r in store.rounds(c.name):
+        typer.echo(f"round {r['round']}: {r['n_pos']} pos / {r['n_neg']} neg, trained in "
+                   f"{r['train_seconds']:.2f}s, MLflow model version {r['model_version']}")
+
+
+@app.command()
+def label(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    from_csv: Annotated[Path, typer.Option("--from-csv", help="CSV with columns image,label[,rater].")],
+    rater: Annotated[str, typer.Option(help="Rater for rows without a rater column.")] = "owner",
+    purpose: Annotated[str, typer.Option(help="train, or eval for evaluation-set labels.")] = "train",
+) -> None:
+    """Record ratings from a CSV (image = id or path; label = positive/negative/skip)."""
+    from agile_pipeline.lib.state import LabelEvent
+
+    store = _store()
+    concept = _guard(lambda: store.get_concept(name))
+    rows = _read_label_csv(from_csv)
+    batch = store.latest_batch(concept.name, ("expansion", "al", "eval"))
+    provenance = {it["image_id"]: it for it in (batch or {}).get("items", [])}
+    events, unknown = [], []
+    for lineno, row in rows:
+        image_id = store.resolve_image(row["image"])
+        if image_id is None:
+            unknown.append(f"line {lineno}: {row['image']!r}")
+            continue
+        lab = row["label"].strip().lower()
+        lab = {"pos": "positive", "1": "positive", "yes": "positive", "neg": "negative",
+               "0": "negative", "no": "negative"}.get(lab, lab)
+        if lab not in ("positive", "negative", "skip"):
+            fail(f"{from_csv}: line {lineno}: label {row['label']!r} is not positive, negative or skip; nothing was recorded")
+        it = provenance.get(image_id)
+        events.append(LabelEvent(
+            concept=concept.name, image_id=image_id, label=lab,
+            rater=(row.get("rater") or rater).strip() or rater, purpose=purpose,
+            source=(it["source"] if it else "import"), detail=(it["detail"] if it else str(from_csv)),
+            round=(batch["round"] if it and batch else None),
+        ))
+    if unknown:
+        fail(f"{len(unknown)} image(s) in {from_csv} are not in the corpus ({'; '.join(unknown[:3])}); "
+             "use ids or paths printed by `agile candidates`/`agile search`. Nothing was recorded")
+    n = _guard(lambda: store.add_labels(events))
+    labels = store.effective_labels(concept.name, purpose=purpose)
+    pos = sum(labels.values())
+    typer.echo(f"recorded {n} label(s) for {concept.name!r}; {purpose} labels now {pos} positive, "
+               f"{len(labels) - pos} negative")
+    if purpose == "train" and labels and pos == 0:
+        typer.secho("no positive labels yet: add more phrases (`agile concept edit`) and "
+                    "`agile concept expand`, or rate more images, before a round", fg=typer.colors.YELLOW)
+
+
+def _read_label_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+        raise
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        fail(f"{path} is not UTF-8 (byte {exc.start}): save it as UTF-8 CSV and retry; nothing was recorded")
+        raise
+    reader = csv.DictReader(io.StringIO(text))
+    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+    if "image" not in cols or "label" not in cols:
+        fail(f"{path} needs a header with columns image,label[,rater] (found: {', '.join(cols) or 'none'}); nothing was recorded")
+    out = []
+    for lineno, row in enumerate(reader, start=2):
+        norm = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+        if not norm.get("image", "").strip():
+            continue
+        out.append((lineno, norm))
+    if not out:
+        fail(f"{path} has no label rows")
+    return out
+
+
+@app.command("round")
+def round_(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    strategy: Annotated[str, typer.Option(help="margin or margin-positive.")] = "margin",
+    batch: Annotated[int, typer.Option(help="Images to select for the next batch.")] = settings.AL_BATCH,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Retrain even if no label changed since the last round.")] = False,
+) -> None:
+    """Train on all labels so far, then select the next batch (margin sampling)."""
+    from agile_pipeline.defs.concepts import al_candidates, classifier
+    from agile_pipeline.runner import metadata_of, run_concept_round
+
+    _setup_logging()
+    if strategy not in ("margin", "margin-positive"):
+        fail(f"unknown strategy {strategy!r}: use margin or margin-positive")
+    result = _guard(lambda: run_concept_round(
+        name, training={"seed": seed, "force": force},
+        sampling={"batch_size": batch, "strategy": strategy},
+    ))
+    c = metadata_of(result, classifier)
+    a = metadata_of(result, al_candidates)
+    if c.get("reused_previous_round"):
+        typer.echo(f"no new labels since round {c.get('round')}: kept that model (use --force to retrain)")
+    typer.echo(f"round {c.get('round')}: trained on {c.get('n_pos')} positive / {c.get('n_neg')} negative "
+               f"labels in {c.get('train_seconds')}s; MLflow model version {c.get('model_version')}")
+    typer.echo(f"next batch: {a.get('candidates')} images selected by {a.get('strategy')} from "
+               f"{a.get('images_scored')} in {a.get('select_seconds')}s; `agile candidates {name!r}` lists them")
+
+
+@app.command()
+def candidates(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    rater: Annotated[str | None, typer.Option(help="Only images this rater has not rated.")] = None,
+    with_ids: Annotated[bool, typer.Option("--ids", help="Print 'id<TAB>path'.")] = False,
+) -> None:
+    """Print the images to rate next, one path per line."""
+    from agile_pipeline.lib.loop import pending_items
+
+    store = _store()
+    concept = _guard(lambda: store.get_concept(name))
+    env = _env()
+    items = pending_items(env, concept.name, rater)
+    paths = {r["id"]: r["path"] for r in store.image_rows([it["image_id"] for it in items])}
+    for it in items:
+        p = paths.get(it["image_id"], "")
+        typer.echo(f"{it['image_id']}\t{p}" if with_ids else p)
+    if not items:
+        typer.echo("nothing to rate: run `agile round NAME` to select the next batch", err=True)
+
+
+@app.command()
+def status() -> None:
+    """Summarise the data directory: images, splits, models, concepts."""
+    store = _store()
+    typer.echo(f"data directory: {settings.data_home()}")
+    typer.echo(f"images: {store.count_images()}")
+    typer.echo(f"ingest log: {store.ingest_summary()}")
+    typer.echo(f"concepts: {', '.join(store.concept_names()) or 'none'}")
+
+
+@app.command("app")
+def app_(
+    host: Annotated[str, typer.Option(help="Interface to bind (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 7860,
+    dagster_url: Annotated[str, typer.Option(help="Dagster webserver that runs the rounds.")] = "http://127.0.0.1:3000",
+) -> None:
+    """Start the labeling app for the data directory ($AGILE_HOME) whose corpus is ingested."""
+    from labeling_ui.launch import serve
+
+    _setup_logging()
+    store = _store()
+    if not sum(store.count_images().values()):
+        fail(f"no images in {settings.data_home()}: run `agile ingest FOLDER` first")
+    serve(host=host, port=port, dagster_url=dagster_url)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,192 @@
+"""Concept assets, one dynamic partition per concept.
+
+``expansion_candidates`` -> (rater labels, written by the app/CLI) -> ``classifier`` ->
+``al_candidates``; ``zero_shot_scores`` is the baseline every model is compared with.
+"""
+
+import time
+from typing import Literal
+
+import dagster as dg
+
+from agile_pipeline import settings
+from agile_pipeline.defs.resources import AgileHome, quiet_third_party_logs
+from agile_pipeline.lib.loop import LoopEnv, LoopError
+
+concept_partitions = dg.DynamicPartitionsDefinition(name="concepts")
+
+
+def loop_env(agile: AgileHome) -> LoopEnv:
+    return LoopEnv(agile.state(), agile.vectors(), agile.model_id(), agile.paths)
+
+
+class ExpansionConfig(dg.Config):
+    per_phrase: int = settings.EXPANSION_PER_PHRASE
+    sample: int = settings.EXPANSION_SAMPLE
+    seed: int = 0
+
+
+class TrainingConfig(dg.Config):
+    seed: int = 0
+    epochs: int = 10
+    random_negatives: int = settings.RANDOM_NEGATIVES
+    force: bool = False
+    owner_wins: bool = True
+    tie: Literal["drop", "positive", "negative"] = "drop"
+
+
+class MarginSamplingConfig(dg.Config):
+    batch_size: int = settings.AL_BATCH
+    strategy: Literal["margin", "margin-positive"] = "margin"
+
+
+concept_labels = dg.AssetSpec(
+    "concept_labels",
+    group_name="labeling",
+    partitions_def=concept_partitions,
+    kinds={"sqlite"},
+    description=(
+        "Rating events written by the labeling app and `agile label` (append-only, one row per "
+        "rating, with rater, time, purpose and provenance). Not materialized by Dagster."
+    ),
+)
+
+
+@dg.asset(
+    group_name="expansion",
+    partitions_def=concept_partitions,
+    deps=["image_embeddings"],
+    kinds={"lancedb"},
+    description=(
+        "Text-to-image expansion: the nearest unlabeled train images of every positive and "
+        "negative phrase, 100 sampled (seeded) from their union for the first rating batch."
+    ),
+)
+def expansion_candidates(context: dg.AssetExecutionContext, config: ExpansionConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import build_expansion
+
+    quiet_third_party_logs()
+    env = loop_env(agile)
+    batch = _user_errors(lambda: build_expansion(
+        env, context.partition_key, agile.load_encoder(), per_phrase=config.per_phrase,
+        sample=config.sample, seed=config.seed, run_id=context.run_id,
+    ))
+    by_phrase: dict[str, int] = {}
+    for it in batch.items:
+        by_phrase[it["detail"]] = by_phrase.get(it["detail"], 0) + 1
+    return dg.MaterializeResult(metadata={
+        "batch_id": batch.batch_id, "candidates": len(batch.items),
+        "union_of_neighbours": batch.info["union"], "per_phrase": dg.MetadataValue.json(by_phrase),
+        "seconds": round(batch.seconds, 2),
+    })
+
+
+@dg.asset(
+    group_name="evaluation",
+    partitions_def=concept_partitions,
+    deps=["image_embeddings"],
+    kinds={"numpy"},
+    description="Zero-shot baseline: cosine of every image with the concept-name text vector.",
+)
+def zero_shot_scores(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import zero_shot
+
+    env = loop_env(agile)
+    ids, scores = _user_errors(lambda: zero_shot(env, context.partition_key, agile.load_encoder()))
+    top = [str(ids[k]) for k in scores.argsort()[::-1][:5]]
+    return dg.MaterializeResult(metadata={
+        "images_scored": len(scores), "max_cosine": float(scores.max()) if len(scores) else 0.0,
+        "top_images": dg.MetadataValue.json(top),
+    })
+
+
+@dg.asset(
+    group_name="training",
+    partitions_def=concept_partitions,
+    deps=[concept_labels],
+    kinds={"pytorch", "mlflow"},
+    code_version="1",
+    description=(
+        "The concept's classifier: the paper's MLP (1x16 first, then 3x128) on frozen "
+        "embeddings, trained on every train label plus random negatives. One MLflow run and "
+        "one registered-model version per round."
+    ),
+)
+def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import train_round
+    from agile_pipeline.lib.state import LabelRule
+    from agile_pipeline.lib.training import TrainConfig
+
+    quiet_third_party_logs()
+    env = loop_env(agile)
+    t0 = time.perf_counter()
+    result = _user_errors(lambda: train_round(
+        env, context.partition_key,
+        config=TrainConfig(seed=config.seed, epochs=config.epochs, random_negatives=config.random_negatives),
+        rule=LabelRule(owner_wins=config.owner_wins, tie=config.tie),
+        force=config.force, run_id=context.run_id,
+    ))
+    if result.reused:
+        context.log.info(f"no new labels since round {result.round_index}: kept that model")
+    for w in result.warnings:
+        context.log.warning(w)
+    return dg.MaterializeResult(metadata={
+        "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
+        "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
+        "train_seconds": round(result.train_seconds, 3),
+        "seconds_total": round(time.perf_counter() - t0, 3),
+        "mlflow_run_id": result.mlflow_run_id or "", "model_version": result.model_version or "",
+        "model_dir": str(result.model_dir),
+    })
+
+
+@dg.asset(
+    group_name="active_learning",
+    partitions_def=concept_partitions,
+    deps=[classifier],
+    kinds={"numpy"},
+    description=(
+        "The next batch to rate: unlabeled train images with the smallest margin "
+        "|P(pos) - P(neg)| under the latest model (or margin + positive mining)."
+    ),
+)
+def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import select_candidates
+
+    env = loop_env(agile)
+    batch = _user_errors(lambda: select_candidates(
+        env, context.partition_key, batch_size=config.batch_size, strategy=config.strategy,
+        run_id=context.run_id,
+    ))
+    scores = [it["score"] for it in batch.items]
+    return dg.MaterializeResult(metadata={
+        "batch_id": batch.batch_id, "round": batch.round_index, "candidates": len(batch.items),
+        "strategy": config.strategy, "images_scored": batch.info["scored"],
+        "select_seconds": round(batch.seconds, 3),
+        "score_min": min(scores) if scores else 0.0, "score_max": max(scores) if scores else 0.0,
+    })
+
+
+def _user_errors(fn):  # type: ignore[no-untyped-def]
+    """Turn a user-facing loop error into a Dagster failure with just its message."""
+    from agile_pipeline.lib.state import StateError
+
+    try:
+        return fn()
+    except (LoopError, StateError, LookupError) as exc:
+        raise dg.Failure(description=str(exc).strip("'\"")) from exc
+
+
+concept_start_job = dg.define_asset_job(
+    "concept_start_job",
+    selection=dg.AssetSelection.assets(expansion_candidates, zero_shot_scores),
+    executor_def=dg.in_process_executor,
+    description="Start a concept: expansion candidates for the first batch and zero-shot scores.",
+)
+
+concept_round_job = dg.define_asset_job(
+    "concept_round_job",
+    selection=dg.AssetSelection.assets(classifier, al_candidates),
+    executor_def=dg.in_process_executor,
+    description="One active-learning round: retrain on all labels, then select the next batch.",
+)

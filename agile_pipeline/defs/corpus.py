@@ -1,0 +1,285 @@
+"""Corpus assets: ingestion + dedup -> train/test split -> image embeddings (LanceDB)."""
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from agile_pipeline import settings
+from agile_pipeline.defs.resources import AgileHome, quiet_third_party_logs
+from agile_pipeline.lib.corpus import SourceError, assign_split, describe_source, ingest_source
+
+
+class IngestConfig(dg.Config):
+    """Which sources to ingest. Empty: every source registered before (what refreshes use)."""
+
+    sources: list[str] = Field(default_factory=list)
+    workers: int = 4
+
+
+class SplitConfig(dg.Config):
+    train_fraction: float = settings.TRAIN_FRACTION
+
+
+class EmbeddingConfig(dg.Config):
+    batch_size: int = 64
+    workers: int = 2
+
+
+def registered_sources(agile: AgileHome) -> list[str]:
+    path = agile.paths.sources_file
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text()))
+
+
+def register_sources(agile: AgileHome, sources: list[str]) -> list[str]:
+    """Remember sources so the schedule and sensor refresh them; returns the full list."""
+    known = registered_sources(agile)
+    for s in sources:
+        canonical = describe_source(s)
+        if canonical not in known:
+            known.append(canonical)
+    path = agile.paths.sources_file
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    tmp.replace(path)
+    return known
+
+
+@dg.asset(
+    group_name="corpus",
+    kinds={"sqlite"},
+    description=(
+        "Ingestion and dedup: every image of the registered sources (folders, path/URL lists, "
+        "LAION-style parquet) validated by a full decode and keyed by its content hash. "
+        "Identical content and repeated URIs are kept once; bad files are skipped with a reason."
+    ),
+)
+def image_manifest(context: dg.AssetExecutionContext, config: IngestConfig, agile: AgileHome) -> dg.MaterializeResult:
+    quiet_third_party_logs()
+    sources = config.sources or registered_sources(agile)
+    if not sources:
+        raise dg.Failure(
+            "no corpus source configured: run `agile ingest PATH` once, or pass "
+            "ops.image_manifest.config.sources in the launchpad"
+        )
+    register_sources(agile, sources)
+    store = agile.state()
+    totals: dict[str, int] = {}
+    per_source = []
+    for spec in sources:
+        try:
+            report = ingest_source(spec, store, blob_dir=agile.paths.blobs, workers=config.workers)
+        except SourceError as exc:
+            raise dg.Failure(str(exc)) from exc
+        md = report.as_metadata()
+        per_source.append(md)
+        for k, v in md.items():
+            if isinstance(v, int):
+                totals[k] = totals.get(k, 0) + v
+        for reason, example in report.examples.items():
+            context.log.warning(f"skipped ({reason}), e.g. {example}")
+        context.log.info(
+            f"{spec}: {report.ingested} ingested, {report.duplicates} duplicates, "
+            f"{sum(report.skipped.values())} skipped, {report.unchanged} unchanged"
+        )
+    counts = store.count_images()
+    return dg.MaterializeResult(
+        metadata={
+            **totals,
+            "images_total": sum(counts.values()),
+            "sources": dg.MetadataValue.json(per_source),
+        }
+    )
+
+
+@dg.asset(
+    group_name="corpus",
+    deps=[image_manifest],
+    kinds={"sqlite"},
+    description=(
+        "Deterministic train/test assignment from a keyed SipHash-2-4 of the image id "
+        "(default 50/50, as in the paper). Stable across machines and refreshes."
+    ),
+)
+def train_test_assignment(config: SplitConfig, agile: AgileHome) -> dg.MaterializeResult:
+    store = agile.state()
+    current = store.all_image_splits()
+    wanted = {
+        i: assign_split(i, train_fraction=config.train_fraction, key=settings.SPLIT_KEY)
+        for i in current
+    }
+    changed = [(i, s) for i, s in wanted.items() if current[i] != s]
+    store.set_splits(changed)
+    counts = store.count_images()
+    return dg.MaterializeResult(
+        metadata={
+            "assigned_or_changed": len(changed),
+            "train": counts.get("train", 0),
+            "test": counts.get("test", 0),
+            "train_fraction": config.train_fraction,
+        }
+    )
+
+
+@dg.asset(
+    group_name="embeddings",
+    deps=[train_test_assignment],
+    kinds={"lancedb", "pytorch"},
+    code_version="1",
+    description=(
+        "One vector per image in a LanceDB table per embedding model (never mixed). "
+        "Incremental: only images without a vector are embedded."
+    ),
+)
+def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.embedding import embed_stream
+    from agile_pipeline.lib.images import load_rgb
+
+    quiet_third_party_logs()
+    store = agile.state()
+    vectors = agile.vectors()
+    started = time.perf_counter()
+    encoder = agile.load_encoder()
+    model_id = encoder.model_id
+    splits = store.all_image_splits()
+    have = vectors.ids(model_id)
+    todo = sorted(i for i, s in splits.items() if s is not None and i not in have)
+    moved = vectors.update_splits(model_id, {i: s for i, s in splits.items() if s})
+    rows = {r["id"]: r["path"] for r in store.image_rows(todo)}
+    n_ok, failed = 0, []
+    stats = None
+    if todo:
+        context.log.info(f"embedding {len(todo)} new images with {model_id}")
+        run = embed_stream(
+            ((i, Path(rows[i])) for i in todo),
+            load_rgb,
+            encoder,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            log=context.log,  # type: ignore[arg-type]
+        )
+        for batch in run:
+            if batch.ids:
+                vectors.add(model_id, batch.ids, [splits[i] or "train" for i in batch.ids], batch.vectors)
+                n_ok += len(batch.ids)
+            failed += batch.failed
+        stats = getattr(run, "stats", None)
+        vectors.optimize(model_id)
+    for image_id, reason in failed[:20]:
+        context.log.warning(f"could not embed {image_id}: {reason}")
+    seconds = time.perf_counter() - started
+    md: dict[str, object] = {
+        "model_id": model_id,
+        "table": f"{agile.paths.lancedb}/{model_id}",
+        "embedded_now": n_ok,
+        "failed_now": len(failed),
+        "split_changes": moved,
+        "rows_total": vectors.count(model_id),
+        "seconds": round(seconds, 2),
+        "table_version": vectors.version(model_id) if vectors.exists(model_id) else 0,
+    }
+    if n_ok:
+        md["images_per_second"] = round(n_ok / max(seconds, 1e-9), 1)
+    if stats is not None and getattr(stats, "images_per_second", None):
+        md["inference_images_per_second"] = round(float(stats.images_per_second), 1)
+    return dg.MaterializeResult(metadata=md)  # type: ignore[arg-type]
+
+
+@dg.asset_check(asset=image_embeddings, blocking=True, description="Every manifest image of the current split has exactly one vector of the current model.")
+def image_embeddings_complete(agile: AgileHome) -> dg.AssetCheckResult:
+    store = agile.state()
+    vectors = agile.vectors()
+    model_id = agile.model_id()
+    manifest = {i for i, s in store.all_image_splits().items() if s is not None}
+    if not vectors.exists(model_id):
+        return dg.AssetCheckResult(passed=not manifest, metadata={"missing": len(manifest)})
+    t = vectors.table(model_id).to_lance().to_table(columns=["id"])
+    ids = t.column("id").to_pylist()
+    present = set(ids)
+    missing = manifest - present
+    extra = present - manifest
+    dupes = len(ids) - len(present)
+    return dg.AssetCheckResult(
+        passed=not missing and not dupes,
+        metadata={"missing": len(missing), "duplicated": dupes, "not_in_manifest": len(extra),
+                  "example_missing": next(iter(missing), "")},
+    )
+
+
+@dg.asset_check(asset=image_manifest, description="Image ids (content hashes) are unique and every row has a path.")
+def image_manifest_unique_ids(agile: AgileHome) -> dg.AssetCheckResult:
+    rows = agile.state()._read(
+        "SELECT count(*) AS n, count(DISTINCT id) AS d, sum(path IS NULL OR path = '') AS nopath FROM images"
+    )[0]
+    return dg.AssetCheckResult(
+        passed=rows["n"] == rows["d"] and not rows["nopath"],
+        metadata={"rows": rows["n"], "distinct_ids": rows["d"]},
+    )
+
+
+corpus_refresh_job = dg.define_asset_job(
+    "corpus_refresh_job",
+    selection=dg.AssetSelection.assets(image_manifest, train_test_assignment, image_embeddings),
+    executor_def=dg.in_process_executor,
+    description="Ingest new images of the registered sources, split them and embed them.",
+)
+
+corpus_refresh_schedule = dg.ScheduleDefinition(
+    name="corpus_refresh_schedule",
+    job=corpus_refresh_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily refresh of every registered corpus source.",
+)
+
+
+def source_fingerprint(sources: list[str]) -> str:
+    """Cheap change detector: file count, total size and newest mtime of each local source."""
+    parts = []
+    for spec in sources:
+        p = Path(spec)
+        if not p.exists():
+            parts.append(f"{spec}:missing")
+            continue
+        if p.is_file():
+            st = p.stat()
+            parts.append(f"{spec}:{st.st_size}:{st.st_mtime_ns}")
+            continue
+        n = size = newest = 0
+        for dirpath, _dirs, files in __import__("os").walk(p):
+            for f in files:
+                try:
+                    st = (Path(dirpath) / f).stat()
+                except OSError:
+                    continue
+                n += 1
+                size += st.st_size
+                newest = max(newest, st.st_mtime_ns)
+        parts.append(f"{spec}:{n}:{size}:{newest}")
+    return "|".join(parts)
+
+
+@dg.sensor(
+    job=corpus_refresh_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts a corpus refresh when files appear in (or change under) a registered source.",
+)
+def new_images_sensor(context: dg.SensorEvaluationContext, agile: AgileHome) -> dg.SensorResult | dg.SkipReason:
+    sources = registered_sources(agile)
+    if not sources:
+        return dg.SkipReason("no registered sources yet (run `agile ingest PATH`)")
+    fingerprint = source_fingerprint(sources)
+    if context.cursor is None:
+        # first evaluation: remember the state, do not re-ingest what `agile ingest` just did
+        return dg.SensorResult(skip_reason=dg.SkipReason("recorded the sources' current state"), cursor=fingerprint)
+    if fingerprint == context.cursor:
+        return dg.SkipReason("no change in the registered sources")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"sources-{abs(hash(fingerprint))}-{int(time.time())}")],
+        cursor=fingerprint,
+    )

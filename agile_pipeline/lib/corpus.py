@@ -1,0 +1,339 @@
+"""Corpus ingestion: sources, content-hash ids, dedup and the deterministic split.
+
+A *source* is a folder (scanned recursively), a text file with one path or URL per line, or
+a parquet file with a ``url`` column (LAION style). Every image gets a stable id from its
+content hash, so identical content is ingested once whatever its name; a URI already seen
+is not read again (incremental refresh).
+"""
+
+import hashlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agile_pipeline.lib.evalset import siphash64
+from agile_pipeline.lib.images import ImageRejected, inspect_image, read_bytes
+from agile_pipeline.lib.state import StateStore
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".pjpeg",
+    ".ppm", ".pgm", ".ico",
+}
+# Files a corpus folder commonly holds beside its images (labels, notes): not even tried.
+IGNORED_SUFFIXES = {".txt", ".csv", ".json", ".md", ".parquet", ".py", ".yaml", ".yml"}
+MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+class SourceError(ValueError):
+    """The source itself cannot be used (missing path, unreadable list, bad parquet)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    uri: str
+    path: Path | None  # local file, or None for a URL
+    size: int | None
+    mtime: float | None
+
+
+@dataclass
+class IngestReport:
+    source: str
+    seen: int = 0
+    unchanged: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one example uri
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "files_seen": self.seen,
+            "unchanged_since_last_scan": self.unchanged,
+            "ingested": self.ingested,
+            "duplicates": self.duplicates,
+            "skipped_total": sum(self.skipped.values()),
+            **{f"skipped_{k}": v for k, v in sorted(self.skipped.items())},
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def image_id_for(data: bytes) -> str:
+    """Stable id from content: BLAKE2b-128 of the bytes, hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def assign_split(image_id: str, *, train_fraction: float, key: bytes) -> str:
+    """Deterministic train/test assignment from a keyed SipHash-2-4 of the image id."""
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError("train_fraction must be strictly between 0 and 1")
+    return "train" if siphash64(key, image_id) / 2**64 < train_fraction else "test"
+
+
+def describe_source(spec: str) -> str:
+    """Canonical text of a source (absolute path for local ones) used as its key."""
+    if _is_url(spec):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def _is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https")
+
+
+def scan_source(spec: str) -> Iterator[SourceItem]:
+    """List a source's items. Raises :class:`SourceError` naming the path if unreachable."""
+    if _is_url(spec):
+        yield SourceItem(spec, None, None, None)
+        return
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise SourceError(f"source {str(root)!r} does not exist: check the path (it is resolved "
+                          f"relative to {os.getcwd()})")
+    if root.is_dir():
+        yield from _scan_folder(root.resolve())
+    elif root.suffix.lower() == ".parquet":
+        yield from _scan_parquet(root)
+    elif root.suffix.lower() in IMAGE_SUFFIXES:
+        st = root.stat()
+        yield SourceItem(str(root.resolve()), root.resolve(), st.st_size, st.st_mtime)
+    else:
+        yield from _scan_list(root)
+
+
+def _scan_folder(root: Path) -> Iterator[SourceItem]:
+    try:
+        os.listdir(root)
+    except OSError as exc:
+        raise SourceError(f"cannot read source folder {str(root)!r}: {exc.strerror}") from exc
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            if p.suffix.lower() in IGNORED_SUFFIXES:
+                continue  # other extensions are tried: the content decides
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if not p.is_file() or p.is_symlink():
+                # symlinks are followed only if they stay inside the source folder
+                if p.is_symlink():
+                    target = p.resolve()
+                    if not target.is_relative_to(root) or not target.is_file():
+                        continue
+                    st = target.stat()
+                else:
+                    continue
+            yield SourceItem(str(p), p, st.st_size, st.st_mtime)
+
+
+def _scan_list(path: Path) -> Iterator[SourceItem]:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise SourceError(f"cannot read source list {str(path)!r}: {exc.strerror}") from exc
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        yield _item_for_entry(entry, base=path.parent)
+
+
+def _scan_parquet(path: Path) -> Iterator[SourceItem]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise SourceError(f"cannot read parquet source {str(path)!r}: {exc}") from exc
+    cols = pf.schema_arrow.names
+    col = next((c for c in ("url", "URL", "path") if c in cols), None)
+    if col is None:
+        raise SourceError(f"parquet source {str(path)!r} has no 'url' column (columns: {cols})")
+    for batch in pf.iter_batches(columns=[col], batch_size=65536):
+        for value in batch.column(0).to_pylist():
+            if value:
+                yield _item_for_entry(str(value).strip(), base=path.parent)
+
+
+def _item_for_entry(entry: str, base: Path) -> SourceItem:
+    if _is_url(entry):
+        return SourceItem(entry, None, None, None)
+    p = Path(entry).expanduser()
+    if not p.is_absolute():
+        p = base / p
+    try:
+        st = p.stat()
+        return SourceItem(str(p.resolve()), p.resolve(), st.st_size, st.st_mtime)
+    except OSError:
+        return SourceItem(str(p), p, None, None)
+
+
+# ---- fetching ----------------------------------------------------------------------------
+class _NoPrivateRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        check_public_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def check_public_url(url: str, *, allow_private: bool = False) -> None:
+    """Refuse URLs whose host resolves to a private, loopback or link-local address."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ImageRejected("unreadable", f"not an http(s) URL: {url}")
+    if allow_private or os.environ.get("AGILE_ALLOW_PRIVATE_URLS") == "1":
+        return
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"cannot resolve {parsed.hostname}: {exc}") from exc
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
+            raise ImageRejected(
+                "unreadable", f"refused {url}: its host resolves to a non-public address {addr}"
+            )
+
+
+def fetch_url(url: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """Download with a size cap, a timeout and no redirects to private addresses."""
+    check_public_url(url)
+    opener = urllib.request.build_opener(_NoPrivateRedirects())
+    req = urllib.request.Request(url, headers={"User-Agent": "agile-modeling/0.1"})
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise ImageRejected("too_large_file", f"{url} is {length} bytes (cap {max_bytes})")
+            data = resp.read(max_bytes + 1)
+    except ImageRejected:
+        raise
+    except Exception as exc:
+        raise ImageRejected("unreadable", f"download failed for {url}: {exc}") from exc
+    if len(data) > max_bytes:
+        raise ImageRejected("too_large_file", f"{url} exceeds {max_bytes} bytes")
+    return data
+
+
+# ---- ingestion ---------------------------------------------------------------------------
+def _read_item(item: SourceItem) -> bytes:
+    if item.path is not None:
+        return read_bytes(item.path)
+    return fetch_url(item.uri)
+
+
+def ingest_source(
+    spec: str,
+    store: StateStore,
+    *,
+    blob_dir: Path,
+    workers: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Ingest new items of a source into the manifest.
+
+    Unchanged URIs (same size and mtime as last scan) are not read again. Each new file is
+    fully decoded once to validate it; bad files are recorded with their reason and never
+    fail the run. Identical content (same hash) and repeated URIs count as duplicates.
+    New rows have no split yet: the ``train_test_assignment`` step assigns it.
+    """
+    started = time.perf_counter()
+    source = describe_source(spec)
+    report = IngestReport(source=source)
+    known = store.known_uris(source)
+    items: list[SourceItem] = []
+    seen_uris: set[str] = set()
+    for item in scan_source(spec):
+        report.seen += 1
+        if item.uri in seen_uris:
+            report.duplicates += 1
+            continue
+        seen_uris.add(item.uri)
+        prev = known.get(item.uri)
+        if prev is not None and (item.path is None or prev == (item.size, item.mtime)):
+            report.unchanged += 1
+            continue
+        items.append(item)
+
+    def work(item: SourceItem) -> tuple[SourceItem, dict[str, Any]]:
+        try:
+            data = _read_item(item)
+            info = inspect_image(data)
+        except ImageRejected as exc:
+            return item, {"status": "skipped", "reason": exc.reason, "detail": exc.detail}
+        except Exception as exc:  # never let one file fail the run
+            return item, {"status": "skipped", "reason": "unreadable", "detail": repr(exc)}
+        image_id = image_id_for(data)
+        path = item.path
+        if path is None:  # downloaded: keep the bytes, addressed by content
+            path = blob_dir / image_id[:2] / f"{image_id}.{info.format.lower()}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                tmp = path.with_suffix(".part")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+        return item, {
+            "status": "ok", "id": image_id, "path": str(path), "size": len(data),
+            "width": info.width, "height": info.height, "format": info.format,
+            "n_frames": info.n_frames,
+        }
+
+    batch_images: list[dict[str, Any]] = []
+    batch_log: list[dict[str, Any]] = []
+    ids_this_run: set[str] = set()
+
+    def flush() -> None:
+        if batch_images or batch_log:
+            store.record_ingest(batch_images, batch_log)
+            batch_images.clear()
+            batch_log.clear()
+
+    now = time.time()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for item, res in pool.map(work, items):
+            row = {"uri": item.uri, "size": item.size, "mtime": item.mtime, "source": source,
+                   "seen_at": now, "reason": None, "image_id": None}
+            if res["status"] == "skipped":
+                report.skipped[res["reason"]] += 1
+                report.examples.setdefault(res["reason"], f"{item.uri}: {res['detail']}")
+                log.info("skipped %s: %s (%s)", item.uri, res["reason"], res["detail"])
+                batch_log.append({**row, "status": "skipped", "reason": res["reason"]})
+            else:
+                image_id = res["id"]
+                row["image_id"] = image_id
+                if image_id in ids_this_run or store.has_image(image_id):
+                    report.duplicates += 1
+                    batch_log.append({**row, "status": "duplicate"})
+                else:
+                    ids_this_run.add(image_id)
+                    report.ingested += 1
+                    batch_images.append({
+                        **{k: res[k] for k in ("id", "path", "size", "width", "height", "format", "n_frames")},
+                        "uri": item.uri, "split": None, "source": source, "ingested_at": now,
+                    })
+                    batch_log.append({**row, "status": "ingested"})
+            if progress:
+                progress(1)
+            if len(batch_log) >= 500:
+                flush()
+    flush()
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,310 @@
+"""The concept loop without Dagster: expansion, a training round, candidate selection.
+
+Dagster assets, the CLI, the simulated user and the benchmarks all call these functions, so
+the product's behaviour is the same whichever way a round is started.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from agile_pipeline import settings
+from agile_pipeline.lib.selection import sample_expansion, select_margin, select_margin_positive
+from agile_pipeline.lib.state import Concept, LabelRule, StateStore
+from agile_pipeline.lib.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["margin", "margin-positive"]
+
+
+class LoopError(ValueError):
+    """A user-facing problem with a concept's state; the message says what to do."""
+
+
+@dataclass
+class LoopEnv:
+    """What the loop needs: state, vectors, the embedding model id and the data paths."""
+
+    store: StateStore
+    vectors: VectorStore
+    model_id: str
+    paths: settings.Paths
+
+    def concept_dir(self, concept: str) -> Path:
+        d = self.paths.home / "concepts" / concept.replace(" ", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@dataclass
+class RoundResult:
+    concept: str
+    round_index: int
+    label_cutoff: int
+    n_pos: int
+    n_neg: int
+    model_dir: Path
+    train_seconds: float
+    reused: bool = False
+    warnings: list[str] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    model_version: str | None = None
+
+
+@dataclass
+class CandidateBatch:
+    concept: str
+    kind: str
+    round_index: int
+    batch_id: int
+    items: list[dict[str, Any]]
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- expansion ---------------------------------------------------------------------------
+def phrase_vectors(encoder: Any, concept: Concept) -> tuple[list[tuple[str, str]], np.ndarray]:
+    phrases = concept.phrases
+    vecs = encoder.embed_texts([p for _, p in phrases])
+    return phrases, np.asarray(vecs, dtype=np.float32)
+
+
+def build_expansion(
+    env: LoopEnv,
+    concept_name: str,
+    encoder: Any,
+    *,
+    per_phrase: int = settings.EXPANSION_PER_PHRASE,
+    sample: int = settings.EXPANSION_SAMPLE,
+    seed: int = 0,
+    run_id: str | None = None,
+) -> CandidateBatch:
+    """Nearest ``per_phrase`` unlabeled train images for every phrase; sample ``sample``."""
+    t0 = time.perf_counter()
+    concept = env.store.get_concept(concept_name)
+    phrases, vecs = phrase_vectors(encoder, concept)
+    labeled = env.store.labeled_image_ids(concept.name)
+    found: dict[str, list[str]] = {}
+    for (polarity, phrase), v in zip(phrases, vecs, strict=True):
+        hits = env.vectors.search(env.model_id, v, per_phrase + len(labeled), split="train")
+        found[f"{polarity}:{phrase}"] = [i for i, _s, _d in hits if i not in labeled][:per_phrase]
+    picked = sample_expansion(found, sample, seed)
+    items = [
+        {"image_id": image_id, "source": "expansion", "detail": key.split(":", 1)[1],
+         "polarity": key.split(":", 1)[0]}
+        for image_id, key in picked
+    ]
+    cutoff = env.store.label_cutoff(concept.name)
+    info = {
+        "phrases": [f"{p}: {t}" for p, t in phrases],
+        "found_per_phrase": {k: len(v) for k, v in found.items()},
+        "union": len({i for v in found.values() for i in v}),
+        "seed": seed,
+    }
+    batch_id = env.store.write_batch(
+        concept.name, "expansion", -1, items, label_cutoff=cutoff, run_id=run_id, info=info
+    )
+    return CandidateBatch(concept.name, "expansion", -1, batch_id, items,
+                          time.perf_counter() - t0, info)
+
+
+# ---- zero-shot ---------------------------------------------------------------------------
+def zero_shot(env: LoopEnv, concept_name: str, encoder: Any, *, save: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of every image (all splits) with the concept-name text vector: (ids, scores)."""
+    concept = env.store.get_concept(concept_name)
+    text = np.asarray(encoder.embed_texts([concept.phrases[0][1]])[0], dtype=np.float32)
+    m = env.vectors.matrix(env.model_id, None)
+    scores = _matvec(m.vectors, text)
+    if save:
+        out = env.concept_dir(concept.name) / "zero_shot.npz"
+        tmp = out.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=m.ids.astype(str), scores=scores, text=text)
+        tmp.replace(out)
+    return m.ids, scores
+
+
+def load_zero_shot(env: LoopEnv, concept_name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    path = env.concept_dir(concept_name) / "zero_shot.npz"
+    if not path.exists():
+        return None
+    z = np.load(path, allow_pickle=False)
+    return z["ids"], z["scores"]
+
+
+def _matvec(X: np.ndarray, v: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    out = np.empty(X.shape[0], dtype=np.float32)
+    for s in range(0, X.shape[0], chunk):
+        out[s : s + chunk] = np.asarray(X[s : s + chunk], dtype=np.float32) @ v
+    return out
+
+
+# ---- training ----------------------------------------------------------------------------
+def training_labels(env: LoopEnv, concept: str, *, rule: LabelRule, upto: int) -> tuple[list[str], np.ndarray]:
+    labels = env.store.effective_labels(concept, purpose="train", rule=rule, upto=upto)
+    ids = sorted(labels)
+    return ids, np.array([labels[i] for i in ids], dtype=np.int64)
+
+
+def train_round(
+    env: LoopEnv,
+    concept_name: str,
+    *,
+    config: Any = None,
+    rule: LabelRule = LabelRule(),
+    force: bool = False,
+    tracking: bool = True,
+    run_id: str | None = None,
+) -> RoundResult:
+    """Train the next model on every train label so far; log it to MLflow.
+
+    A round is keyed by its label cutoff (the last label event it saw). If nothing was rated
+    since the last round, the last round is returned (``reused=True``) unless ``force``, which
+    retrains that same round (same labels, same seed: the same model).
+    """
+    from agile_pipeline.lib.training import NotEnoughLabels, TrainConfig, train_classifier
+
+    config = config or TrainConfig()
+    store = env.store
+    concept = store.get_concept(concept_name)
+    cutoff = store.label_cutoff(concept.name)
+    previous = store.rounds(concept.name)
+    if previous and previous[-1]["label_cutoff"] == cutoff:
+        last = previous[-1]
+        if not force:
+            return RoundResult(
+                concept.name, last["round"], cutoff, last["n_pos"], last["n_neg"],
+                Path(last["model_uri"]), last["train_seconds"] or 0.0, reused=True,
+                mlflow_run_id=last["mlflow_run_id"], model_version=last["model_version"],
+            )
+        round_index = int(last["round"])
+    else:
+        round_index = len(previous)
+    ids, y = training_labels(env, concept.name, rule=rule, upto=cutoff)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0:
+        raise LoopError(
+            f"no positive labels yet for {concept.name!r} ({n_neg} negative): rate at least one "
+            "image as positive — widen the search with more phrases, or add an exemplar image — "
+            "then run the round again"
+        )
+    train = env.vectors.matrix(env.model_id, "train")
+    index = train.index_of()
+    X_lab = env.vectors.vectors_for(env.model_id, ids)
+    exclude = np.array([index[i] for i in ids if i in index], dtype=np.int64)
+    try:
+        model = train_classifier(
+            X_lab, y, train.vectors, round_index=round_index, config=config,
+            exclude_from_pool=exclude, concept=concept.name,
+        )
+    except NotEnoughLabels as exc:
+        raise LoopError(str(exc)) from exc
+    model_dir = env.concept_dir(concept.name) / f"round-{round_index:03d}"
+    tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
+    model.save(tmp_dir)
+    (tmp_dir / "training_labels.json").write_text(json.dumps({
+        "label_cutoff": cutoff, "rule": rule.describe(), "embedding_model": env.model_id,
+        "labels": dict(zip(ids, y.tolist(), strict=True)),
+        "event_seqs": [r["seq"] for r in store.label_events(concept.name, purpose="train", upto=cutoff)],
+    }))
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    tmp_dir.replace(model_dir)  # a round's files appear complete or not at all
+    result = RoundResult(
+        concept.name, round_index, cutoff, n_pos, n_neg, model_dir,
+        float(model.meta.train_seconds), warnings=list(model.meta.warnings),
+    )
+    if tracking:
+        from agile_pipeline.lib.tracking import log_model_version
+
+        logged = log_model_version(
+            tracking_uri=env.paths.mlflow_uri(),
+            artifact_root=env.paths.mlflow_artifacts,
+            concept=concept.name,
+            round_index=round_index,
+            model_dir=model_dir,
+            params={**config.to_dict(), "hidden": list(model.meta.hidden),
+                    "label_rule": rule.describe(), "label_cutoff": cutoff},
+            metrics={"n_pos": n_pos, "n_neg": n_neg, "n_labels": n_pos + n_neg,
+                     "n_random_neg": model.meta.n_random_neg,
+                     "train_seconds": model.meta.train_seconds},
+            tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or "",
+                  "agile/label_cutoff": str(cutoff)},
+        )
+        result.mlflow_run_id, result.model_version = logged.run_id, logged.version
+    store.record_round(
+        concept.name, round_index, label_cutoff=cutoff, run_id=run_id, model_uri=str(model_dir),
+        model_version=result.model_version, mlflow_run_id=result.mlflow_run_id, n_pos=n_pos,
+        n_neg=n_neg, train_seconds=result.train_seconds,
+        info={"warnings": result.warnings, "hidden": list(model.meta.hidden)},
+    )
+    return result
+
+
+def load_model(env: LoopEnv, concept_name: str, round_index: int | None = None) -> tuple[int, Any]:
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    rounds = env.store.rounds(concept_name)
+    if not rounds:
+        raise LoopError(f"{concept_name!r} has no trained model yet: rate the first batch, then run a round")
+    r = rounds[-1] if round_index is None else next((x for x in rounds if x["round"] == round_index), None)
+    if r is None:
+        raise LoopError(f"{concept_name!r} has no round {round_index}")
+    return int(r["round"]), TrainedClassifier.load(Path(r["model_uri"]))
+
+
+# ---- active learning ---------------------------------------------------------------------
+def select_candidates(
+    env: LoopEnv,
+    concept_name: str,
+    *,
+    batch_size: int = settings.AL_BATCH,
+    strategy: Strategy = "margin",
+    run_id: str | None = None,
+) -> CandidateBatch:
+    """Score every unlabeled train image with the latest model and queue the next batch."""
+    t0 = time.perf_counter()
+    concept = env.store.get_concept(concept_name)
+    round_index, model = load_model(env, concept.name)
+    cutoff = env.store.label_cutoff(concept.name)
+    train = env.vectors.matrix(env.model_id, "train")
+    scores = model.predict_proba(train.vectors)
+    labeled = env.store.labeled_image_ids(concept.name)
+    eligible = np.fromiter((i not in labeled for i in train.ids), dtype=bool, count=len(train.ids))
+    if strategy == "margin":
+        picked = select_margin(scores, batch_size, eligible=eligible)
+    elif strategy == "margin-positive":
+        picked = select_margin_positive(scores, batch_size, eligible=eligible)
+    else:
+        raise LoopError(f"unknown strategy {strategy!r}: use 'margin' or 'margin-positive'")
+    items = [
+        {"image_id": str(train.ids[k]), "source": f"al:{strategy}", "detail": f"round {round_index}",
+         "score": float(scores[k])}
+        for k in picked
+    ]
+    seconds = time.perf_counter() - t0
+    info = {"strategy": strategy, "scored": len(scores), "eligible": int(eligible.sum()),
+            "select_seconds": seconds, "model_round": round_index}
+    batch_id = env.store.write_batch(
+        concept.name, "al", round_index, items, label_cutoff=cutoff, run_id=run_id, info=info
+    )
+    return CandidateBatch(concept.name, "al", round_index, batch_id, items, seconds, info)
+
+
+def pending_items(env: LoopEnv, concept_name: str, rater: str | None = None) -> list[dict[str, Any]]:
+    """The latest batch's items not yet labelled (by ``rater``, or by anyone)."""
+    batch = env.store.latest_batch(concept_name)
+    if batch is None:
+        return []
+    if rater:
+        done = set(env.store.rater_labels(concept_name, rater))
+    else:
+        done = env.store.labeled_image_ids(concept_name)
+    return [it for it in batch["items"] if it["image_id"] not in done]

@@ -1,0 +1,92 @@
+"""Evaluation metrics (paper section 4.2, Appendix G.1) and the zero-shot baseline score.
+
+AUC-PR (average precision) is the primary metric; AUC-ROC, F1 and accuracy at a threshold
+(0.5 for the MLPs) are reported alongside.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+
+
+@dataclass
+class Metrics:
+    """Scores of one model on one rated evaluation set.
+
+    ``auc_pr`` and ``auc_roc`` are NaN when the set holds only one class (they are undefined
+    then); ``f1`` is 0 when there are no true and no predicted positives. ``n`` / ``n_pos`` are the
+    number of rated images and of positives among them.
+    """
+
+    auc_pr: float
+    auc_roc: float
+    f1: float
+    accuracy: float
+    n: int
+    n_pos: int
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (NaN stays NaN; JSON writers should use ``allow_nan`` or map it)."""
+        return asdict(self)
+
+
+def compute_metrics(
+    y_true: np.ndarray, scores: np.ndarray, *, threshold: float = 0.5
+) -> Metrics:
+    """AUC-PR, AUC-ROC, and F1 / accuracy of ``scores >= threshold`` against 0/1 labels.
+
+    Uses scikit-learn's ``average_precision_score``, ``roc_auc_score``, ``f1_score`` and
+    ``accuracy_score``. Raises ``ValueError`` on length mismatch, labels other than 0/1, NaN
+    scores, or an empty set.
+    """
+    y = np.asarray(y_true).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    if y.size == 0:
+        raise ValueError("cannot compute metrics on an empty evaluation set")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    y = y.astype(np.int64)
+    n_pos = int(y.sum())
+    both = 0 < n_pos < y.size
+    pred = (s >= threshold).astype(np.int64)
+    return Metrics(
+        auc_pr=float(average_precision_score(y, s)) if both else math.nan,
+        auc_roc=float(roc_auc_score(y, s)) if both else math.nan,
+        f1=float(f1_score(y, pred, zero_division=0.0)),
+        accuracy=float(accuracy_score(y, pred)),
+        n=int(y.size),
+        n_pos=n_pos,
+        threshold=float(threshold),
+    )
+
+
+def zero_shot_scores(
+    X: np.ndarray, text_vec: np.ndarray, *, batch: int = 262144
+) -> np.ndarray:
+    """Zero-shot baseline: cosine(image embedding, text embedding) per row, as float32.
+
+    Works in chunks of ``batch`` rows (float16 inputs are converted per chunk), so it streams
+    over large or memory-mapped arrays. Rows (or a text vector) of zero norm score 0.
+    """
+    t = np.asarray(text_vec, dtype=np.float32).reshape(-1)
+    if X.ndim != 2 or X.shape[1] != t.size:
+        raise ValueError(f"X must have shape (n, {t.size}), got {tuple(X.shape)}")
+    t_norm = float(np.linalg.norm(t))
+    out = np.zeros(X.shape[0], dtype=np.float32)
+    if t_norm == 0.0:
+        return out
+    t = t / t_norm
+    for start in range(0, X.shape[0], batch):
+        chunk = np.asarray(X[start : start + batch], dtype=np.float32)
+        dots = chunk @ t
+        norms = np.linalg.norm(chunk, axis=1)
+        np.divide(dots, norms, out=out[start : start + chunk.shape[0]], where=norms > 0)
+    return out

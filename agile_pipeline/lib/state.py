@@ -1,0 +1,602 @@
+"""The product's transactional state: image manifest, concepts, label events, batches, rounds.
+
+Storage decision (see DESIGN.md hazards): DuckDB allows one writing *process* per file, but
+rater sessions, the CLI and Dagster runs all write at once. This state therefore lives in one
+SQLite file in WAL mode: any number of processes read and write it concurrently, a writer
+waits (``busy_timeout``) instead of failing, and ``synchronous=FULL`` makes a committed label
+survive a killed process or a power cut. Bulk vectors live in LanceDB (``vectors.py``).
+
+Every label is an *event* (append-only). Undo is a new event. The effective label of an image
+is resolved at read time (:meth:`StateStore.effective_labels`).
+"""
+
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+LABELS = ("positive", "negative", "skip")
+PURPOSES = ("train", "eval")
+Label = Literal["positive", "negative", "skip"]
+
+_CONCEPT_NAME = re.compile(r"^[a-z0-9][a-z0-9 _\-]{0,62}[a-z0-9]$|^[a-z0-9]$")
+MAX_PHRASE_CHARS = 300
+MAX_PHRASES = 50
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    uri TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    n_frames INTEGER NOT NULL DEFAULT 1,
+    split TEXT,
+    source TEXT NOT NULL,
+    ingested_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_split ON images(split);
+CREATE INDEX IF NOT EXISTS images_path ON images(path);
+CREATE TABLE IF NOT EXISTS ingest_log (
+    uri TEXT PRIMARY KEY,
+    size INTEGER,
+    mtime REAL,
+    status TEXT NOT NULL,          -- ingested | duplicate | skipped
+    reason TEXT,
+    image_id TEXT,
+    source TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS concepts (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    positives TEXT NOT NULL,
+    negatives TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS label_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    concept TEXT NOT NULL REFERENCES concepts(name),
+    image_id TEXT NOT NULL REFERENCES images(id),
+    label TEXT NOT NULL CHECK (label IN ('positive','negative','skip')),
+    rater TEXT NOT NULL,
+    ts REAL NOT NULL,
+    purpose TEXT NOT NULL CHECK (purpose IN ('train','eval')),
+    source TEXT NOT NULL,
+    detail TEXT,
+    round INTEGER
+);
+CREATE INDEX IF NOT EXISTS label_events_concept ON label_events(concept, purpose, image_id);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    concept TEXT NOT NULL,
+    kind TEXT NOT NULL,            -- expansion | al | eval
+    round INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    label_cutoff INTEGER NOT NULL, -- max label seq the batch was built against
+    run_id TEXT,
+    info TEXT
+);
+CREATE INDEX IF NOT EXISTS batches_concept ON batches(concept, kind, batch_id);
+CREATE TABLE IF NOT EXISTS batch_items (
+    batch_id INTEGER NOT NULL REFERENCES batches(batch_id),
+    rank INTEGER NOT NULL,
+    image_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    detail TEXT,
+    score REAL,
+    PRIMARY KEY (batch_id, rank)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    concept TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    label_cutoff INTEGER NOT NULL,
+    run_id TEXT,
+    model_uri TEXT,
+    model_version TEXT,
+    mlflow_run_id TEXT,
+    n_pos INTEGER, n_neg INTEGER,
+    train_seconds REAL,
+    select_seconds REAL,
+    info TEXT,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (concept, round)
+);
+CREATE TABLE IF NOT EXISTS exemplars (
+    concept TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    polarity TEXT NOT NULL CHECK (polarity IN ('positive','negative')),
+    added_by TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    PRIMARY KEY (concept, image_id)
+);
+"""
+
+
+class StateError(ValueError):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    owner: str
+    description: str
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...]
+
+    @property
+    def phrases(self) -> list[tuple[str, str]]:
+        """(polarity, phrase) pairs; the name always leads the positives."""
+        pos = [self.name.replace("_", " ").replace("-", " ")]
+        pos += [p for p in self.positives if p.lower() != pos[0].lower()]
+        return [("positive", p) for p in pos] + [("negative", n) for n in self.negatives]
+
+
+@dataclass(frozen=True)
+class LabelEvent:
+    concept: str
+    image_id: str
+    label: str
+    rater: str
+    purpose: str = "train"
+    source: str = "manual"
+    detail: str | None = None
+    round: int | None = None
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How several raters' labels of one image combine.
+
+    ``owner_wins``: the concept owner's latest label decides when they gave one.
+    Otherwise the majority of raters' latest non-skip labels decides; ``tie`` says what a
+    tie becomes: ``"drop"`` (no label; default), ``"positive"`` or ``"negative"``.
+    """
+
+    owner_wins: bool = True
+    tie: Literal["drop", "positive", "negative"] = "drop"
+
+    def describe(self) -> str:
+        owner = "the concept owner's label wins; otherwise " if self.owner_wins else ""
+        return f"{owner}majority of raters' latest labels; ties: {self.tie}"
+
+
+def validate_concept_name(name: str) -> str:
+    """Normalise and check a concept name; raise :class:`StateError` with advice if unsafe."""
+    norm = " ".join(name.strip().lower().split())
+    if not norm:
+        raise StateError("concept name is empty: give a short name such as 'gourmet tuna'")
+    if not _CONCEPT_NAME.match(norm):
+        raise StateError(
+            f"concept name {name!r} is not allowed: use 1-64 letters, digits, spaces, '-' or '_' "
+            "(no slashes, dots, quotes or other symbols), starting and ending with a letter or digit"
+        )
+    return norm
+
+
+def validate_phrases(phrases: Iterable[str], kind: str) -> tuple[str, ...]:
+    """Clean phrases: strip, drop control characters, reject over-long ones."""
+    out: list[str] = []
+    for raw in phrases:
+        cleaned = "".join(
+            " " if ch.isspace() else ch for ch in str(raw) if ch.isspace() or ch.isprintable()
+        )
+        cleaned = " ".join(cleaned.split())
+        if not cleaned:
+            continue
+        if len(cleaned) > MAX_PHRASE_CHARS:
+            raise StateError(
+                f"{kind} phrase is {len(cleaned)} characters long; keep each phrase under "
+                f"{MAX_PHRASE_CHARS} characters (describe one visual mode per phrase)"
+            )
+        if cleaned.lower() not in (o.lower() for o in out):
+            out.append(cleaned)
+    if len(out) > MAX_PHRASES:
+        raise StateError(f"too many {kind} phrases ({len(out)}); at most {MAX_PHRASES}")
+    return tuple(out)
+
+
+class StateStore:
+    """Thread- and process-safe access to the SQLite state file.
+
+    One connection per thread; every write is a short ``BEGIN IMMEDIATE`` transaction, and
+    label writes are idempotent on ``event_id`` (a retried request never duplicates a label).
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._busy_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own commit
+
+    # ---- connections ------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            try:
+                con = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None)
+            except sqlite3.OperationalError as exc:
+                raise StateError(
+                    f"cannot open the state database {self.path}: {exc}. Check that AGILE_HOME "
+                    "points at a writable directory"
+                ) from exc
+            con.row_factory = sqlite3.Row
+            con.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA foreign_keys=ON")
+            self._local.con = con
+        return con
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        con = self._conn()
+        for attempt in range(20):
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:  # busy beyond busy_timeout: back off
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+        else:
+            raise StateError(f"the state database {self.path} stayed locked; try again")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        else:
+            con.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    # ---- images -----------------------------------------------------------------------
+    def known_uris(self, source: str) -> dict[str, tuple[int | None, float | None]]:
+        rows = self._read("SELECT uri, size, mtime FROM ingest_log WHERE source = ?", (source,))
+        return {r["uri"]: (r["size"], r["mtime"]) for r in rows}
+
+    def has_image(self, image_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM images WHERE id = ?", (image_id,)))
+
+    def record_ingest(
+        self,
+        images: Sequence[dict[str, Any]],
+        log_rows: Sequence[dict[str, Any]],
+    ) -> int:
+        """Insert new manifest rows (ignoring ids already present) and ingest-log rows.
+
+        Returns the number of images actually inserted (0 for content already present).
+        """
+        with self._write() as con:
+            before = con.total_changes
+            con.executemany(
+                "INSERT OR IGNORE INTO images (id, uri, path, size, width, height, format, "
+                "n_frames, split, source, ingested_at) VALUES (:id, :uri, :path, :size, :width, "
+                ":height, :format, :n_frames, :split, :source, :ingested_at)",
+                images,
+            )
+            inserted = con.total_changes - before
+            con.executemany(
+                "INSERT OR REPLACE INTO ingest_log (uri, size, mtime, status, reason, image_id, "
+                "source, seen_at) VALUES (:uri, :size, :mtime, :status, :reason, :image_id, "
+                ":source, :seen_at)",
+                log_rows,
+            )
+        return inserted
+
+    def images_without_split(self) -> list[str]:
+        return [r["id"] for r in self._read("SELECT id FROM images WHERE split IS NULL")]
+
+    def all_image_splits(self) -> dict[str, str | None]:
+        return {r["id"]: r["split"] for r in self._read("SELECT id, split FROM images")}
+
+    def set_splits(self, assignments: Iterable[tuple[str, str]]) -> int:
+        rows = [(split, image_id) for image_id, split in assignments]
+        with self._write() as con:
+            con.executemany("UPDATE images SET split = ? WHERE id = ?", rows)
+        return len(rows)
+
+    def image_rows(self, ids: Sequence[str] | None = None) -> list[sqlite3.Row]:
+        if ids is None:
+            return self._read("SELECT * FROM images ORDER BY id")
+        out: list[sqlite3.Row] = []
+        for i in range(0, len(ids), 900):
+            chunk = list(ids[i : i + 900])
+            marks = ",".join("?" * len(chunk))
+            out += self._read(f"SELECT * FROM images WHERE id IN ({marks})", chunk)
+        return out
+
+    def image_path(self, image_id: str) -> Path | None:
+        rows = self._read("SELECT path FROM images WHERE id = ?", (image_id,))
+        return Path(rows[0]["path"]) if rows else None
+
+    def resolve_image(self, ref: str) -> str | None:
+        """An image id from an id or a path (absolute, or as ingested)."""
+        ref = ref.strip()
+        if self.has_image(ref):
+            return ref
+        for candidate in {ref, str(Path(ref).expanduser().resolve())}:
+            rows = self._read("SELECT id FROM images WHERE path = ? OR uri = ?", (candidate, candidate))
+            if rows:
+                return str(rows[0]["id"])
+        rows = self._read(
+            "SELECT image_id FROM ingest_log WHERE uri = ? AND image_id IS NOT NULL", (ref,)
+        )
+        return str(rows[0]["image_id"]) if rows else None
+
+    def count_images(self) -> dict[str, int]:
+        rows = self._read("SELECT coalesce(split, 'unassigned') AS s, count(*) AS n FROM images GROUP BY s")
+        return {r["s"]: r["n"] for r in rows}
+
+    def ingest_summary(self) -> dict[str, int]:
+        rows = self._read(
+            "SELECT status || coalesce(':' || reason, '') AS k, count(*) AS n FROM ingest_log GROUP BY k"
+        )
+        return {r["k"]: r["n"] for r in rows}
+
+    # ---- concepts ---------------------------------------------------------------------
+    def create_concept(
+        self,
+        name: str,
+        positives: Iterable[str] = (),
+        negatives: Iterable[str] = (),
+        *,
+        owner: str = "owner",
+        description: str = "",
+    ) -> Concept:
+        name = validate_concept_name(name)
+        pos = validate_phrases(positives, "positive")
+        neg = validate_phrases(negatives, "negative")
+        now = time.time()
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM concepts WHERE name = ?", (name,)).fetchone():
+                raise StateError(
+                    f"concept {name!r} already exists: open it, edit it with "
+                    f"`agile concept edit`, or pick another name"
+                )
+            con.execute(
+                "INSERT INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, owner, description.strip(), json.dumps(pos), json.dumps(neg), now, now),
+            )
+        return self.get_concept(name)
+
+    def update_concept(
+        self,
+        name: str,
+        *,
+        positives: Iterable[str] | None = None,
+        negatives: Iterable[str] | None = None,
+        description: str | None = None,
+    ) -> Concept:
+        current = self.get_concept(name)
+        pos = validate_phrases(positives, "positive") if positives is not None else current.positives
+        neg = validate_phrases(negatives, "negative") if negatives is not None else current.negatives
+        desc = description.strip() if description is not None else current.description
+        with self._write() as con:
+            con.execute(
+                "UPDATE concepts SET positives = ?, negatives = ?, description = ?, updated_at = ? "
+                "WHERE name = ?",
+                (json.dumps(pos), json.dumps(neg), desc, time.time(), current.name),
+            )
+        return self.get_concept(current.name)
+
+    def get_concept(self, name: str) -> Concept:
+        norm = " ".join(name.strip().lower().split())
+        rows = self._read("SELECT * FROM concepts WHERE name = ?", (norm,))
+        if not rows:
+            known = ", ".join(self.concept_names()) or "none yet"
+            raise StateError(
+                f"unknown concept {name!r} (known: {known}); create it with "
+                f"`agile concept create NAME --pos PHRASE`"
+            )
+        r = rows[0]
+        return Concept(
+            r["name"], r["owner"], r["description"], tuple(json.loads(r["positives"])),
+            tuple(json.loads(r["negatives"])),
+        )
+
+    def concept_names(self) -> list[str]:
+        return [r["name"] for r in self._read("SELECT name FROM concepts ORDER BY name")]
+
+    # ---- labels -----------------------------------------------------------------------
+    def add_labels(self, events: Sequence[LabelEvent]) -> int:
+        """Append label events atomically (all or none). Returns how many were new.
+
+        Raises :class:`StateError` for an unknown concept, unknown image, bad label or
+        purpose; nothing is written in that case. Re-sending an event (same ``event_id``)
+        is a no-op, so clients can retry safely.
+        """
+        if not events:
+            return 0
+        concepts = set(self.concept_names())
+        for e in events:
+            if e.label not in LABELS:
+                raise StateError(f"label {e.label!r} is not one of {', '.join(LABELS)}")
+            if e.purpose not in PURPOSES:
+                raise StateError(f"purpose {e.purpose!r} is not one of {', '.join(PURPOSES)}")
+            if e.concept not in concepts:
+                raise StateError(f"unknown concept {e.concept!r}; create it first")
+            if not e.rater.strip():
+                raise StateError("a label needs a rater name")
+        ids = sorted({e.image_id for e in events})
+        known = {r["id"] for r in self.image_rows(ids)}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise StateError(
+                f"{len(missing)} label(s) name images that are not in the corpus "
+                f"(first: {missing[0]!r}); use an image id or path from `agile search` or "
+                "`agile candidates`"
+            )
+        rows = [
+            (e.event_id, e.concept, e.image_id, e.label, e.rater.strip(), e.ts, e.purpose,
+             e.source, e.detail, e.round)
+            for e in events
+        ]
+        with self._write() as con:
+            before = con.total_changes
+            con.executemany(
+                "INSERT OR IGNORE INTO label_events (event_id, concept, image_id, label, rater, ts, "
+                "purpose, source, detail, round) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            return con.total_changes - before
+
+    def label_cutoff(self, concept: str) -> int:
+        rows = self._read(
+            "SELECT coalesce(max(seq), 0) AS m FROM label_events WHERE concept = ?", (concept,)
+        )
+        return int(rows[0]["m"])
+
+    def label_events(self, concept: str, *, purpose: str | None = None, upto: int | None = None) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM label_events WHERE concept = ?"
+        params: list[Any] = [concept]
+        if purpose:
+            sql += " AND purpose = ?"
+            params.append(purpose)
+        if upto is not None:
+            sql += " AND seq <= ?"
+            params.append(upto)
+        return self._read(sql + " ORDER BY seq", params)
+
+    def rater_labels(self, concept: str, rater: str, purpose: str = "train") -> dict[str, str]:
+        """This rater's own latest label per image (what they see in the app)."""
+        rows = self._read(
+            "SELECT image_id, label FROM label_events WHERE seq IN (SELECT max(seq) FROM "
+            "label_events WHERE concept = ? AND rater = ? AND purpose = ? GROUP BY image_id)",
+            (concept, rater, purpose),
+        )
+        return {r["image_id"]: r["label"] for r in rows}
+
+    def effective_labels(
+        self,
+        concept: str,
+        *,
+        purpose: str = "train",
+        rule: LabelRule = LabelRule(),
+        upto: int | None = None,
+    ) -> dict[str, int]:
+        """Resolved labels {image_id: 1 positive / 0 negative}; skips and ties are absent."""
+        owner = self.get_concept(concept).owner
+        latest: dict[str, dict[str, str]] = {}
+        for r in self.label_events(concept, purpose=purpose, upto=upto):
+            latest.setdefault(r["image_id"], {})[r["rater"]] = r["label"]
+        out: dict[str, int] = {}
+        for image_id, by_rater in latest.items():
+            if rule.owner_wins and by_rater.get(owner) in ("positive", "negative"):
+                out[image_id] = int(by_rater[owner] == "positive")
+                continue
+            pos = sum(v == "positive" for v in by_rater.values())
+            neg = sum(v == "negative" for v in by_rater.values())
+            if pos > neg:
+                out[image_id] = 1
+            elif neg > pos:
+                out[image_id] = 0
+            elif pos and rule.tie != "drop":
+                out[image_id] = int(rule.tie == "positive")
+        return out
+
+    def labeled_image_ids(self, concept: str) -> set[str]:
+        """Images any rater has labelled (any purpose, skips included): never re-queued."""
+        rows = self._read("SELECT DISTINCT image_id FROM label_events WHERE concept = ?", (concept,))
+        return {r["image_id"] for r in rows}
+
+    # ---- batches (candidate sets) -------------------------------------------------------
+    def write_batch(
+        self,
+        concept: str,
+        kind: str,
+        round_index: int,
+        items: Sequence[dict[str, Any]],
+        *,
+        label_cutoff: int,
+        run_id: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> int:
+        """Write a whole candidate batch in one transaction: readers see all of it or none."""
+        with self._write() as con:
+            cur = con.execute(
+                "INSERT INTO batches (concept, kind, round, created_at, label_cutoff, run_id, info) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (concept, kind, round_index, time.time(), label_cutoff, run_id, json.dumps(info or {})),
+            )
+            batch_id = int(cur.lastrowid or 0)
+            con.executemany(
+                "INSERT INTO batch_items (batch_id, rank, image_id, source, detail, score) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (batch_id, i, it["image_id"], it.get("source", kind), it.get("detail"),
+                     it.get("score"))
+                    for i, it in enumerate(items)
+                ],
+            )
+        return batch_id
+
+    def latest_batch(self, concept: str, kinds: Sequence[str] = ("expansion", "al")) -> dict[str, Any] | None:
+        marks = ",".join("?" * len(kinds))
+        rows = self._read(
+            f"SELECT * FROM batches WHERE concept = ? AND kind IN ({marks}) "
+            "ORDER BY batch_id DESC LIMIT 1",
+            (concept, *kinds),
+        )
+        if not rows:
+            return None
+        b = dict(rows[0])
+        b["info"] = json.loads(b["info"] or "{}")
+        b["items"] = [
+            dict(r)
+            for r in self._read(
+                "SELECT * FROM batch_items WHERE batch_id = ? ORDER BY rank", (b["batch_id"],)
+            )
+        ]
+        return b
+
+    # ---- rounds -----------------------------------------------------------------------
+    def record_round(self, concept: str, round_index: int, **fields: Any) -> None:
+        info = json.dumps(fields.pop("info", {}))
+        cols = ["concept", "round", "info", "finished_at", *fields.keys()]
+        vals = [concept, round_index, info, time.time(), *fields.values()]
+        with self._write() as con:
+            con.execute(
+                f"INSERT OR REPLACE INTO rounds ({', '.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                vals,
+            )
+
+    def rounds(self, concept: str) -> list[dict[str, Any]]:
+        rows = self._read("SELECT * FROM rounds WHERE concept = ? ORDER BY round", (concept,))
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["info"] = json.loads(d["info"] or "{}")
+            out.append(d)
+        return out
+
+    def next_round_index(self, concept: str) -> int:
+        rows = self._read("SELECT coalesce(max(round) + 1, 0) AS n FROM rounds WHERE concept = ?", (concept,))
+        return int(rows[0]["n"])

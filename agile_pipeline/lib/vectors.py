@@ -1,0 +1,182 @@
+"""Image embeddings in LanceDB: one table per embedding model, never mixed.
+
+Table ``embeddings__<model slug>``: ``id`` (image id), ``split``, ``vector`` (float32,
+L2-normalised), ``model_id``. Dagster runs are the only writers; readers (app, CLI) see a
+consistent version while a write is under way (Lance is MVCC).
+
+The per-round hot path needs the whole train split as one matrix. :meth:`VectorStore.matrix`
+reads it once per table version into a float16 ``.npy`` cache that later rounds memory-map,
+so a round never re-reads or re-converts the table.
+"""
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+TABLE_PREFIX = "embeddings__"
+
+
+def table_name(model_id: str) -> str:
+    return TABLE_PREFIX + re.sub(r"[^A-Za-z0-9_]+", "_", model_id).strip("_")
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("vector", pa.list_(pa.float32(), dim)),
+        ("model_id", pa.string()),
+    ])
+
+
+@dataclass
+class SplitMatrix:
+    """Vectors of one split, rows aligned with ``ids``."""
+
+    ids: np.ndarray  # object array of str
+    vectors: np.ndarray  # (n, dim), float16 or float32, possibly a memmap
+
+    def index_of(self) -> dict[str, int]:
+        return {str(i): k for k, i in enumerate(self.ids)}
+
+
+class VectorStore:
+    def __init__(self, uri: Path | str, cache_dir: Path | None = None) -> None:
+        import lancedb
+
+        self.uri = str(uri)
+        self.db = lancedb.connect(self.uri)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def table_names(self) -> list[str]:
+        names: list[str] = []
+        token = None
+        while True:
+            page = self.db.list_tables(page_token=token)
+            names += list(page.tables)
+            token = page.page_token
+            if not token:
+                return names
+
+    def exists(self, model_id: str) -> bool:
+        return table_name(model_id) in self.table_names()
+
+    def table(self, model_id: str, dim: int | None = None):  # type: ignore[no-untyped-def]
+        name = table_name(model_id)
+        if name in self.table_names():
+            return self.db.open_table(name)
+        if dim is None:
+            raise LookupError(
+                f"no embeddings for model {model_id!r} yet: run `agile ingest SOURCE` first"
+            )
+        return self.db.create_table(name, schema=embedding_schema(dim))
+
+    def ids(self, model_id: str) -> set[str]:
+        if not self.exists(model_id):
+            return set()
+        t = self.table(model_id).to_lance().to_table(columns=["id"])
+        return set(t.column("id").to_pylist())
+
+    def add(self, model_id: str, ids: Sequence[str], splits: Sequence[str], vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        dim = int(vectors.shape[1])
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+        data = pa.table(
+            {
+                "id": pa.array(list(ids), pa.string()),
+                "split": pa.array(list(splits), pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "model_id": pa.array([model_id] * len(ids), pa.string()),
+            },
+            schema=embedding_schema(dim),
+        )
+        tbl = self.table(model_id, dim)
+        tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+    def update_splits(self, model_id: str, splits: dict[str, str]) -> int:
+        """Bring the table's split column in line with the manifest; returns rows changed."""
+        if not self.exists(model_id):
+            return 0
+        t = self.table(model_id).to_lance().to_table(columns=["id", "split", "vector"])
+        ids = t.column("id").to_pylist()
+        cur = t.column("split").to_pylist()
+        changed = [k for k, (i, s) in enumerate(zip(ids, cur, strict=True)) if splits.get(i, s) != s]
+        if changed:
+            sub = t.take(changed)
+            new_split = pa.array([splits[ids[k]] for k in changed], pa.string())
+            sub = sub.set_column(1, "split", new_split)
+            sub = sub.append_column("model_id", pa.array([model_id] * len(changed), pa.string()))
+            self.table(model_id).merge_insert("id").when_matched_update_all().execute(sub)
+        return len(changed)
+
+    def count(self, model_id: str) -> int:
+        return int(self.table(model_id).count_rows()) if self.exists(model_id) else 0
+
+    def version(self, model_id: str) -> int:
+        return int(self.table(model_id).version)
+
+    def search(self, model_id: str, query: np.ndarray, k: int, *, split: str | None = None) -> list[tuple[str, str, float]]:
+        """Exact nearest neighbours by cosine similarity: (id, split, similarity)."""
+        tbl = self.table(model_id)
+        q = tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
+        q = q.distance_type("cosine").limit(k).select(["id", "split"])
+        if split:
+            q = q.where(f"split = '{split}'", prefilter=True)
+        res = q.to_arrow()
+        return [
+            (i, s, 1.0 - float(d))
+            for i, s, d in zip(
+                res.column("id").to_pylist(), res.column("split").to_pylist(),
+                res.column("_distance").to_pylist(), strict=True,
+            )
+        ]
+
+    def matrix(self, model_id: str, split: str | None, *, dtype: type = np.float16) -> SplitMatrix:
+        """All vectors of a split (``None``: every split) as a matrix, cached per table version."""
+        tbl = self.table(model_id)
+        version = int(tbl.version)
+        tag = f"{table_name(model_id)}-v{version}-{split or 'all'}-{np.dtype(dtype).name}"
+        if self.cache_dir is not None:
+            vec_path = self.cache_dir / f"{tag}.npy"
+            ids_path = self.cache_dir / f"{tag}.ids.npy"
+            if vec_path.exists() and ids_path.exists():
+                return SplitMatrix(np.load(ids_path, allow_pickle=True), np.load(vec_path, mmap_mode="r"))
+        ds = tbl.to_lance()
+        flt = f"split = '{split}'" if split else None
+        t = ds.to_table(columns=["id", "vector"], filter=flt)
+        ids = np.array(t.column("id").to_pylist(), dtype=object)
+        col = t.column("vector").combine_chunks()
+        dim = col.type.list_size
+        vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for old in self.cache_dir.glob(f"{table_name(model_id)}-v*-{split or 'all'}-*.npy"):
+                old.unlink(missing_ok=True)
+            tmp_v = self.cache_dir / f"{tag}.tmp.npy"
+            tmp_i = self.cache_dir / f"{tag}.ids.tmp.npy"
+            np.save(tmp_v, vecs)
+            np.save(tmp_i, ids, allow_pickle=True)
+            tmp_i.replace(ids_path)
+            tmp_v.replace(vec_path)
+        return SplitMatrix(ids, vecs)
+
+    def vectors_for(self, model_id: str, ids: Sequence[str]) -> np.ndarray:
+        """Float32 vectors for specific ids, in the given order (KeyError if one is missing)."""
+        m = self.matrix(model_id, None)
+        index = m.index_of()
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) have no embedding yet (first {missing[0]})")
+        return np.asarray(m.vectors[[index[i] for i in ids]], dtype=np.float32)
+
+    def optimize(self, model_id: str) -> None:
+        if self.exists(model_id):
+            self.table(model_id).optimize()

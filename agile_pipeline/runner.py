@@ -1,0 +1,130 @@
+"""Run the asset graph in-process (CLI, app fallback, tests) with the project's resources.
+
+When ``DAGSTER_HOME`` is set, runs are recorded in that instance, so they appear in the
+Dagster UI next to runs launched there; otherwise an ephemeral instance is used.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dagster as dg
+
+from agile_pipeline.defs import concepts, corpus
+from agile_pipeline.defs.resources import AgileHome
+
+CORPUS_ASSETS = [
+    corpus.image_manifest, corpus.train_test_assignment, corpus.image_embeddings,
+    corpus.image_embeddings_complete, corpus.image_manifest_unique_ids,
+]
+CONCEPT_ASSETS = [
+    concepts.expansion_candidates, concepts.zero_shot_scores, concepts.classifier,
+    concepts.al_candidates,
+]
+
+
+class RunFailed(RuntimeError):
+    """A materialization failed; the message is the user-facing reason."""
+
+
+def instance() -> dg.DagsterInstance:
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    return dg.DagsterInstance.ephemeral()
+
+
+def ensure_partition(inst: dg.DagsterInstance, concept: str) -> None:
+    if not inst.has_dynamic_partition(concepts.concept_partitions.name, concept):  # type: ignore[arg-type]
+        inst.add_dynamic_partitions(concepts.concept_partitions.name, [concept])  # type: ignore[arg-type]
+
+
+def _run(
+    assets: Sequence[Any],
+    *,
+    selection: Sequence[Any] | None = None,
+    partition_key: str | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    agile: AgileHome | None = None,
+    inst: dg.DagsterInstance | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
+    inst = inst or instance()
+    run_config = dict(run_config or {})
+    # Step-level DEBUG events go to the run's event log (Dagster UI), not the terminal.
+    run_config.setdefault("loggers", {"console": {"config": {"log_level": "WARNING"}}})
+    if partition_key is not None:
+        ensure_partition(inst, partition_key)
+    result = dg.materialize(
+        list(assets),
+        selection=list(selection) if selection is not None else None,
+        partition_key=partition_key,
+        run_config=run_config,
+        resources={"agile": agile or AgileHome()},
+        instance=inst,
+        raise_on_error=False,
+        tags=dict(tags or {}),
+    )
+    if not result.success:
+        raise RunFailed(failure_message(result))
+    return result
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data is not None:
+            err = event.step_failure_data.error
+            if err is None:
+                continue
+            desc = getattr(event.step_failure_data.user_failure_data, "description", None)
+            if desc:
+                return str(desc)
+            # the innermost cause is the user's problem; Dagster's wrapper adds noise
+            while err.cause is not None:
+                err = err.cause
+            return err.message.strip()
+    return "the run failed (see the Dagster logs)"
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, asset: Any) -> dict[str, Any]:
+    mats = result.asset_materializations_for_node(asset.op.name)
+    if not mats:
+        return {}
+    return {k: getattr(v, "value", v) for k, v in mats[-1].metadata.items()}
+
+
+def run_corpus(sources: Sequence[str], *, workers: int = 4, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
+    return _run(
+        CORPUS_ASSETS,
+        run_config={"ops": {"image_manifest": {"config": {"sources": list(sources), "workers": workers}}}},
+        agile=agile,
+        tags={"agile/corpus": "refresh"},
+    )
+
+
+def run_concept_start(concept: str, *, seed: int = 0, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
+    return _run(
+        CONCEPT_ASSETS,
+        selection=[concepts.expansion_candidates, concepts.zero_shot_scores],
+        partition_key=concept,
+        run_config={"ops": {"expansion_candidates": {"config": {"seed": seed}}}},
+        agile=agile,
+    )
+
+
+def run_concept_round(
+    concept: str,
+    *,
+    training: Mapping[str, Any] | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    agile: AgileHome | None = None,
+) -> dg.ExecuteInProcessResult:
+    return _run(
+        CONCEPT_ASSETS,
+        selection=[concepts.classifier, concepts.al_candidates],
+        partition_key=concept,
+        run_config={"ops": {
+            "classifier": {"config": dict(training or {})},
+            "al_candidates": {"config": dict(sampling or {})},
+        }},
+        agile=agile,
+    )

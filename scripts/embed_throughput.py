@@ -1,0 +1,107 @@
+"""Images/second of the streaming embedder against a plain decode-then-infer loop.
+
+Makes N synthetic 640×480 JPEGs (noise plus random shapes; decode cost like real photos),
+then embeds them with ``sequential_embed`` (one thread: decode a batch, then infer it) and
+with ``EmbeddingRun`` (decode in worker threads, overlapped with inference), alternating
+the two ``--repeat`` times and reporting the best of each. Load from other processes skews
+both: check ``uptime`` first.
+
+    python scripts/embed_throughput.py --n 500            # bundled encoder
+    python scripts/embed_throughput.py --spec random:32   # pipeline overhead only
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` synthetic JPEG photos (640×480) in ``folder``, reused when already there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i:05d}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        base = rng.integers(0, 256, size=3)
+        noise = rng.normal(0, 40, size=(480, 640, 3))
+        arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr)
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, 560), rng.integers(0, 400)
+            box = (
+                int(x0),
+                int(y0),
+                int(x0 + rng.integers(20, 200)),
+                int(y0 + rng.integers(20, 200)),
+            )
+            fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        image.save(path, quality=90)
+    return paths
+
+
+def load(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", default="bundled")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--dir", type=Path, default=Path(tempfile.gettempdir()) / "agile-throughput"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from agile_pipeline.lib.embedding import EmbeddingRun, sequential_embed
+    from agile_pipeline.lib.encoders import load_encoder
+
+    paths = make_images(args.dir, args.n)
+    items = [(p.stem, p) for p in paths]
+    encoder = load_encoder(args.spec)
+    encoder.embed_images([load(paths[0])] * 2)  # warm-up
+    out(
+        f"{encoder.model_id}: {len(items)} JPEGs 640x480, batch {args.batch_size}, cpus {os.cpu_count()}"
+    )
+    out(f"load average before: {os.getloadavg()[0]:.2f}")
+    best_seq = best_pipe = 0.0
+    for r in range(args.repeat):
+        _, vec_seq, seq = sequential_embed(items, load, encoder, batch_size=args.batch_size)
+        best_seq = max(best_seq, seq.images_per_second)
+        run = EmbeddingRun(
+            items, load, encoder, batch_size=args.batch_size, workers=args.workers, progress=False
+        )
+        vec_pipe = np.concatenate([b.vectors for b in run.batches()])
+        best_pipe = max(best_pipe, run.stats.images_per_second)
+        same = np.allclose(vec_seq, vec_pipe, atol=1e-5)
+        out(
+            f"round {r + 1}: sequential {seq.images_per_second:6.1f} img/s   "
+            f"pipelined (workers={args.workers}) {run.stats.images_per_second:6.1f} img/s   "
+            f"same vectors: {same}"
+        )
+    out(f"best: sequential {best_seq:.1f} img/s, pipelined {best_pipe:.1f} img/s")
+    out(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

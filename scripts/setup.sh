@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Shared setup for quickstart.sh and test.sh: a virtualenv with the project installed, and the
+# Debian packages the project uses (emoji names for the demo corpus, Chromium for browser tests).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$PWD"
+PY="${PYTHON:-python3}"
+
+need_apt=()
+[ -f /usr/share/unicode/emoji/emoji-test.txt ] || need_apt+=(unicode-data)
+if [ "${AGILE_WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  need_apt+=(chromium)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.agile-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> installing the project and its dependencies (first run: a few minutes)"
+  python -m pip install -q --upgrade pip >/dev/null
+  python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+export AGILE_HOME="${AGILE_HOME:-$ROOT/.agile}"
+export DAGSTER_HOME="${DAGSTER_HOME:-$ROOT/dagster_home}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (see setup.sh) and run the whole test suite: lint, unit, pipeline, integration and
+# browser tests. Pass pytest arguments to narrow it, e.g. `scripts/test.sh -m "not slow"`.
+set -euo pipefail
+export AGILE_WITH_BROWSER=1
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+export AGILE_HOME="$(mktemp -d)/agile"   # tests never touch your data directory
+echo "==> ruff"
+ruff check .
+echo "==> pytest"
+python -m pytest "$@"
