@@ -319,7 +319,7 @@ def round_(
     force: Annotated[bool, typer.Option(help="Retrain even if no label changed since the last round.")] = False,
 ) -> None:
     """Train on all labels so far, then select the next batch (margin sampling)."""
-    from agile_pipeline.defs.concepts import al_candidates, classifier
+    from agile_pipeline.defs.concepts import al_candidates, classifier, eval_set
     from agile_pipeline.runner import metadata_of, run_concept_round
 
     _setup_logging()
@@ -331,12 +331,43 @@ def round_(
     ))
     c = metadata_of(result, classifier)
     a = metadata_of(result, al_candidates)
+    ev = metadata_of(result, eval_set)
     if c.get("reused_previous_round"):
         typer.echo(f"no new labels since round {c.get('round')}: kept that model (use --force to retrain)")
     typer.echo(f"round {c.get('round')}: trained on {c.get('n_pos')} positive / {c.get('n_neg')} negative "
                f"labels in {c.get('train_seconds')}s; MLflow model version {c.get('model_version')}")
     typer.echo(f"next batch: {a.get('candidates')} images selected by {a.get('strategy')} from "
                f"{a.get('images_scored')} in {a.get('select_seconds')}s; `agile candidates {name!r}` lists them")
+    typer.echo(f"eval set: {ev.get('eval_images')} test images, {ev.get('to_rate')} still to rate "
+               f"(`agile candidates {name!r} --eval`, then `agile label {name!r} --purpose eval ...`)")
+    _print_metrics(name)
+
+
+def _print_metrics(name: str) -> None:
+    import json
+
+    env = _env()
+    path = env.concept_dir(env.store.get_concept(name).name) / "metrics.json"
+    if not path.exists():
+        return
+    report = json.loads(path.read_text())
+    if not report["n_eval_labels"]:
+        typer.echo("metrics: no eval labels yet")
+        return
+    typer.echo(f"metrics on {report['n_eval_labels']} eval labels (plot: {path.with_suffix('.png')}):")
+    typer.echo("model\tlabels\tAUC-PR\tAUC-ROC\tF1\taccuracy")
+    for r in report["models"]:
+        typer.echo(f"{r['model']}\t{r['n_labels']}\t{r['auc_pr']:.3f}\t{r['auc_roc']:.3f}\t{r['f1']:.3f}\t{r['accuracy']:.3f}")
+
+
+@app.command()
+def evaluate(name: Annotated[str, typer.Argument(help="Concept name.")]) -> None:
+    """Re-score every model and zero-shot on the eval labels rated so far (prints the table)."""
+    from agile_pipeline.runner import run_concept_eval
+
+    _setup_logging()
+    _guard(lambda: run_concept_eval(name))
+    _print_metrics(name)
 
 
 @app.command()
@@ -344,14 +375,15 @@ def candidates(
     name: Annotated[str, typer.Argument(help="Concept name.")],
     rater: Annotated[str | None, typer.Option(help="Only images this rater has not rated.")] = None,
     with_ids: Annotated[bool, typer.Option("--ids", help="Print 'id<TAB>path'.")] = False,
+    eval_: Annotated[bool, typer.Option("--eval", help="The eval set's unrated images instead.")] = False,
 ) -> None:
-    """Print the images to rate next, one path per line."""
+    """Print the images to rate next, one path per line (rate them with `agile label`)."""
     from agile_pipeline.lib.loop import pending_items
 
     store = _store()
     concept = _guard(lambda: store.get_concept(name))
     env = _env()
-    items = pending_items(env, concept.name, rater)
+    items = pending_items(env, concept.name, rater, purpose="eval" if eval_ else "train")
     paths = {r["id"]: r["path"] for r in store.image_rows([it["image_id"] for it in items])}
     for it in items:
         p = paths.get(it["image_id"], "")

@@ -18,6 +18,8 @@ def defs() -> dg.Definitions:
             concepts.zero_shot_scores,
             concepts.classifier,
             concepts.al_candidates,
+            concepts.eval_set,
+            concepts.model_metrics,
         ],
         asset_checks=[corpus.image_embeddings_complete, corpus.image_manifest_unique_ids],
         jobs=[corpus.corpus_refresh_job, concepts.concept_start_job, concepts.concept_round_job],

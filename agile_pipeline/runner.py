@@ -19,7 +19,7 @@ CORPUS_ASSETS = [
 ]
 CONCEPT_ASSETS = [
     concepts.expansion_candidates, concepts.zero_shot_scores, concepts.classifier,
-    concepts.al_candidates,
+    concepts.al_candidates, concepts.eval_set, concepts.model_metrics,
 ]
 
 
@@ -50,8 +50,8 @@ def _run(
 ) -> dg.ExecuteInProcessResult:
     inst = inst or instance()
     run_config = dict(run_config or {})
-    # Step-level DEBUG events go to the run's event log (Dagster UI), not the terminal.
-    run_config.setdefault("loggers", {"console": {"config": {"log_level": "WARNING"}}})
+    # Step events go to the run's event log (Dagster UI); the caller reports failures itself.
+    run_config.setdefault("loggers", {"console": {"config": {"log_level": "CRITICAL"}}})
     if partition_key is not None:
         ensure_partition(inst, partition_key)
     result = dg.materialize(
@@ -120,11 +120,22 @@ def run_concept_round(
 ) -> dg.ExecuteInProcessResult:
     return _run(
         CONCEPT_ASSETS,
-        selection=[concepts.classifier, concepts.al_candidates],
+        selection=[concepts.classifier, concepts.al_candidates, concepts.eval_set,
+                   concepts.model_metrics],
         partition_key=concept,
         run_config={"ops": {
             "classifier": {"config": dict(training or {})},
             "al_candidates": {"config": dict(sampling or {})},
         }},
+        agile=agile,
+    )
+
+
+def run_concept_eval(concept: str, *, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
+    """Rebuild the eval set and re-score every model on the eval labels rated so far."""
+    return _run(
+        CONCEPT_ASSETS,
+        selection=[concepts.eval_set, concepts.model_metrics],
+        partition_key=concept,
         agile=agile,
     )

@@ -69,7 +69,7 @@ def expansion_candidates(context: dg.AssetExecutionContext, config: ExpansionCon
     env = loop_env(agile)
     batch = _user_errors(lambda: build_expansion(
         env, context.partition_key, agile.load_encoder(), per_phrase=config.per_phrase,
-        sample=config.sample, seed=config.seed, run_id=context.run_id,
+        sample=config.sample, seed=config.seed, run_id=context.run.run_id,
     ))
     by_phrase: dict[str, int] = {}
     for it in batch.items:
@@ -124,7 +124,7 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
         env, context.partition_key,
         config=TrainConfig(seed=config.seed, epochs=config.epochs, random_negatives=config.random_negatives),
         rule=LabelRule(owner_wins=config.owner_wins, tie=config.tie),
-        force=config.force, run_id=context.run_id,
+        force=config.force, run_id=context.run.run_id,
     ))
     if result.reused:
         context.log.info(f"no new labels since round {result.round_index}: kept that model")
@@ -156,7 +156,7 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
     env = loop_env(agile)
     batch = _user_errors(lambda: select_candidates(
         env, context.partition_key, batch_size=config.batch_size, strategy=config.strategy,
-        run_id=context.run_id,
+        run_id=context.run.run_id,
     ))
     scores = [it["score"] for it in batch.items]
     return dg.MaterializeResult(metadata={
@@ -164,6 +164,76 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
         "strategy": config.strategy, "images_scored": batch.info["scored"],
         "select_seconds": round(batch.seconds, 3),
         "score_min": min(scores) if scores else 0.0, "score_max": max(scores) if scores else 0.0,
+    })
+
+
+class EvalSetConfig(dg.Config):
+    per_stratum: int = settings.EVAL_PER_STRATUM
+    n_strata: int = settings.EVAL_STRATA
+
+
+class MetricsConfig(dg.Config):
+    zero_shot_threshold: float = 0.5
+
+
+@dg.asset(
+    group_name="evaluation",
+    partitions_def=concept_partitions,
+    deps=[classifier, zero_shot_scores],
+    kinds={"numpy"},
+    description=(
+        "The eval set (test split only): for every model and zero-shot, 10 score strata, the "
+        "20 images of lowest keyed SipHash-2-4 in each; merged. Queued for eval ratings."
+    ),
+)
+def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.evaluation import build_eval_set
+
+    env = loop_env(agile)
+    batch = _user_errors(lambda: build_eval_set(
+        env, context.partition_key, per_stratum=config.per_stratum, n_strata=config.n_strata,
+        run_id=context.run.run_id,
+    ))
+    labeled = env.store.effective_labels(context.partition_key, purpose="eval")
+    pending = sum(1 for it in batch.items if it["image_id"] not in labeled)
+    return dg.MaterializeResult(metadata={
+        "eval_images": len(batch.items), "to_rate": pending, "models": len(batch.info["models"]),
+        "per_model_per_stratum": dg.MetadataValue.json(batch.info["counts"]),
+    })
+
+
+@dg.asset(
+    group_name="evaluation",
+    partitions_def=concept_partitions,
+    deps=[eval_set],
+    kinds={"mlflow"},
+    description=(
+        "AUC-PR (primary), AUC-ROC, F1 and accuracy of every model version and zero-shot on "
+        "the rated eval set; logged to each model's MLflow run, with the AUC-PR plot."
+    ),
+)
+def model_metrics(context: dg.AssetExecutionContext, config: MetricsConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.evaluation import evaluate
+
+    env = loop_env(agile)
+    report = _user_errors(lambda: evaluate(
+        env, context.partition_key, zero_shot_threshold=config.zero_shot_threshold,
+    ))
+    table = "\n".join(
+        ["| model | labels | AUC-PR | AUC-ROC | F1 | accuracy |", "|---|---|---|---|---|---|"]
+        + [f"| {r['model']} | {r['n_labels']} | {r['auc_pr']:.3f} | {r['auc_roc']:.3f} | "
+           f"{r['f1']:.3f} | {r['accuracy']:.3f} |" for r in report["models"]]
+    )
+    png = open(report["plot"], "rb").read()
+    import base64
+
+    return dg.MaterializeResult(metadata={
+        "eval_labels": report["n_eval_labels"],
+        "metrics": dg.MetadataValue.md(table),
+        "plot": dg.MetadataValue.md(
+            f"![AUC-PR](data:image/png;base64,{base64.b64encode(png).decode()})"
+        ),
+        "plot_path": dg.MetadataValue.path(report["plot"]),
     })
 
 
@@ -186,7 +256,10 @@ concept_start_job = dg.define_asset_job(
 
 concept_round_job = dg.define_asset_job(
     "concept_round_job",
-    selection=dg.AssetSelection.assets(classifier, al_candidates),
+    selection=dg.AssetSelection.assets(classifier, al_candidates, eval_set, model_metrics),
     executor_def=dg.in_process_executor,
-    description="One active-learning round: retrain on all labels, then select the next batch.",
+    description=(
+        "One active-learning round: retrain on all labels, select the next batch, extend the "
+        "eval set with the new model's strata and re-score every model on the eval labels."
+    ),
 )

@@ -152,8 +152,9 @@ class EmbeddingRun:
             dynamic_ncols=True,
         )
         start = time.perf_counter()
+        prepared_batches = self._prepared_batches()
         try:
-            for prepared in self._prepared_batches():
+            for prepared in prepared_batches:
                 if prepared.batch is not None:
                     vectors = np.asarray(
                         self.encoder.embed_preprocessed(prepared.batch), dtype=np.float32
@@ -168,9 +169,11 @@ class EmbeddingRun:
                     self.log.debug("could not embed %s: %s", image_id, reason)
                 yield EmbeddedBatch(prepared.ids, vectors, prepared.failed)
         finally:
+            prepared_batches.close()  # stops the decode pool if the consumer stopped early
             bar.close()
             self.stats.seconds = time.perf_counter() - start
-            self.log.info(
+            self.log.log(
+                logging.WARNING if self.stats.n_failed else logging.INFO,
                 "embedded %d images (%d failed) with %s in %.1f s: %.1f images/s",
                 self.stats.n_ok,
                 self.stats.n_failed,

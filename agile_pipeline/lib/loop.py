@@ -298,13 +298,21 @@ def select_candidates(
     return CandidateBatch(concept.name, "al", round_index, batch_id, items, seconds, info)
 
 
-def pending_items(env: LoopEnv, concept_name: str, rater: str | None = None) -> list[dict[str, Any]]:
-    """The latest batch's items not yet labelled (by ``rater``, or by anyone)."""
-    batch = env.store.latest_batch(concept_name)
+def pending_items(
+    env: LoopEnv, concept_name: str, rater: str | None = None, *, purpose: str = "train"
+) -> list[dict[str, Any]]:
+    """The latest batch's items not yet labelled (by ``rater``, or by anyone).
+
+    ``purpose='train'``: the latest expansion or AL batch; ``'eval'``: the eval set.
+    """
+    kinds = ("eval",) if purpose == "eval" else ("expansion", "al")
+    batch = env.store.latest_batch(concept_name, kinds)
     if batch is None:
         return []
     if rater:
-        done = set(env.store.rater_labels(concept_name, rater))
+        done = set(env.store.rater_labels(concept_name, rater, purpose))
+    elif purpose == "eval":
+        done = set(env.store.effective_labels(concept_name, purpose="eval"))
     else:
         done = env.store.labeled_image_ids(concept_name)
     return [it for it in batch["items"] if it["image_id"] not in done]

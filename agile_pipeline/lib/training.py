@@ -82,6 +82,7 @@ class TrainConfig:
     frac_random: float = 0.25
     standardize: bool = True
     standardize_sample: int = 20_000
+    num_threads: int | None = 1
     seed: int = 0
 
     def hidden_for(self, round_index: int) -> tuple[int, ...]:
@@ -289,6 +290,43 @@ def _fold_standardization(module: nn.Sequential, mean: np.ndarray, inv_std: np.n
         first.bias.copy_(b_new.float())
 
 
+def _fit(
+    table: torch.Tensor,
+    batch_rows: torch.Tensor,
+    batch_y: torch.Tensor,
+    *,
+    hidden: tuple[int, ...],
+    config: TrainConfig,
+    last_steps: int,
+) -> tuple[nn.Sequential, float]:
+    """The optimisation loop; returns the module and its mean loss over the last epoch.
+
+    Seeds torch's RNG (initialisation, dropout) inside ``fork_rng`` so the caller's global RNG
+    state is unchanged.
+    """
+    total_steps = batch_rows.shape[0]
+    losses = torch.zeros(min(last_steps, total_steps))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        module = build_mlp(table.shape[1], hidden, config.dropout)
+        opt = torch.optim.Adam(
+            module.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+        )
+        loss_fn = nn.BCEWithLogitsLoss()
+        module.train()
+        first_logged = total_steps - losses.shape[0]
+        for step in range(total_steps):
+            xb = table[batch_rows[step]]
+            loss = loss_fn(module(xb), batch_y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step >= first_logged:
+                losses[step - first_logged] = loss.detach()
+    module.eval()
+    return module, float(losses.mean()) if losses.numel() else float("nan")
+
+
 def _not_enough(what: str, concept: str | None) -> NotEnoughLabels:
     name = f" for {concept!r}" if concept else ""
     if what == "positive":
@@ -308,7 +346,7 @@ def train_classifier(
     X_pool: np.ndarray,
     *,
     round_index: int,
-    config: TrainConfig = TrainConfig(),  # noqa: B008 - frozen, immutable default
+    config: TrainConfig = TrainConfig(),
     exclude_from_pool: np.ndarray | None = None,
     concept: str | None = None,
 ) -> TrainedClassifier:
@@ -372,11 +410,14 @@ def train_classifier(
     elif random_idx.size < config.random_negatives:
         log.debug("pool offers %d random negatives (< %d)", random_idx.size, config.random_negatives)
 
-    fracs = (
-        config.frac_pos,
-        config.frac_neg if neg_idx.size else 0.0,
-        config.frac_random if random_idx.size else 0.0,
-    )
+    # positives keep their share; a missing negative source hands its share to the other
+    frac_neg = config.frac_neg if neg_idx.size else 0.0
+    frac_rand = config.frac_random if random_idx.size else 0.0
+    if not neg_idx.size:
+        frac_rand += config.frac_neg
+    if not random_idx.size:
+        frac_neg += config.frac_random
+    fracs = (config.frac_pos, frac_neg, frac_rand)
     b_pos, b_neg, b_rand = _batch_counts(config.batch_size, fracs)
     steps = config.min_steps_per_epoch
     steps = max(steps, -(-pos_idx.size // b_pos))
@@ -424,35 +465,31 @@ def train_classifier(
         rand_t = torch.from_numpy(rand_rows)
 
     hidden = config.hidden_for(round_index)
-    batch_y = torch.cat(
-        [torch.ones(b_pos), torch.zeros(b_neg), torch.zeros(b_rand)]
-    ).unsqueeze(1)
-    pos_stream_t = torch.from_numpy(pos_stream).view(total_steps, b_pos)
-    neg_stream_t = torch.from_numpy(neg_stream).view(total_steps, b_neg)
-    rand_local_t = torch.from_numpy(rand_local).view(total_steps, b_rand)
-
-    last_losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        module = build_mlp(d, hidden, config.dropout)
-        opt = torch.optim.Adam(
-            module.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    # One table of rows (labeled, then the random negatives in use) and, per step, the row
+    # numbers of its batch: positives, labeled negatives, random negatives.
+    table = torch.cat([X_lab_t, rand_t])
+    batch_rows = torch.from_numpy(
+        np.concatenate(
+            [
+                pos_stream.reshape(total_steps, b_pos),
+                neg_stream.reshape(total_steps, b_neg),
+                (rand_local + X_lab.shape[0]).reshape(total_steps, b_rand),
+            ],
+            axis=1,
         )
-        loss_fn = nn.BCEWithLogitsLoss()
-        module.train()
-        for step in range(total_steps):
-            parts = [X_lab_t[pos_stream_t[step]]]
-            if b_neg:
-                parts.append(X_lab_t[neg_stream_t[step]])
-            if b_rand:
-                parts.append(rand_t[rand_local_t[step]])
-            xb = torch.cat(parts)
-            loss = loss_fn(module(xb), batch_y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step >= total_steps - steps:
-                last_losses.append(loss.item())
+    )
+    batch_y = torch.cat([torch.ones(b_pos), torch.zeros(b_neg + b_rand)]).unsqueeze(1)
+
+    prev_threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        module, final_loss = _fit(
+            table, batch_rows, batch_y, hidden=hidden, config=config, last_steps=steps
+        )
+    finally:
+        if config.num_threads:
+            torch.set_num_threads(prev_threads)
     module.eval()
     if config.standardize:
         _fold_standardization(module, mean, inv_std)
@@ -468,7 +505,7 @@ def train_classifier(
         round_index=int(round_index),
         steps_per_epoch=int(steps),
         n_random_seen=n_random_seen,
-        final_loss=float(np.mean(last_losses)) if last_losses else float("nan"),
+        final_loss=final_loss,
         config=config.to_dict(),
         warnings=warnings,
     )

@@ -127,7 +127,7 @@ class VectorStore:
         """Exact nearest neighbours by cosine similarity: (id, split, similarity)."""
         tbl = self.table(model_id)
         q = tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
-        q = q.distance_type("cosine").limit(k).select(["id", "split"])
+        q = q.distance_type("cosine").limit(k).select(["id", "split", "_distance"])
         if split:
             q = q.where(f"split = '{split}'", prefilter=True)
         res = q.to_arrow()

@@ -1,0 +1,178 @@
+"""Evaluation of a concept's models against zero-shot, on the user's own eval labels.
+
+The eval set is built on the *test* split only, by stratified sampling without weights
+(paper 4.2, appendix E) over every model of the concept and the zero-shot baseline. Eval
+labels are stored with ``purpose='eval'`` and never train a model.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agile_pipeline import settings
+from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
+from agile_pipeline.lib.loop import CandidateBatch, LoopEnv, LoopError
+from agile_pipeline.lib.metrics import compute_metrics
+from agile_pipeline.lib.state import LabelRule
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT = "zero-shot"
+
+
+def zero_shot_unit_scores(env: LoopEnv, concept: str, ids: np.ndarray) -> np.ndarray:
+    """Zero-shot scores of ``ids`` mapped into [0, 1].
+
+    The cosine is mapped with a logistic whose centre and width come from the concept's
+    cosines on the *train* split (:func:`zero_shot_calibration`: the top 0.1% of train images
+    score above 0.5, the top 1% above 0.1). It never looks at the test images it scores, so
+    the strata of one test image do not depend on which others exist.
+    """
+    from agile_pipeline.lib.loop import load_zero_shot
+
+    z = load_zero_shot(env, concept)
+    if z is None:
+        raise LoopError(
+            f"no zero-shot scores for {concept!r} yet: run the concept's start job "
+            f"(`agile concept expand {concept!r}`) first"
+        )
+    all_ids, cos = z
+    splits = env.store.all_image_splits()
+    train_cos = np.array([c for i, c in zip(all_ids, cos, strict=True) if splits.get(str(i)) == "train"])
+    center, temp = zero_shot_calibration(train_cos if train_cos.size >= 2 else cos)
+    index = {str(i): k for k, i in enumerate(all_ids)}
+    sel = np.array([cos[index[str(i)]] for i in ids], dtype=np.float32)
+    return zero_shot_to_unit(sel, center=center, temperature=temp)
+
+
+def model_test_scores(env: LoopEnv, concept: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Test-split ids and the [0,1] score of every model of the concept (zero-shot included)."""
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    test = env.vectors.matrix(env.model_id, "test")
+    scores: dict[str, np.ndarray] = {ZERO_SHOT: zero_shot_unit_scores(env, concept, test.ids)}
+    for r in env.store.rounds(concept):
+        model = TrainedClassifier.load(Path(r["model_uri"]))
+        scores[f"round-{r['round']}"] = model.predict_proba(test.vectors)
+    return test.ids, scores
+
+
+def build_eval_set(
+    env: LoopEnv,
+    concept: str,
+    *,
+    per_stratum: int = settings.EVAL_PER_STRATUM,
+    n_strata: int = settings.EVAL_STRATA,
+    run_id: str | None = None,
+) -> CandidateBatch:
+    """Stratified SipHash eval set over all models; queued as a batch of kind ``eval``."""
+    import time
+
+    t0 = time.perf_counter()
+    c = env.store.get_concept(concept)
+    ids, scores = model_test_scores(env, c.name)
+    es = stratified_eval_set(
+        [str(i) for i in ids], scores, key=settings.EVAL_KEY, per_stratum=per_stratum,
+        n_strata=n_strata,
+    )
+    items = [
+        {"image_id": k, "source": "eval",
+         "detail": ", ".join(f"{m}@{s}" for m, s in es.picked_by[k])}
+        for k in es.keys
+    ]
+    info = {"counts": es.counts, "stratum_sizes": es.stratum_sizes, "models": list(scores),
+            "per_stratum": per_stratum, "n_strata": n_strata}
+    cutoff = env.store.label_cutoff(c.name)
+    rounds = env.store.rounds(c.name)
+    batch_id = env.store.write_batch(
+        c.name, "eval", rounds[-1]["round"] if rounds else -1, items, label_cutoff=cutoff,
+        run_id=run_id, info=info,
+    )
+    (env.concept_dir(c.name) / "eval_set.json").write_text(json.dumps(es.to_dict()))
+    return CandidateBatch(c.name, "eval", -1, batch_id, items, time.perf_counter() - t0, info)
+
+
+def evaluate(
+    env: LoopEnv,
+    concept: str,
+    *,
+    zero_shot_threshold: float = 0.5,
+    rule: LabelRule = LabelRule(),
+    tracking: bool = True,
+) -> dict[str, Any]:
+    """Metrics of every model and zero-shot on the rated eval set; writes a JSON and a plot."""
+    c = env.store.get_concept(concept)
+    labels = env.store.effective_labels(c.name, purpose="eval", rule=rule)
+    ids, scores = model_test_scores(env, c.name)
+    index = {str(i): k for k, i in enumerate(ids)}
+    rated = [i for i in labels if i in index]
+    y = np.array([labels[i] for i in rated], dtype=np.int64)
+    rows: list[dict[str, Any]] = []
+    rounds = {f"round-{r['round']}": r for r in env.store.rounds(c.name)}
+    for name, s in scores.items():
+        sel = s[[index[i] for i in rated]] if rated else np.zeros(0, np.float32)
+        thr = zero_shot_threshold if name == ZERO_SHOT else 0.5
+        r = rounds.get(name)
+        row: dict[str, Any] = {
+            "model": name, "round": r["round"] if r else None,
+            "n_labels": (r["n_pos"] + r["n_neg"]) if r else 0,
+            "model_version": r["model_version"] if r else None, "threshold": thr,
+            "auc_pr": float("nan"), "auc_roc": float("nan"), "f1": float("nan"),
+            "accuracy": float("nan"), "n_eval": len(rated), "n_eval_pos": int(y.sum()),
+        }
+        if rated:  # nothing to measure until the user has rated part of the eval set
+            m = compute_metrics(y, sel, threshold=thr)
+            row.update(auc_pr=m.auc_pr, auc_roc=m.auc_roc, f1=m.f1, accuracy=m.accuracy)
+        rows.append(row)
+    report = {"concept": c.name, "n_eval_labels": len(rated), "models": rows}
+    out_dir = env.concept_dir(c.name)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1, default=float))
+    plot = plot_auc_pr(rows, out_dir / "metrics.png", title=f"{c.name}: AUC-PR on {len(rated)} eval labels")
+    report["plot"] = str(plot)
+    if tracking and rated:
+        from agile_pipeline.lib.tracking import log_artifact, log_metrics
+
+        for row in rows:
+            r = rounds.get(row["model"])
+            if r and r.get("mlflow_run_id"):
+                log_metrics(env.paths.mlflow_uri(), r["mlflow_run_id"], {
+                    f"eval_{k}": float(row[k]) for k in ("auc_pr", "auc_roc", "f1", "accuracy")
+                } | {"eval_n": float(row["n_eval"])}, step=int(r["round"]))
+        last = rounds[max(rounds, key=lambda k: rounds[k]["round"])] if rounds else None
+        if last and last.get("mlflow_run_id"):
+            log_artifact(env.paths.mlflow_uri(), last["mlflow_run_id"], plot, "evaluation")
+    return report
+
+
+def plot_auc_pr(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
+    """AUC-PR against number of training labels, zero-shot as a horizontal line (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    models = sorted((r for r in rows if r["model"] != ZERO_SHOT), key=lambda r: r["n_labels"])
+    xs = [r["n_labels"] for r in models]
+    ys = [r["auc_pr"] for r in models]
+    if xs:
+        ax.plot(xs, ys, "o-", color="#1f77b4", label="agile model (each dot a round)")
+    zs = next((r["auc_pr"] for r in rows if r["model"] == ZERO_SHOT), float("nan"))
+    if zs == zs:
+        ax.axhline(zs, color="#d62728", linestyle="--", label=f"zero-shot ({zs:.2f})")
+    ax.set_xlabel("training labels")
+    ax.set_ylabel("AUC-PR (eval set)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,142 @@
+"""The concept loop through Dagster's real `materialize`, MLflow's sqlite store and LanceDB.
+
+Uses the plumbing (random) encoder: these tests check the machinery, not semantics.
+"""
+
+import json
+
+import pytest
+
+from agile_pipeline.defs.concepts import al_candidates, classifier, eval_set, expansion_candidates
+from agile_pipeline.defs.resources import AgileHome
+from agile_pipeline.lib.loop import pending_items
+from agile_pipeline.lib.state import LabelEvent
+from agile_pipeline.lib.tracking import model_versions
+from agile_pipeline.runner import (
+    RunFailed,
+    metadata_of,
+    run_concept_eval,
+    run_concept_round,
+    run_concept_start,
+    run_corpus,
+)
+from tests.hostile_images import write_real_like_images
+
+
+@pytest.fixture
+def corpus(agile_home, tmp_path):
+    src = tmp_path / "corpus"
+    write_real_like_images(src, 800, seed=11)
+    run_corpus([str(src)])
+    agile = AgileHome()
+    return agile
+
+
+def _env(agile):
+    from agile_pipeline.defs.concepts import loop_env
+
+    return loop_env(agile)
+
+
+def _rate(env, concept, items, truth, rater="owner", purpose="train"):
+    env.store.add_labels([
+        LabelEvent(concept, it["image_id"], "positive" if truth(it["image_id"]) else "negative",
+                   rater, purpose=purpose, source=it["source"], detail=it.get("detail"))
+        for it in items
+    ])
+
+
+def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
+    env = _env(corpus)
+    env.store.create_concept("blobs", ["red blob"], ["blue square"])
+    r = run_concept_start("blobs")
+    m = metadata_of(r, expansion_candidates)
+    assert m["candidates"] == 100, m
+    first = pending_items(env, "blobs")
+    assert len(first) == 100
+    train_ids = {i for i, s in env.store.all_image_splits().items() if s == "train"}
+    assert {it["image_id"] for it in first} <= train_ids
+    # a deterministic "truth": a quarter of the images are positive
+    truth = lambda i: int(i[:2], 16) % 4 == 0  # noqa: E731
+    _rate(env, "blobs", first, truth)
+
+    for expected_round in (0, 1):
+        res = run_concept_round("blobs")
+        c = metadata_of(res, classifier)
+        a = metadata_of(res, al_candidates)
+        assert c["round"] == expected_round
+        assert a["candidates"] == 100
+        batch = pending_items(env, "blobs")
+        labeled = env.store.labeled_image_ids("blobs")
+        assert all(it["image_id"] not in labeled for it in batch)
+        assert all(it["image_id"] in train_ids for it in batch)
+        # the selected images are the least certain: scores closest to 0.5 among the eligible
+        scores = [it["score"] for it in batch]
+        assert max(abs(s - 0.5) for s in scores) <= 0.5
+        _rate(env, "blobs", batch, truth)
+
+    versions = model_versions(env.paths.mlflow_uri(), "blobs")
+    assert [v["tags"]["agile/round"] for v in versions] == ["0", "1"]
+    assert all(v["tags"]["agile/embedding_model"] == env.model_id for v in versions)
+    hidden = [json.loads((env.concept_dir("blobs") / f"round-{i:03d}" / "meta.json").read_text())["hidden"]
+              for i in (0, 1)]
+    assert hidden == [[16], [128, 128, 128]]
+
+
+def test_same_labels_and_seed_give_the_same_model(corpus):
+    env = _env(corpus)
+    env.store.create_concept("same", ["x"])
+    run_concept_start("same")
+    _rate(env, "same", pending_items(env, "same"), lambda i: int(i[-1], 16) < 5)
+    run_concept_round("same")
+    first = (env.concept_dir("same") / "round-000" / "model.pt").read_bytes()
+    cand1 = [it["image_id"] for it in pending_items(env, "same")]
+    res = run_concept_round("same", training={"force": True})
+    assert metadata_of(res, classifier)["round"] == 0
+    assert (env.concept_dir("same") / "round-000" / "model.pt").read_bytes() == first
+    assert [it["image_id"] for it in pending_items(env, "same")] == cand1
+    # without force and without new labels, the round is not retrained
+    res = run_concept_round("same")
+    assert metadata_of(res, classifier)["reused_previous_round"] is True
+
+
+def test_eval_set_is_test_split_and_metrics_are_computed(corpus):
+    env = _env(corpus)
+    env.store.create_concept("ev", ["x"])
+    run_concept_start("ev")
+    truth = lambda i: int(i[:2], 16) % 3 == 0  # noqa: E731
+    _rate(env, "ev", pending_items(env, "ev"), truth)
+    res = run_concept_round("ev")
+    ev = metadata_of(res, eval_set)
+    items = pending_items(env, "ev", purpose="eval")
+    assert ev["eval_images"] == len(items) > 0
+    splits = env.store.all_image_splits()
+    assert all(splits[it["image_id"]] == "test" for it in items)
+    _rate(env, "ev", items, truth, purpose="eval")
+    run_concept_eval("ev")
+    report = json.loads((env.concept_dir("ev") / "metrics.json").read_text())
+    assert report["n_eval_labels"] == len(items)
+    assert {r["model"] for r in report["models"]} == {"zero-shot", "round-0"}
+    assert all(0 <= r["auc_pr"] <= 1 for r in report["models"])
+    assert (env.concept_dir("ev") / "metrics.png").stat().st_size > 1000
+    # eval labels never train: the training label count is unchanged
+    assert len(env.store.effective_labels("ev", purpose="train")) == 100
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("unknown", "unknown concept"),
+        ("only_negatives", "no positive labels"),
+        ("no_labels", "no positive labels"),
+    ],
+)
+def test_round_errors_say_what_to_do(corpus, setup, message):
+    env = _env(corpus)
+    if setup != "unknown":
+        env.store.create_concept("c1", ["x"])
+        run_concept_start("c1")
+        if setup == "only_negatives":
+            _rate(env, "c1", pending_items(env, "c1"), lambda i: False)
+    with pytest.raises(RunFailed, match=message):
+        run_concept_round("c1" if setup != "unknown" else "nope")
