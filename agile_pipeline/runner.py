@@ -139,3 +139,54 @@ def run_concept_eval(concept: str, *, agile: AgileHome | None = None) -> dg.Exec
         partition_key=concept,
         agile=agile,
     )
+
+
+def prepare_simulation(dataset_path: str, *, min_test_pos: int = 20, agile: AgileHome | None = None):  # type: ignore[no-untyped-def]
+    """Ingest + embed a labeled dataset into the data directory and return ``SimData``
+    (with every concept that has at least ``min_test_pos`` test positives)."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from agile_pipeline.lib.simulate import SimData, concept_phrase, load_dataset
+
+    agile = agile or AgileHome()
+    ds = load_dataset(Path(dataset_path))
+    if ds.root.is_file():  # a CSV: ingest exactly its images
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
+            fh.write("\n".join(str(p) for p in ds.images))
+        run_corpus([fh.name], agile=agile)
+    else:
+        run_corpus([str(ds.root)], agile=agile)
+    store = agile.state()
+    encoder = agile.load_encoder()
+    vectors = agile.vectors()
+    manifest_split = store.all_image_splits()
+    ids: list[str | None] = [store.resolve_image(str(p)) for p in ds.images]
+    split_of: dict[str, str] = {}
+    for image_id, given in zip(ids, ds.split, strict=True):
+        if image_id is not None:
+            split_of[image_id] = given or manifest_split.get(image_id) or "train"
+    train_ids = sorted(i for i, s in split_of.items() if s == "train")
+    test_ids = sorted(i for i, s in split_of.items() if s == "test")
+    positives = {
+        c: {ids[k] for k in members if ids[k] is not None} for c, members in ds.positives.items()
+    }
+    test_set = set(test_ids)
+    keep = {c: p for c, p in positives.items() if len(p & test_set) >= min_test_pos}  # type: ignore[operator]
+    phrases = {
+        c: [concept_phrase(c)] + ([ds.descriptions[c]] if c in ds.descriptions else [])
+        for c in keep
+    }
+    text_vectors = {c: np.asarray(encoder.embed_texts(p), dtype=np.float32) for c, p in phrases.items()}
+    return SimData(
+        embedding_model=encoder.model_id,
+        train_ids=train_ids,
+        test_ids=test_ids,
+        X_train=vectors.vectors_for(encoder.model_id, train_ids),
+        X_test=vectors.vectors_for(encoder.model_id, test_ids),
+        positives=keep,  # type: ignore[arg-type]
+        phrases=phrases,
+        text_vectors=text_vectors,
+    )

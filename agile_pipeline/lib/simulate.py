@@ -1,0 +1,395 @@
+"""The simulated user (paper section 5): ground-truth labels play the rater.
+
+For each concept: zero-shot, text-to-image expansion (100 images rated), then N rounds of
+active learning with batch B, retraining after every batch. After each model, AUC-PR and
+AUC-ROC are measured on the *whole* labeled test split (ground truth makes that possible) and
+on the paper's stratified eval set. The same library functions as the product are used
+(expansion sampling, the MLP recipe, margin selection, SipHash stratified eval sets).
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agile_pipeline import settings
+from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
+from agile_pipeline.lib.metrics import compute_metrics
+from agile_pipeline.lib.selection import sample_expansion, select_margin, select_margin_positive
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class LabeledDataset:
+    """Images (paths) and the concepts each is positive for; optional given split."""
+
+    root: Path
+    images: list[Path]
+    positives: dict[str, set[int]]  # concept -> indices into images
+    split: list[str | None]  # "train"/"test" when the dataset defines it
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+
+def concept_phrase(name: str) -> str:
+    """Folder name -> phrase: separators become spaces (``animal-mammal`` -> ``animal mammal``)."""
+    return " ".join(re.split(r"[-_/\s]+", name)).strip()
+
+
+def load_dataset(path: Path) -> LabeledDataset:
+    """A folder tree (every subfolder is a concept; an image is positive for every folder above
+    it; top-level ``train/`` and ``test/`` are the split) or a CSV of ``image,concept`` rows.
+
+    A concept folder may hold ``description.txt``: its text is added to the concept's phrases.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
+    if path.is_file():
+        return _load_csv(path)
+    top = {p.name for p in path.iterdir() if p.is_dir()}
+    roots = [(path / "train", "train"), (path / "test", "test")] if {"train", "test"} <= top else [(path, None)]
+    images: list[Path] = []
+    split: list[str | None] = []
+    positives: dict[str, set[int]] = {}
+    descriptions: dict[str, str] = {}
+    for root, sp in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(root)
+            for d in rel.parts:
+                desc = Path(dirpath) / "description.txt"
+                if d == rel.parts[-1] and desc.exists():
+                    descriptions[d] = desc.read_text(encoding="utf-8", errors="replace").strip()
+            for f in sorted(filenames):
+                if Path(f).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                k = len(images)
+                images.append(Path(dirpath) / f)
+                split.append(sp)
+                for d in rel.parts:
+                    positives.setdefault(d, set()).add(k)
+    return LabeledDataset(path, images, positives, split, descriptions)
+
+
+def _load_csv(path: Path) -> LabeledDataset:
+    images: list[Path] = []
+    index: dict[str, int] = {}
+    positives: dict[str, set[int]] = {}
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = {c.lower(): c for c in reader.fieldnames or []}
+        img_col = cols.get("image") or cols.get("path")
+        con_col = cols.get("concept") or cols.get("label")
+        if not img_col or not con_col:
+            raise ValueError(f"{path} needs columns image (or path) and concept")
+        for row in reader:
+            p = Path(row[img_col])
+            if not p.is_absolute():
+                p = path.parent / p
+            key = str(p)
+            if key not in index:
+                index[key] = len(images)
+                images.append(p)
+            positives.setdefault(row[con_col].strip(), set()).add(index[key])
+    return LabeledDataset(path, images, positives, [None] * len(images))
+
+
+@dataclass
+class SimConfig:
+    rounds: int = settings.AL_ROUNDS
+    batch: int = settings.AL_BATCH
+    strategy: str = "margin"
+    seed: int = 0
+    per_phrase: int = settings.EXPANSION_PER_PHRASE
+    expansion: int = settings.EXPANSION_SAMPLE
+    eval_per_stratum: int = settings.EVAL_PER_STRATUM
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+
+
+@dataclass
+class SimData:
+    """Embedded dataset: train/test matrices aligned with image ids."""
+
+    embedding_model: str
+    train_ids: list[str]
+    test_ids: list[str]
+    X_train: np.ndarray
+    X_test: np.ndarray
+    positives: dict[str, set[str]]  # concept -> image ids
+    phrases: dict[str, list[str]]   # concept -> text phrases
+    text_vectors: dict[str, np.ndarray]  # concept -> (n_phrases, dim); first = concept name
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    m = compute_metrics(y, s)
+    return float(m.auc_pr), float(m.auc_roc)
+
+
+def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
+    """Simulate one concept; returns its entry of ``results.json``."""
+    import torch
+
+    from agile_pipeline.lib.training import TrainConfig, train_classifier
+
+    torch.set_num_threads(1)
+    pos = data.positives[concept]
+    y_train = np.array([i in pos for i in data.train_ids], dtype=np.int64)
+    y_test = np.array([i in pos for i in data.test_ids], dtype=np.int64)
+    text = data.text_vectors[concept]
+    X_train, X_test = data.X_train, data.X_test
+    test_index = {k: i for i, k in enumerate(data.test_ids)}
+    zs_test = X_test @ text[0]
+    zs_train = X_train @ text[0]
+    zs_pr, zs_roc = _auc(y_test, zs_test)
+    center, temp = zero_shot_calibration(zs_train)
+    zs_unit = zero_shot_to_unit(zs_test, center=center, temperature=temp)
+
+    # expansion: nearest per_phrase train images of every phrase, sample `expansion`
+    found: dict[str, list[str]] = {}
+    sims = X_train @ text.T  # (n_train, n_phrases)
+    for j, phrase in enumerate(data.phrases[concept]):
+        top = np.argsort(-sims[:, j], kind="stable")[: cfg.per_phrase]
+        found[phrase] = [str(k) for k in top]
+    picked = [int(k) for k, _ in sample_expansion(found, cfg.expansion, cfg.seed)]
+    labeled = np.zeros(len(data.train_ids), dtype=bool)
+    labeled[picked] = True
+    order: list[int] = list(picked)
+    rounds: list[dict[str, Any]] = []
+    first_pos_round = 0 if y_train[picked].any() else None
+    eval_scores: dict[str, np.ndarray] = {"zero-shot": zs_unit}
+    widen = 1
+    for r in range(cfg.rounds + 1):
+        idx = np.flatnonzero(labeled)
+        y = y_train[idx]
+        entry: dict[str, Any] = {"round": r, "n_labels": int(labeled.sum()), "n_pos": int(y.sum())}
+        model = None
+        if y.sum() > 0:
+            tcfg = TrainConfig(seed=cfg.seed, **cfg.train)
+            t0 = time.perf_counter()
+            model = train_classifier(X_train[idx], y, X_train, round_index=r, config=tcfg,
+                                     exclude_from_pool=idx, concept=concept)
+            entry["train_s"] = round(time.perf_counter() - t0, 3)
+            p_test = model.predict_proba(X_test)
+            entry["auc_pr"], entry["auc_roc"] = _auc(y_test, p_test)
+            eval_scores[f"round-{r}"] = p_test
+            es = stratified_eval_set(data.test_ids, eval_scores, key=settings.EVAL_KEY,
+                                     per_stratum=cfg.eval_per_stratum)
+            sel = np.array([test_index[k] for k in es.keys], dtype=np.int64)
+            if 0 < y_test[sel].sum() < len(sel):
+                entry["auc_pr_stratified"], _ = _auc(y_test[sel], p_test[sel])
+            else:
+                entry["auc_pr_stratified"] = float("nan")
+        else:
+            entry.update(train_s=0.0, auc_pr=float("nan"), auc_roc=float("nan"),
+                         auc_pr_stratified=float("nan"), model=False)
+        if r == cfg.rounds:
+            entry["select_s"] = 0.0
+            rounds.append(entry)
+            break
+        t0 = time.perf_counter()
+        eligible = ~labeled
+        if model is not None:
+            p_train = model.predict_proba(X_train)
+            if cfg.strategy == "margin-positive":
+                nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
+            else:
+                nxt = select_margin(p_train, cfg.batch, eligible=eligible)
+        else:  # no positive yet: widen the expansion to the next-nearest images per phrase
+            widen += 1
+            cand = []
+            for j in range(sims.shape[1]):
+                top = np.argsort(-sims[:, j], kind="stable")[: cfg.per_phrase * widen]
+                cand += [int(k) for k in top if eligible[k]]
+            cand = list(dict.fromkeys(cand))
+            rng = np.random.default_rng(cfg.seed + r)
+            nxt = np.array(rng.permutation(cand)[: cfg.batch] if cand else [], dtype=np.int64)
+        entry["select_s"] = round(time.perf_counter() - t0, 4)
+        rounds.append(entry)
+        labeled[nxt] = True
+        order += [int(k) for k in nxt]
+        if first_pos_round is None and y_train[nxt].any():
+            first_pos_round = r + 1
+    return {
+        "name": concept,
+        "n_test_pos": int(y_test.sum()),
+        "n_test": len(y_test),
+        "n_train_pos": int(y_train.sum()),
+        "zero_shot": {"auc_pr": zs_pr, "auc_roc": zs_roc},
+        "first_positive_round": first_pos_round,
+        "model_trained": any(not math.isnan(e.get("auc_pr", float("nan"))) for e in rounds),
+        "rounds": rounds,
+    }
+
+
+def _worker(args: tuple[SimData, str, SimConfig]) -> dict[str, Any]:
+    data, concept, cfg = args
+    return run_concept(data, concept, cfg)
+
+
+def run_all(data: SimData, concepts: Sequence[str], cfg: SimConfig, *, workers: int = 1,
+            progress: bool = True) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(concepts), desc="simulated concepts", disable=not progress, unit="concept")
+    if workers <= 1:
+        for c in concepts:
+            results.append(run_concept(data, c, cfg))
+            bar.update()
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for res in pool.map(_worker, [(data, c, cfg) for c in concepts]):
+                results.append(res)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return float("nan"), float("nan")
+    mean = float(np.mean(v))
+    se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return mean, se
+
+
+def summarize(concepts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean zero-shot and per-round AUC-PR (± s.e.), overall and for easy/hard halves.
+
+    A round where a concept has no model yet counts with AUC-PR equal to the concept's base
+    rate on the test split (what a constant score achieves) so that means stay comparable.
+    """
+    def table(group: list[dict[str, Any]]) -> dict[str, Any]:
+        n_rounds = max((len(c["rounds"]) for c in group), default=0)
+        rows = []
+        for r in range(n_rounds):
+            vals, roc, labels = [], [], []
+            for c in group:
+                if r >= len(c["rounds"]):
+                    continue
+                e = c["rounds"][r]
+                ap = e.get("auc_pr", float("nan"))
+                if math.isnan(ap):  # no model yet: a constant score's AUC-PR is the base rate
+                    ap = c["n_test_pos"] / max(1, c["n_test"])
+                vals.append(ap)
+                roc.append(e.get("auc_roc", float("nan")))
+                labels.append(e["n_labels"])
+            m, se = _mean_se(vals)
+            rows.append({"round": r, "n_labels": int(np.mean(labels)), "auc_pr_mean": m,
+                         "auc_pr_se": se, "auc_roc_mean": _mean_se(roc)[0]})
+        zs, zs_se = _mean_se([c["zero_shot"]["auc_pr"] for c in group])
+        return {"n_concepts": len(group), "zero_shot_auc_pr_mean": zs, "zero_shot_auc_pr_se": zs_se,
+                "rounds": rows}
+
+    ranked = sorted(concepts, key=lambda c: c["zero_shot"]["auc_pr"])
+    half = len(ranked) // 2
+    return {
+        "all": table(concepts),
+        "hard": table(ranked[:half]) if half else None,
+        "easy": table(ranked[half:]) if half else None,
+        "concepts_without_model": sum(1 for c in concepts if not c["model_trained"]),
+        "first_positive_round": {c["name"]: c["first_positive_round"] for c in concepts},
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The printed table: zero-shot and each round's mean AUC-PR, all / easy / hard."""
+    groups = [(k, summary[k]) for k in ("all", "easy", "hard") if summary.get(k)]
+    base = groups[0][1]
+    head = "| group | concepts | zero-shot | " + " | ".join(
+        f"round {r['round']} ({r['n_labels']})" for r in base["rounds"]) + " |"
+    sep = "|" + "---|" * (3 + len(base["rounds"]))
+    lines = [head, sep]
+    for name, g in groups:
+        cells = [f"{r['auc_pr_mean']:.3f} ± {r['auc_pr_se']:.3f}" for r in g["rounds"]]
+        lines.append(f"| {name} | {g['n_concepts']} | {g['zero_shot_auc_pr_mean']:.3f} | " + " | ".join(cells) + " |")
+    lines.append(f"\nconcepts left without a model: {summary['concepts_without_model']}")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """results.json, results.csv and auc_pr.png (mean ± s.e. against labels, zero-shot line)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "plot": out / "auc_pr.png"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=_json_default))
+    with paths["csv"].open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["concept", "n_test_pos", "zero_shot_auc_pr", "round", "n_labels", "n_pos",
+                    "auc_pr", "auc_roc", "auc_pr_stratified", "train_s", "select_s"])
+        for c in results["concepts"]:
+            for e in c["rounds"]:
+                w.writerow([c["name"], c["n_test_pos"], c["zero_shot"]["auc_pr"], e["round"],
+                            e["n_labels"], e.get("n_pos"), e.get("auc_pr"), e.get("auc_roc"),
+                            e.get("auc_pr_stratified"), e.get("train_s"), e.get("select_s")])
+    _plot(results, paths["plot"])
+    return paths
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]
+    groups = [(k, s[k]) for k in ("all", "easy", "hard") if s.get(k)]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), dpi=100, squeeze=False)
+    for ax, (name, g) in zip(axes[0], groups, strict=True):
+        xs = [r["n_labels"] for r in g["rounds"]]
+        ys = np.array([r["auc_pr_mean"] for r in g["rounds"]])
+        se = np.array([r["auc_pr_se"] for r in g["rounds"]])
+        ax.plot(xs, ys, "o-", label="agile (each dot a round)")
+        ax.fill_between(xs, ys - se, ys + se, alpha=0.2)
+        ax.axhline(g["zero_shot_auc_pr_mean"], color="#d62728", ls="--", label="zero-shot")
+        ax.set_title(f"{name} ({g['n_concepts']} concepts)", fontsize=10)
+        ax.set_xlabel("labels rated")
+        ax.set_ylabel("AUC-PR (mean ± s.e.)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"simulated user: {results['dataset']} ({results['embedding_model']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def choose_concepts(available: dict[str, int], requested: Sequence[str] | None, count: int | None,
+                    seed: int) -> list[str]:
+    names = sorted(available)
+    if requested:
+        missing = [c for c in requested if c not in available]
+        if missing:
+            raise ValueError(f"unknown concept(s) {missing}; available: {', '.join(names[:20])}…")
+        return list(requested)
+    if count is not None and count < len(names):
+        return sorted(random.Random(seed).sample(names, count))
+    return names
+
+
+def config_dict(cfg: SimConfig) -> dict[str, Any]:
+    return asdict(cfg)
