@@ -136,7 +136,7 @@ def train_test_assignment(config: SplitConfig, agile: AgileHome) -> dg.Materiali
     ),
 )
 def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, agile: AgileHome) -> dg.MaterializeResult:
-    from agile_pipeline.lib.embedding import embed_stream
+    from agile_pipeline.lib.embedding import EmbeddingRun
     from agile_pipeline.lib.images import load_rgb
 
     quiet_third_party_logs()
@@ -154,20 +154,20 @@ def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig,
     stats = None
     if todo:
         context.log.info(f"embedding {len(todo)} new images with {model_id}")
-        run = embed_stream(
-            ((i, Path(rows[i])) for i in todo),
+        run = EmbeddingRun(
+            [(i, Path(rows[i])) for i in todo],
             load_rgb,
             encoder,
             batch_size=config.batch_size,
             workers=config.workers,
             log=context.log,  # type: ignore[arg-type]
         )
-        for batch in run:
+        for batch in run.batches():
             if batch.ids:
                 vectors.add(model_id, batch.ids, [splits[i] or "train" for i in batch.ids], batch.vectors)
                 n_ok += len(batch.ids)
             failed += batch.failed
-        stats = getattr(run, "stats", None)
+        stats = run.stats
         vectors.optimize(model_id)
     for image_id, reason in failed[:20]:
         context.log.warning(f"could not embed {image_id}: {reason}")

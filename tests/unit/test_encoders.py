@@ -135,7 +135,7 @@ TINY = "agile-tiny-test"
 @pytest.fixture
 def tiny_open_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Registers a tiny open_clip config (embed_dim 16) for this test only."""
-    encoders._ensure_torchvision_importable()
+    encoders.ensure_torchvision_importable()
     import open_clip.factory as factory
 
     monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
