@@ -14,6 +14,7 @@ Every selection is deterministic: ties are broken by row index (or id), and sele
 """
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -122,7 +123,7 @@ def select_margin_positive(
 ) -> np.ndarray:
     """Margin + positive mining (Mullapudi et al. 2021; the paper's Appendix D ablation).
 
-    ``round(k * positive_fraction)`` rows with the highest scores (positive mining) come
+    ``floor(k * positive_fraction + 0.5)`` rows (half up) with the highest scores (positive mining) come
     first, ordered by score descending; the rest of the batch is the smallest-margin rows not
     already chosen, ordered by margin ascending. Ties are broken by index; no row appears twice.
     If fewer than ``k`` rows are eligible, all of them are returned.
@@ -133,12 +134,17 @@ def select_margin_positive(
     mask = _eligible_mask(eligible, scores.shape[0])
     n_eligible = scores.shape[0] if mask is None else int(mask.sum())
     k = min(k, n_eligible)
-    k_pos = round(k * positive_fraction)
+    k_pos = _n_positive(k, positive_fraction)
     top = _top_scores(scores, k_pos, mask)
     rest = np.ones(scores.shape[0], dtype=np.bool_) if mask is None else mask.copy()
     rest[top] = False
     by_margin = select_margin(scores, k - top.size, eligible=rest)
     return np.concatenate([top, by_margin])
+
+
+def _n_positive(k: int, positive_fraction: float) -> int:
+    """Rows of a ``k`` batch that positive mining takes: ``k * fraction`` rounded half up."""
+    return math.floor(k * positive_fraction + 0.5)
 
 
 class _TopK:
@@ -223,7 +229,7 @@ class StreamingSelector:
         k = min(self.k, self.n_eligible)
         if self.strategy == "margin":
             return m_ids[:k], m_scores[:k]
-        k_pos = round(k * self.positive_fraction)
+        k_pos = _n_positive(k, self.positive_fraction)
         _, t_ids, t_scores = self._top.items()
         t_ids, t_scores = t_ids[:k_pos], t_scores[:k_pos]
         taken = np.isin(m_ids, t_ids)
