@@ -253,7 +253,7 @@ def run_all(data: SimData, concepts: Sequence[str], cfg: SimConfig, *, workers: 
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             for res in pool.map(_worker, [(data, c, cfg) for c in concepts]):
                 results.append(res)
                 bar.update()
