@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 concept_app = typer.Typer(help="Create, edit and list concepts.", no_args_is_help=True)
 app.add_typer(concept_app, name="concept")
+labels_app = typer.Typer(help="Label history (audit).", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
 
 Strategy = Literal["margin", "margin-positive"]
 
@@ -310,6 +312,45 @@ def _read_label_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
     return out
 
 
+@labels_app.command("export")
+def labels_export(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    out: Annotated[Path | None, typer.Option(help="Output file (default: stdout, csv only).")] = None,
+) -> None:
+    """Export a concept's full label history: one row per rating event, oldest first."""
+    import duckdb
+    import pyarrow as pa
+
+    store = _store()
+    concept = _guard(lambda: store.get_concept(name))
+    if fmt not in ("csv", "parquet"):
+        fail(f"unknown format {fmt!r}: use csv or parquet")
+    if fmt == "parquet" and out is None:
+        fail("parquet needs --out FILE")
+    rows = store.label_history(concept.name)
+    cols = ["seq", "event_id", "concept", "image_id", "image_path", "label", "rater", "ts",
+            "purpose", "source", "detail", "round"]
+    events = pa.table({c: [r[c] for r in rows] for c in cols}) if rows else pa.table(
+        {c: pa.array([], pa.string()) for c in cols})
+    con = duckdb.connect()  # in-memory analytics over Arrow: no file, no lock
+    con.register("events", events)
+    query = ("SELECT seq, event_id, concept, image_id, image_path, label, rater, "
+             "to_timestamp(ts) AS time, purpose, source, detail, round FROM events ORDER BY seq")
+    if out is None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        res = con.execute(query)
+        writer.writerow([d[0] for d in res.description])
+        writer.writerows(res.fetchall())
+        sys.stdout.write(buf.getvalue())
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target = str(out).replace("'", "''")
+    con.execute(f"COPY ({query}) TO '{target}' (FORMAT {fmt.upper()}{', HEADER' if fmt == 'csv' else ''})")
+    typer.echo(f"wrote {len(rows)} label events of {concept.name!r} to {out}", err=True)
+
+
 @app.command("round")
 def round_(
     name: Annotated[str, typer.Argument(help="Concept name.")],
@@ -481,3 +522,7 @@ def app_(
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -18,7 +18,9 @@ echo "==> starting Dagster (webserver + daemon) and the labeling app"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
-dagster dev -w workspace.yaml -h 127.0.0.1 -p "$DAGSTER_PORT" >"$AGILE_HOME/dagster.log" 2>&1 &
+dagster-webserver -w workspace.yaml -h 127.0.0.1 -p "$DAGSTER_PORT" >"$AGILE_HOME/dagster-webserver.log" 2>&1 &
+pids+=($!)
+dagster-daemon run -w workspace.yaml >"$AGILE_HOME/dagster-daemon.log" 2>&1 &
 pids+=($!)
 if python -c "import labeling_ui.__main__" 2>/dev/null; then
   agile app --port "$APP_PORT" --dagster-url "http://127.0.0.1:$DAGSTER_PORT" >"$AGILE_HOME/app.log" 2>&1 &
@@ -29,8 +31,8 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 echo
-echo "Dagster UI:    http://127.0.0.1:$DAGSTER_PORT   (logs: $AGILE_HOME/dagster.log)"
-[ ${#pids[@]} -gt 1 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log)"
+echo "Dagster UI:    http://127.0.0.1:$DAGSTER_PORT   (logs: $AGILE_HOME/dagster-*.log)"
+[ ${#pids[@]} -gt 2 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log)"
 echo "Try:           agile search 'dog' -k 5      (after: source .venv/bin/activate; export AGILE_HOME=$AGILE_HOME)"
 echo "Ctrl-C stops everything."
 wait

@@ -4,9 +4,12 @@ Dagster assets, the CLI, the simulated user and the benchmarks all call these fu
 the product's behaviour is the same whichever way a round is started.
 """
 
+import fcntl
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +43,27 @@ class LoopEnv:
         d = self.paths.home / "concepts" / concept.replace(" ", "_")
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+@contextmanager
+def concept_lock(env: LoopEnv, concept: str, what: str) -> Iterator[None]:
+    """One training/selection at a time per concept, across processes.
+
+    A second request fails at once with a clear message instead of racing the first; the OS
+    releases the lock if the holder dies (even ``kill -9``), so no manual repair is needed.
+    """
+    path = env.concept_dir(concept) / ".round.lock"
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LoopError(
+                f"a round for {concept!r} is already running ({what}); wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -107,10 +131,11 @@ def build_expansion(
         "union": len({i for v in found.values() for i in v}),
         "seed": seed,
     }
+    # labels of this batch train round 0
     batch_id = env.store.write_batch(
-        concept.name, "expansion", -1, items, label_cutoff=cutoff, run_id=run_id, info=info
+        concept.name, "expansion", 0, items, label_cutoff=cutoff, run_id=run_id, info=info
     )
-    return CandidateBatch(concept.name, "expansion", -1, batch_id, items,
+    return CandidateBatch(concept.name, "expansion", 0, batch_id, items,
                           time.perf_counter() - t0, info)
 
 
@@ -167,6 +192,22 @@ def train_round(
     since the last round, the last round is returned (``reused=True``) unless ``force``, which
     retrains that same round (same labels, same seed: the same model).
     """
+    concept = env.store.get_concept(concept_name)
+    with concept_lock(env, concept.name, "training"):
+        return _train_round(env, concept.name, config=config, rule=rule, force=force,
+                            tracking=tracking, run_id=run_id)
+
+
+def _train_round(
+    env: LoopEnv,
+    concept_name: str,
+    *,
+    config: Any,
+    rule: LabelRule,
+    force: bool,
+    tracking: bool,
+    run_id: str | None,
+) -> RoundResult:
     from agile_pipeline.lib.training import NotEnoughLabels, TrainConfig, train_classifier
 
     config = config or TrainConfig()
@@ -270,6 +311,15 @@ def select_candidates(
     run_id: str | None = None,
 ) -> CandidateBatch:
     """Score every unlabeled train image with the latest model and queue the next batch."""
+    concept = env.store.get_concept(concept_name)
+    with concept_lock(env, concept.name, "selecting candidates"):
+        return _select_candidates(env, concept.name, batch_size=batch_size, strategy=strategy,
+                                  run_id=run_id)
+
+
+def _select_candidates(
+    env: LoopEnv, concept_name: str, *, batch_size: int, strategy: Strategy, run_id: str | None
+) -> CandidateBatch:
     t0 = time.perf_counter()
     concept = env.store.get_concept(concept_name)
     round_index, model = load_model(env, concept.name)
@@ -285,17 +335,19 @@ def select_candidates(
     else:
         raise LoopError(f"unknown strategy {strategy!r}: use 'margin' or 'margin-positive'")
     items = [
-        {"image_id": str(train.ids[k]), "source": f"al:{strategy}", "detail": f"round {round_index}",
+        {"image_id": str(train.ids[k]), "source": f"al:{strategy}",
+         "detail": f"selected by the round-{round_index} model",
          "score": float(scores[k])}
         for k in picked
     ]
     seconds = time.perf_counter() - t0
     info = {"strategy": strategy, "scored": len(scores), "eligible": int(eligible.sum()),
             "select_seconds": seconds, "model_round": round_index}
+    # labels of this batch train the next round
     batch_id = env.store.write_batch(
-        concept.name, "al", round_index, items, label_cutoff=cutoff, run_id=run_id, info=info
+        concept.name, "al", round_index + 1, items, label_cutoff=cutoff, run_id=run_id, info=info
     )
-    return CandidateBatch(concept.name, "al", round_index, batch_id, items, seconds, info)
+    return CandidateBatch(concept.name, "al", round_index + 1, batch_id, items, seconds, info)
 
 
 def pending_items(

@@ -527,6 +527,16 @@ class StateStore:
         rows = self._read("SELECT DISTINCT image_id FROM label_events WHERE concept = ?", (concept,))
         return {r["image_id"] for r in rows}
 
+    def label_history(self, concept: str) -> list[dict[str, Any]]:
+        """Every label event of a concept with its image path (the audit trail), oldest first."""
+        rows = self._read(
+            "SELECT e.seq, e.event_id, e.concept, e.image_id, i.path AS image_path, e.label, "
+            "e.rater, e.ts, e.purpose, e.source, e.detail, e.round FROM label_events e "
+            "LEFT JOIN images i ON i.id = e.image_id WHERE e.concept = ? ORDER BY e.seq",
+            (concept,),
+        )
+        return [dict(r) for r in rows]
+
     # ---- batches (candidate sets) -------------------------------------------------------
     def write_batch(
         self,
