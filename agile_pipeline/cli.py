@@ -192,6 +192,26 @@ def concept_expand(
     _start(name, seed)
 
 
+@concept_app.command("exemplar")
+def concept_exemplar(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    image: Annotated[str, typer.Argument(help="Image id or path of an ingested image.")],
+    negative: Annotated[bool, typer.Option("--negative", help="A counter-example instead.")] = False,
+    rater: Annotated[str, typer.Option(help="Who adds it (recorded as their label).")] = "owner",
+) -> None:
+    """Mark an image as an exemplar: it is a label and drives expansion like a phrase."""
+    store = _store()
+    concept = _guard(lambda: store.get_concept(name))
+    image_id = store.resolve_image(image)
+    if image_id is None:
+        fail(f"{image!r} is not an ingested image: use a path or id from `agile search` or `agile candidates`")
+        return
+    polarity = "negative" if negative else "positive"
+    _guard(lambda: store.add_exemplar(concept.name, image_id, polarity, rater))
+    typer.echo(f"added {polarity} exemplar {image_id} to {concept.name!r}; `agile concept expand "
+               f"{concept.name!r}` builds a batch around it, `agile round` trains with it")
+
+
 @concept_app.command("edit")
 def concept_edit(
     name: str,
@@ -373,6 +393,12 @@ def round_(
     c = metadata_of(result, classifier)
     a = metadata_of(result, al_candidates)
     ev = metadata_of(result, eval_set)
+    if c.get("trained") is False:
+        from agile_pipeline.lib.loop import NO_POSITIVES_ADVICE
+
+        typer.secho(NO_POSITIVES_ADVICE.format(name=name, neg=c.get("n_neg")), fg=typer.colors.YELLOW)
+        typer.echo(f"recovery batch: {a.get('candidates')} images; `agile candidates {name!r}` lists them")
+        return
     if c.get("reused_previous_round"):
         typer.echo(f"no new labels since round {c.get('round')}: kept that model (use --force to retrain)")
     typer.echo(f"round {c.get('round')}: trained on {c.get('n_pos')} positive / {c.get('n_neg')} negative "

@@ -113,24 +113,32 @@ def zero_shot_scores(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.
     ),
 )
 def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile: AgileHome) -> dg.MaterializeResult:
-    from agile_pipeline.lib.loop import train_round
+    from agile_pipeline.lib.loop import NO_POSITIVES_ADVICE, label_counts, train_round
     from agile_pipeline.lib.state import LabelRule
     from agile_pipeline.lib.training import TrainConfig
 
     quiet_third_party_logs()
     env = loop_env(agile)
     t0 = time.perf_counter()
+    rule = LabelRule(owner_wins=config.owner_wins, tie=config.tie)
+    n_pos, n_neg = _user_errors(lambda: label_counts(env, context.partition_key, rule))
+    if n_pos == 0:  # nothing to learn from: the selection step queues a recovery batch instead
+        context.log.warning(NO_POSITIVES_ADVICE.format(name=context.partition_key, neg=n_neg))
+        return dg.MaterializeResult(metadata={
+            "trained": False, "n_pos": 0, "n_neg": n_neg,
+            "status": "no positive labels yet: recovery batch instead of a model",
+        })
     result = _user_errors(lambda: train_round(
         env, context.partition_key,
         config=TrainConfig(seed=config.seed, epochs=config.epochs, random_negatives=config.random_negatives),
-        rule=LabelRule(owner_wins=config.owner_wins, tie=config.tie),
-        force=config.force, run_id=context.run.run_id,
+        rule=rule, force=config.force, run_id=context.run.run_id,
     ))
     if result.reused:
         context.log.info(f"no new labels since round {result.round_index}: kept that model")
     for w in result.warnings:
         context.log.warning(w)
     return dg.MaterializeResult(metadata={
+        "trained": True,
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
         "train_seconds": round(result.train_seconds, 3),
@@ -151,9 +159,20 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
     ),
 )
 def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfig, agile: AgileHome) -> dg.MaterializeResult:
-    from agile_pipeline.lib.loop import select_candidates
+    from agile_pipeline.lib.loop import build_expansion, label_counts, select_candidates
 
     env = loop_env(agile)
+    n_pos, _n_neg = _user_errors(lambda: label_counts(env, context.partition_key))
+    if n_pos == 0:
+        rec = _user_errors(lambda: build_expansion(
+            env, context.partition_key, agile.load_encoder(), sample=config.batch_size,
+            run_id=context.run.run_id, recovery=True,
+        ))
+        return dg.MaterializeResult(metadata={
+            "batch_id": rec.batch_id, "candidates": len(rec.items), "strategy": "recovery",
+            "round": rec.round_index, "images_scored": 0, "select_seconds": round(rec.seconds, 3),
+            "status": "no positive labels yet: next-nearest images of every phrase and exemplar",
+        })
     batch = _user_errors(lambda: select_candidates(
         env, context.partition_key, batch_size=config.batch_size, strategy=config.strategy,
         run_id=context.run.run_id,

@@ -108,20 +108,33 @@ def build_expansion(
     sample: int = settings.EXPANSION_SAMPLE,
     seed: int = 0,
     run_id: str | None = None,
+    recovery: bool = False,
 ) -> CandidateBatch:
-    """Nearest ``per_phrase`` unlabeled train images for every phrase; sample ``sample``."""
+    """Nearest ``per_phrase`` unlabeled train images for every phrase and exemplar image;
+    sample ``sample`` of their union.
+
+    Already-labelled images are skipped, so a second call reaches the *next* nearest images.
+    ``recovery=True`` (used when the labels hold no positive yet) samples round-robin across
+    the queries instead of uniformly, so every phrase and exemplar gets an equal share.
+    """
     t0 = time.perf_counter()
     concept = env.store.get_concept(concept_name)
     phrases, vecs = phrase_vectors(encoder, concept)
+    queries = [(f"{pol}:{text}", v) for (pol, text), v in zip(phrases, vecs, strict=True)]
+    exemplars = env.store.exemplars(concept.name)
+    if exemplars:
+        ex_vecs = env.vectors.vectors_for(env.model_id, [e["image_id"] for e in exemplars])
+        queries += [(f"{e['polarity']}:exemplar {e['image_id'][:8]}", v)
+                    for e, v in zip(exemplars, ex_vecs, strict=True)]
     labeled = env.store.labeled_image_ids(concept.name)
     found: dict[str, list[str]] = {}
-    for (polarity, phrase), v in zip(phrases, vecs, strict=True):
+    for key, v in queries:
         hits = env.vectors.search(env.model_id, v, per_phrase + len(labeled), split="train")
-        found[f"{polarity}:{phrase}"] = [i for i, _s, _d in hits if i not in labeled][:per_phrase]
-    picked = sample_expansion(found, sample, seed)
+        found[key] = [i for i, _s, _d in hits if i not in labeled][:per_phrase]
+    picked = _round_robin(found, sample, seed) if recovery else sample_expansion(found, sample, seed)
     items = [
-        {"image_id": image_id, "source": "expansion", "detail": key.split(":", 1)[1],
-         "polarity": key.split(":", 1)[0]}
+        {"image_id": image_id, "source": "recovery" if recovery else "expansion",
+         "detail": key.split(":", 1)[1], "polarity": key.split(":", 1)[0]}
         for image_id, key in picked
     ]
     cutoff = env.store.label_cutoff(concept.name)
@@ -130,13 +143,46 @@ def build_expansion(
         "found_per_phrase": {k: len(v) for k, v in found.items()},
         "union": len({i for v in found.values() for i in v}),
         "seed": seed,
+        "recovery": recovery,
     }
-    # labels of this batch train round 0
+    round_index = len(env.store.rounds(concept.name))  # the round these labels will train
     batch_id = env.store.write_batch(
-        concept.name, "expansion", 0, items, label_cutoff=cutoff, run_id=run_id, info=info
+        concept.name, "expansion", round_index, items, label_cutoff=cutoff, run_id=run_id, info=info
     )
-    return CandidateBatch(concept.name, "expansion", 0, batch_id, items,
+    return CandidateBatch(concept.name, "expansion", round_index, batch_id, items,
                           time.perf_counter() - t0, info)
+
+
+def _round_robin(found: dict[str, list[str]], n: int, seed: int) -> list[tuple[str, str]]:
+    """Diversity across queries: take each query's next-nearest image in turn (seeded order)."""
+    import random
+
+    keys = list(found)
+    random.Random(seed).shuffle(keys)
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    depth = 0
+    while len(out) < n and any(depth < len(found[k]) for k in keys):
+        for k in keys:
+            if depth < len(found[k]) and found[k][depth] not in seen and len(out) < n:
+                seen.add(found[k][depth])
+                out.append((found[k][depth], k))
+        depth += 1
+    return out
+
+
+def label_counts(env: LoopEnv, concept: str, rule: LabelRule = LabelRule()) -> tuple[int, int]:
+    labels = env.store.effective_labels(concept, purpose="train", rule=rule)
+    pos = sum(labels.values())
+    return pos, len(labels) - pos
+
+
+NO_POSITIVES_ADVICE = (
+    "no positive labels yet for {name!r} ({neg} negative): queued a recovery batch — the next "
+    "nearest images of every phrase and exemplar, balanced across them. To get there faster, "
+    "add phrases (`agile concept edit`) or mark an image you like as an exemplar "
+    "(`agile concept exemplar {name!r} IMAGE`)"
+)
 
 
 # ---- zero-shot ---------------------------------------------------------------------------

@@ -537,6 +537,32 @@ class StateStore:
         )
         return [dict(r) for r in rows]
 
+    def add_exemplar(self, concept: str, image_id: str, polarity: str, added_by: str) -> None:
+        """Store an exemplar image and record it as the adder's label, in one transaction.
+
+        Exemplars drive expansion like phrases do, and count as training labels.
+        """
+        if polarity not in ("positive", "negative"):
+            raise StateError(f"exemplar polarity {polarity!r} must be positive or negative")
+        c = self.get_concept(concept)
+        if not self.has_image(image_id):
+            raise StateError(f"image {image_id!r} is not in the corpus; pick one from a batch or a search")
+        now = time.time()
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO exemplars VALUES (?, ?, ?, ?, ?)",
+                (c.name, image_id, polarity, added_by, now),
+            )
+            con.execute(
+                "INSERT INTO label_events (event_id, concept, image_id, label, rater, ts, purpose, "
+                "source, detail, round) VALUES (?, ?, ?, ?, ?, ?, 'train', 'exemplar', NULL, NULL)",
+                (uuid.uuid4().hex, c.name, image_id, polarity, added_by, now),
+            )
+
+    def exemplars(self, concept: str) -> list[dict[str, Any]]:
+        rows = self._read("SELECT * FROM exemplars WHERE concept = ? ORDER BY added_at", (concept,))
+        return [dict(r) for r in rows]
+
     # ---- batches (candidate sets) -------------------------------------------------------
     def write_batch(
         self,

@@ -127,16 +127,30 @@ def test_eval_set_is_test_split_and_metrics_are_computed(corpus):
     ("setup", "message"),
     [
         ("unknown", "unknown concept"),
-        ("only_negatives", "no positive labels"),
-        ("no_labels", "no positive labels"),
     ],
 )
 def test_round_errors_say_what_to_do(corpus, setup, message):
-    env = _env(corpus)
-    if setup != "unknown":
-        env.store.create_concept("c1", ["x"])
-        run_concept_start("c1")
-        if setup == "only_negatives":
-            _rate(env, "c1", pending_items(env, "c1"), lambda i: False)
     with pytest.raises(RunFailed, match=message):
-        run_concept_round("c1" if setup != "unknown" else "nope")
+        run_concept_round("nope")
+
+
+def test_no_positive_yet_queues_a_recovery_batch_then_an_exemplar_trains(corpus):
+    env = _env(corpus)
+    env.store.create_concept("rare", ["x", "y"], ["z"])
+    run_concept_start("rare")
+    first = pending_items(env, "rare")
+    _rate(env, "rare", first, lambda i: False)
+    res = run_concept_round("rare")
+    assert metadata_of(res, classifier)["trained"] is False
+    rec = pending_items(env, "rare")
+    assert len(rec) == 100
+    assert {it["source"] for it in rec} == {"recovery"}
+    assert not {it["image_id"] for it in rec} & {it["image_id"] for it in first}
+    # every query contributes (round-robin): the name, two phrases and the negative phrase
+    assert len({it["detail"] for it in rec}) == 4
+    # an exemplar is a positive label and a new query
+    ex = rec[0]["image_id"]
+    env.store.add_exemplar("rare", ex, "positive", "owner")
+    res = run_concept_round("rare")
+    assert metadata_of(res, classifier)["trained"] is True
+    assert metadata_of(res, classifier)["n_pos"] == 1

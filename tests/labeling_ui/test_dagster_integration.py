@@ -1,0 +1,144 @@
+"""The real thing: ``dagster dev`` (webserver + daemon) runs the concept jobs the app asks for
+over GraphQL; the app's ratings drive a round; the next batch comes back.
+
+Slow (starting Dagster and each run's subprocess takes tens of seconds on two cores).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from labeling_ui import handlers
+from labeling_ui.app import build_app
+from labeling_ui.config import UiSettings
+from labeling_ui.session import LabelingSession
+from labeling_ui.trigger import DagsterGraphQLTrigger
+from tests.hostile_images import write_real_like_images
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    req = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())["data"]
+
+
+@pytest.fixture
+def dagster_dev(agile_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    corpus = tmp_path / "pictures"
+    write_real_like_images(corpus, 320, seed=11)
+    from agile_pipeline.runner import run_corpus
+
+    run_corpus([str(corpus)], workers=2)
+    port = _free_port()
+    log = (tmp_path / "dagster.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(dagster_home)}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while not DagsterGraphQLTrigger(url, timeout_s=5).ping():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("dagster dev did not start:\n" + (tmp_path / "dagster.log").read_text()[-3000:])
+            time.sleep(1)
+        # the code location must be loaded too, not just the webserver
+        while True:
+            data = _graphql(url, "{ repositoriesOrError { ... on RepositoryConnection { nodes { jobs { name } } } } }")
+            names = {j["name"] for n in data["repositoriesOrError"].get("nodes", []) for j in n["jobs"]}
+            if "concept_round_job" in names:
+                break
+            if time.time() > deadline:
+                raise RuntimeError("the code location did not load")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_round(service, concept: str, timeout: float = 300):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        view = service.round_view(concept)
+        if not view.in_flight:
+            return view
+        time.sleep(1)
+    raise AssertionError(f"the run for {concept!r} did not finish in {timeout} s")
+
+
+def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home: Path) -> None:
+    settings = UiSettings(home=agile_home, trigger="dagster", dagster_url=dagster_dev)
+    app = build_app(settings)
+    service = app.state.service
+    assert isinstance(service.trigger, DagsterGraphQLTrigger)
+
+    # create + start through the Gradio handler: partition added, concept_start_job launched
+    view = handlers.on_create(service, settings, LabelingSession(), "sunny colours", "yellow\norange", "grey",
+                              "warm colours", "dana")
+    started = json.loads(view.widget)["round"]
+    assert started["kind"] == "dagster" and started["run_url"].startswith(dagster_dev + "/runs/")
+    first = _wait_round(service, "sunny colours")
+    assert first.new_batch, first.message
+    batch = service.latest_batch("sunny colours")
+    assert batch is not None and len(batch.order) == 100
+
+    # rate the batch through the app's JSON endpoint
+    events = [{"concept": "sunny colours", "image_id": i, "label": "positive" if k % 4 == 0 else "negative",
+               "event_id": f"dana-{k:05d}", "batch_id": batch.batch_id} for k, i in enumerate(batch.order)]
+    with TestClient(app) as client:
+        r = client.post("/api/labels", json={"rater": "dana", "events": events})
+        assert r.status_code == 200 and r.json()["new"] == 100
+
+    # the round, asked the way the rating widget asks it
+    session = LabelingSession().with_concept("sunny colours")
+    asked = handlers.on_widget_action(service, settings, session, {"action": "round", "concept": "sunny colours", "rater": "dana"})
+    asked_round = json.loads(asked.widget)["round"]
+    assert asked_round["job"] == "round" and asked_round["kind"] == "dagster"
+    done = _wait_round(service, "sunny colours")
+    assert done.state == "success", done.message
+    assert done.new_batch and done.seconds_to_batch is not None
+
+    rounds = service.store.rounds("sunny colours")
+    assert len(rounds) == 1 and rounds[0]["run_id"] == asked_round["run_id"]
+    assert rounds[0]["n_pos"] == 25 and rounds[0]["n_neg"] == 75
+    nxt = service.latest_batch("sunny colours")
+    assert nxt is not None and nxt.kind == "al" and not set(nxt.order) & set(batch.order)
+
+    # Dagster recorded the run under the concept's partition, with who asked
+    tags = _graphql(dagster_dev, "query($id: ID!) { runOrError(runId: $id) { ... on Run { status jobName tags { key value } } } }",
+                    {"id": asked_round["run_id"]})["runOrError"]
+    assert tags["status"] == "SUCCESS" and tags["jobName"] == "concept_round_job"
+    kv = {t["key"]: t["value"] for t in tags["tags"]}
+    assert kv["dagster/partition"] == "sunny colours" and kv["agile/requested_by"] == "dana"

@@ -1,0 +1,129 @@
+"""Gradio handlers called directly: what each screen shows after each action."""
+
+import json
+
+import gradio as gr
+import pytest
+
+from labeling_ui import handlers
+from labeling_ui.config import UiSettings
+from labeling_ui.handlers import NO_CHANGE
+from labeling_ui.session import LabelingSession
+from tests.labeling_ui.conftest import World
+
+SETTINGS = UiSettings()
+
+
+def _create(world: World, name: str = "red things", rater: str | None = "alice") -> handlers.View:
+    return handlers.on_create(world.service, SETTINGS, LabelingSession(), name, "red apple\nfire truck",
+                              "orange", "Only <b>red</b>.", rater)
+
+
+def test_first_visit_opens_the_concept_screen(world: World) -> None:
+    view = handlers.on_load(world.service, SETTINGS, LabelingSession(), None)
+    assert view.tab == "concept" and view.choices == []
+    assert json.loads(view.widget)["concept"] is None
+    assert view.timer is False
+
+
+def test_create_needs_a_rater_name(world: World) -> None:
+    with pytest.raises(gr.Error, match="name"):
+        _create(world, rater="")
+
+
+def test_create_stores_the_concept_and_starts_the_search(world: World) -> None:
+    view = _create(world)
+    assert view.session.concept == "red things"
+    assert view.choices == ["red things"] and view.concept == "red things"
+    assert view.tab == "rate"
+    assert view.form["editing"] is True and view.form["positives"] == "red apple\nfire truck"
+    assert world.trigger.calls[0][:2] == ("concept_start_job", "red things")
+    cfg = json.loads(view.widget)
+    assert cfg["concept"] == "red things" and cfg["round"]["job"] == "start"
+    assert any("saved" in m for m in view.infos)
+    assert world.store.get_concept("red things").owner == "alice"
+
+
+def test_create_shows_store_errors_plainly(world: World) -> None:
+    _create(world)
+    with pytest.raises(gr.Error, match="already exists"):
+        _create(world)
+    with pytest.raises(gr.Error, match="not allowed"):
+        _create(world, name="../../etc")
+
+
+def test_open_concept_with_a_batch_goes_to_rating(world: World, concept_with_batch: str) -> None:
+    view = handlers.open_concept(world.service, SETTINGS, LabelingSession(), concept_with_batch)
+    assert view.tab == "rate"
+    assert view.form["name"] == concept_with_batch
+    assert "Only red." in view.raters
+
+
+def test_invite_link_and_query_string_open_the_concept(world: World, concept_with_batch: str) -> None:
+    view = handlers.on_load(world.service, SETTINGS, LabelingSession(), "Red  Things")
+    assert view.session.concept == concept_with_batch and view.tab == "rate"
+    unknown = handlers.on_load(world.service, SETTINGS, LabelingSession(), "<script>")
+    assert unknown.session.concept is None
+
+
+def test_signed_in_user_is_the_requester(world: World, concept_with_batch: str) -> None:
+    auth = UiSettings(auth=[("alice", "pw")])
+    view = handlers.on_load(world.service, auth, LabelingSession().with_user("alice"), None)
+    assert view.session.user == "alice"
+    assert handlers.requester(view.session, "mallory") == "alice"
+    assert json.loads(handlers.widget_value(view.session, auth))["user"] == "alice"
+
+
+def test_round_from_the_widget_then_tick_until_done(world: World, concept_with_batch: str) -> None:
+    world.trigger.delay_s = 0.2
+    session = LabelingSession().with_concept(concept_with_batch)
+    batch = world.service.latest_batch(concept_with_batch)
+    assert batch is not None
+    world.service.record_labels([{"concept": concept_with_batch, "image_id": batch.order[0], "label": "positive",
+                                  "event_id": "e-00000001", "batch_id": batch.batch_id}], rater="bob")
+    view = handlers.on_widget_action(world.service, SETTINGS, session, {"action": "round", "concept": concept_with_batch})
+    assert view.timer is True
+    assert json.loads(view.widget)["round"]["state"] in ("queued", "running")
+    import time
+
+    time.sleep(0.3)
+    done = handlers.on_tick(world.service, SETTINGS, session)
+    assert done.timer is False
+    r = json.loads(done.widget)["round"]
+    assert r["state"] == "success" and r["new_batch"]
+    assert "Model" in done.model and "<table" in done.model
+
+
+def test_widget_action_for_another_concept_is_refused(world: World, concept_with_batch: str) -> None:
+    session = LabelingSession().with_concept(concept_with_batch)
+    with pytest.raises(gr.Error, match="another tab"):
+        handlers.on_widget_action(world.service, SETTINGS, session, {"action": "round", "concept": "blue"})
+    with pytest.raises(gr.Error, match="unknown action"):
+        handlers.on_widget_action(world.service, SETTINGS, session, {"action": "rm -rf", "concept": concept_with_batch})
+
+
+def test_round_without_positive_ratings_explains_what_to_do(world: World, concept_with_batch: str) -> None:
+    session = LabelingSession().with_concept(concept_with_batch)
+    with pytest.raises(gr.Error, match="no image is rated positive"):
+        handlers.on_widget_action(world.service, SETTINGS, session, {"action": "round", "concept": concept_with_batch})
+
+
+def test_unreachable_dagster_is_said_plainly(world: World, concept_with_batch: str) -> None:
+    world.trigger.unreachable = True
+    session = LabelingSession().with_concept(concept_with_batch)
+    view = handlers.on_find_again(world.service, SETTINGS, session, "alice")
+    r = json.loads(view.widget)["round"]
+    assert r["state"] == "unreachable" and r["fallback_offered"]
+    assert "not reachable" in r["message"]
+
+
+def test_panels_escape_user_text(world: World) -> None:
+    _create(world)
+    world.service.update_concept("red things", "", "", "<script>alert(1)</script>")
+    html = handlers.raters_panel(world.service, SETTINGS, "red things")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_tick_without_concept_stops_polling(world: World) -> None:
+    view = handlers.on_tick(world.service, SETTINGS, LabelingSession())
+    assert view.timer is False and view.widget is NO_CHANGE
