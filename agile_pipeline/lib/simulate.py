@@ -118,6 +118,7 @@ class SimConfig:
     expansion: int = settings.EXPANSION_SAMPLE
     eval_per_stratum: int = settings.EVAL_PER_STRATUM
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    zero_shot_prior: float = 0.0  # β: score = σ(logit(p_mlp) + β·logit(zero-shot in [0,1]))
 
 
 @dataclass
@@ -157,6 +158,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     zs_pr, zs_roc = _auc(y_test, zs_test)
     center, temp = zero_shot_calibration(zs_train)
     zs_unit = zero_shot_to_unit(zs_test, center=center, temperature=temp)
+    zs_train_unit = zero_shot_to_unit(zs_train, center=center, temperature=temp)
 
     # expansion: nearest per_phrase train images of every phrase, sample `expansion`
     found: dict[str, list[str]] = {}
@@ -184,6 +186,8 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                                      exclude_from_pool=idx, concept=concept)
             entry["train_s"] = round(time.perf_counter() - t0, 3)
             p_test = model.predict_proba(X_test)
+            if cfg.zero_shot_prior:
+                p_test = _with_prior(p_test, zs_unit, cfg.zero_shot_prior)
             entry["auc_pr"], entry["auc_roc"] = _auc(y_test, p_test)
             eval_scores[f"round-{r}"] = p_test
             es = stratified_eval_set(data.test_ids, eval_scores, key=settings.EVAL_KEY,
@@ -204,6 +208,8 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         eligible = ~labeled
         if model is not None:
             p_train = model.predict_proba(X_train)
+            if cfg.zero_shot_prior:
+                p_train = _with_prior(p_train, zs_train_unit, cfg.zero_shot_prior)
             if cfg.strategy == "margin-positive":
                 nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
             else:
@@ -233,6 +239,13 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         "model_trained": any(not math.isnan(e.get("auc_pr", float("nan"))) for e in rounds),
         "rounds": rounds,
     }
+
+
+def _with_prior(p: np.ndarray, zs_unit: np.ndarray, beta: float) -> np.ndarray:
+    eps = 1e-6
+    lp = np.log(np.clip(p, eps, 1 - eps) / np.clip(1 - p, eps, 1))
+    lz = np.log(np.clip(zs_unit, eps, 1 - eps) / np.clip(1 - zs_unit, eps, 1))
+    return (1.0 / (1.0 + np.exp(-(lp + beta * lz)))).astype(np.float32)
 
 
 def _worker(args: tuple[SimData, str, SimConfig]) -> dict[str, Any]:
