@@ -601,9 +601,14 @@ class StateStore:
             "ORDER BY batch_id DESC LIMIT 1",
             (concept, *kinds),
         )
-        if not rows:
-            return None
-        b = dict(rows[0])
+        return self._batch(rows[0]) if rows else None
+
+    def get_batch(self, batch_id: int) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM batches WHERE batch_id = ?", (batch_id,))
+        return self._batch(rows[0]) if rows else None
+
+    def _batch(self, row: sqlite3.Row) -> dict[str, Any]:
+        b = dict(row)
         b["info"] = json.loads(b["info"] or "{}")
         b["items"] = [
             dict(r)

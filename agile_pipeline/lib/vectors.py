@@ -149,23 +149,43 @@ class VectorStore:
             ids_path = self.cache_dir / f"{tag}.ids.npy"
             if vec_path.exists() and ids_path.exists():
                 return SplitMatrix(np.load(ids_path, allow_pickle=True), np.load(vec_path, mmap_mode="r"))
+        # Streamed in batches straight into the (memory-mapped) result: never the whole split
+        # as float32 in memory (10M x 512 would be 20 GB, then 10 GB more for the cast).
         ds = tbl.to_lance()
         flt = f"split = '{split}'" if split else None
-        t = ds.to_table(columns=["id", "vector"], filter=flt)
-        ids = np.array(t.column("id").to_pylist(), dtype=object)
-        col = t.column("vector").combine_chunks()
-        dim = col.type.list_size
-        vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
+        n = int(ds.count_rows(filter=flt)) if flt else int(ds.count_rows())
+        dim = int(ds.schema.field("vector").type.list_size)
+        tmp_v = tmp_i = None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            for old in self.cache_dir.glob(f"{table_name(model_id)}-v*-{split or 'all'}-*.npy"):
-                old.unlink(missing_ok=True)
             tmp_v = self.cache_dir / f"{tag}.tmp.npy"
             tmp_i = self.cache_dir / f"{tag}.ids.tmp.npy"
-            np.save(tmp_v, vecs)
+            vecs = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=dtype, shape=(n, dim))
+        else:
+            vecs = np.empty((n, dim), dtype=dtype)
+        ids = np.empty(n, dtype=object)
+        at = 0
+        for batch in ds.to_batches(columns=["id", "vector"], filter=flt, batch_size=1 << 16):
+            m = batch.num_rows
+            if at + m > n:
+                raise RuntimeError(f"table {table_name(model_id)} changed while reading it")
+            flat = batch.column("vector").flatten().to_numpy(zero_copy_only=False)
+            vecs[at : at + m] = flat.reshape(m, dim)
+            ids[at : at + m] = batch.column("id").to_pylist()
+            at += m
+        if at != n:
+            raise RuntimeError(f"read {at} rows of {table_name(model_id)}, expected {n}")
+        if self.cache_dir is not None and tmp_v is not None and tmp_i is not None:
+            assert isinstance(vecs, np.memmap)
+            vecs.flush()
+            del vecs
+            for old in self.cache_dir.glob(f"{table_name(model_id)}-v*-{split or 'all'}-*.npy"):
+                if old != tmp_v:
+                    old.unlink(missing_ok=True)
             np.save(tmp_i, ids, allow_pickle=True)
             tmp_i.replace(ids_path)
             tmp_v.replace(vec_path)
+            return SplitMatrix(ids, np.load(vec_path, mmap_mode="r"))
         return SplitMatrix(ids, vecs)
 
     def vectors_for(self, model_id: str, ids: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""The app's own HTTP routes: images by id, ratings, model export, the evaluation plot.
+
+These are the hot path of rating (one small JSON post per rating, one thumbnail per image), so
+they bypass Gradio's queue. Every route that reads or writes data requires a signed-in rater
+when auth is on; label writes always carry the signed-in name (a rater can't write as another).
+
+Images are served **only by id**: ``/image/{id}`` accepts exactly 32 lowercase hex characters,
+looks the id up in the manifest, reads that one file, checks that its content still hashes to
+the id (a file swapped or symlinked after ingestion is refused) and returns a re-encoded
+thumbnail, never the file itself.
+"""
+
+import hashlib
+import io
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from agile_pipeline.lib.state import StateError
+from labeling_ui.config import UiSettings, valid_rater_name
+from labeling_ui.security import AuthGate
+from labeling_ui.service import IMAGE_ID, LabelingService
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 256 * 1024
+
+
+class ThumbnailCache:
+    """A small LRU of encoded thumbnails (bytes), shared by all requests."""
+
+    def __init__(self, max_items: int = 512) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[str, int], data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+
+def render_thumbnail(service: LabelingService, image_id: str, max_side: int) -> bytes | None:
+    """JPEG bytes of the image with this id, or ``None`` (unknown id, file gone or changed)."""
+    from agile_pipeline.lib.images import DEFAULT_MAX_BYTES, ImageRejected, load_rgb, read_bytes
+
+    path = service.store.image_path(image_id)
+    if path is None:
+        return None
+    try:
+        data = read_bytes(path, max_bytes=DEFAULT_MAX_BYTES)
+    except ImageRejected as exc:
+        log.warning("image %s unreadable: %s", image_id, exc)
+        return None
+    if hashlib.blake2b(data, digest_size=16).hexdigest() != image_id:
+        log.warning("image %s: file %s changed since ingestion; not served", image_id, path)
+        return None
+    try:
+        im = load_rgb(data, max_side=max_side)
+    except ImageRejected as exc:
+        log.warning("image %s cannot be decoded: %s", image_id, exc)
+        return None
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=88, optimize=False)
+    return buf.getvalue()
+
+
+def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings) -> APIRouter:
+    router = APIRouter()
+    thumbs = ThumbnailCache()
+
+    def signed_in(request: Request) -> str | None:
+        """The signed-in rater; 401 when auth is on and nobody is signed in."""
+        user = gate.user(request.cookies)
+        if gate.enabled and not user:
+            raise HTTPException(status_code=401, detail="sign in first")
+        return user
+
+    def rater_for(request: Request, claimed: Any) -> str:
+        user = signed_in(request)
+        claimed_s = str(claimed).strip() if isinstance(claimed, str) else ""
+        if user is not None:
+            if claimed_s and claimed_s != user:
+                raise HTTPException(
+                    status_code=403,
+                    detail=f"you are signed in as {user!r}; you cannot rate as {claimed_s!r}",
+                )
+            return user
+        if not claimed_s or not valid_rater_name(claimed_s):
+            raise HTTPException(status_code=400, detail="tell us your name first (1-64 letters or digits)")
+        return claimed_s
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":  # also stops cross-site HTML form posts (CSRF)
+            raise HTTPException(status_code=415, detail="send application/json")
+        origin = request.headers.get("origin")
+        if origin and origin.rstrip("/") != str(request.base_url).rstrip("/"):
+            host = request.headers.get("host", "")
+            if origin.split("://", 1)[-1].rstrip("/") != host:
+                raise HTTPException(status_code=403, detail="cross-origin request refused")
+        raw = await request.body()
+        if len(raw) > MAX_JSON_BYTES:
+            raise HTTPException(status_code=413, detail="request too large")
+        import json
+
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            raise HTTPException(status_code=400, detail="body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(status_code=400, detail="body must be a JSON object")
+        return body
+
+    def user_error(exc: StateError) -> HTTPException:
+        return HTTPException(status_code=400, detail=str(exc).strip("'\""))
+
+    @router.get("/image/{image_id}", include_in_schema=False)
+    def image(image_id: str, request: Request) -> Response:
+        signed_in(request)
+        if not IMAGE_ID.match(image_id):
+            raise HTTPException(status_code=404, detail="not found")
+        key = (image_id, settings.thumb_side)
+        data = thumbs.get(key)
+        if data is None:
+            data = render_thumbnail(service, image_id, settings.thumb_side)
+            if data is None:
+                raise HTTPException(status_code=404, detail="not found")
+            thumbs.put(key, data)
+        return Response(
+            content=data, media_type="image/jpeg",
+            headers={"Cache-Control": "private, max-age=86400, immutable", "ETag": f'"{image_id}"'},
+        )
+
+    @router.get("/api/session", include_in_schema=False)
+    def session(request: Request) -> dict[str, Any]:
+        user = signed_in(request)
+        return {"auth": gate.enabled, "user": user, "concepts": service.concept_names()}
+
+    @router.get("/api/batch", include_in_schema=False)
+    def batch(request: Request, concept: str, rater: str = "", purpose: str = "train") -> dict[str, Any]:
+        who = rater_for(request, rater) if (rater or gate.enabled) else None
+        if purpose not in ("train", "eval"):
+            raise HTTPException(status_code=400, detail="purpose is train or eval")
+        try:
+            return service.batch_view(concept, who, purpose)  # type: ignore[arg-type]
+        except StateError as exc:
+            raise user_error(exc) from exc
+
+    @router.post("/api/labels", include_in_schema=False)
+    async def labels(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        who = rater_for(request, body.get("rater"))
+        events = body.get("events")
+        if not isinstance(events, list):
+            raise HTTPException(status_code=400, detail="events must be a list")
+        try:
+            from starlette.concurrency import run_in_threadpool
+
+            result = await run_in_threadpool(service.record_labels, events, rater=who)
+        except StateError as exc:
+            raise user_error(exc) from exc
+        return JSONResponse({"ok": True, "rater": who, "acked": [str(e.get("event_id")) for e in events], **result})
+
+    @router.get("/export/{concept}/round-{round_index}.zip", include_in_schema=False)
+    def export(concept: str, round_index: int, request: Request) -> Response:
+        signed_in(request)
+        try:
+            name, data = service.export_zip(concept, round_index)
+        except StateError as exc:
+            raise HTTPException(status_code=404, detail=str(exc).strip("'\"")) from exc
+        return Response(
+            content=data, media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
+        )
+
+    @router.get("/metrics/{concept}.png", include_in_schema=False)
+    def metrics(concept: str, request: Request) -> Response:
+        signed_in(request)
+        try:
+            path = service.metrics_png(concept)
+        except StateError as exc:
+            raise HTTPException(status_code=404, detail="not found") from exc
+        if path is None:
+            raise HTTPException(status_code=404, detail="no evaluation plot yet")
+        return Response(content=path.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    return router

@@ -1,0 +1,357 @@
+"""Gradio event handlers as plain functions: (service, session, inputs) -> :class:`View`.
+
+They never touch components: ``app.py`` turns a :class:`View` into component updates. User
+mistakes raise ``gr.Error`` with the store's own advice (``StateError`` messages).
+"""
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from agile_pipeline.lib.state import StateError
+from labeling_ui.config import UiSettings, valid_rater_name
+from labeling_ui.service import LabelingService, RoundView, load_snippet
+from labeling_ui.session import LabelingSession
+
+NO_CHANGE: Any = object()
+
+
+@dataclass
+class View:
+    """Everything a handler may change; fields left at ``NO_CHANGE`` are not updated."""
+
+    session: LabelingSession
+    choices: Any = NO_CHANGE  # list[str]
+    concept: Any = NO_CHANGE  # str | None
+    form: Any = NO_CHANGE  # dict(name, positives, negatives, instructions, editing)
+    status: Any = NO_CHANGE  # markdown
+    widget: Any = NO_CHANGE  # JSON string
+    model: Any = NO_CHANGE  # HTML
+    raters: Any = NO_CHANGE  # HTML
+    tab: Any = NO_CHANGE  # "concept" | "rate" | "model" | "raters"
+    timer: Any = NO_CHANGE  # bool
+    infos: list[str] = field(default_factory=list)
+
+
+def user_error(exc: Exception) -> gr.Error:
+    return gr.Error(str(exc).strip("'\""), title="Please check")
+
+
+def widget_value(
+    session: LabelingSession, settings: UiSettings, round_view: RoundView | None = None
+) -> str:
+    """The rating widget's configuration (its ``value``); a change makes it react."""
+    return json.dumps({
+        "concept": session.concept,
+        "auth": settings.auth_enabled,
+        "user": session.user,
+        "purpose": session.purpose,
+        "nonce": session.nonce,
+        "prefetch": settings.prefetch,
+        "round": round_view.to_dict() if round_view is not None else None,
+    })
+
+
+def header_value(session: LabelingSession, settings: UiSettings) -> str:
+    """The header's value: who is rating, and the open concept (kept in the URL and browser)."""
+    return json.dumps({"auth": settings.auth_enabled, "user": session.user, "concept": session.concept})
+
+
+def empty_form() -> dict[str, Any]:
+    return {"name": "", "positives": "", "negatives": "", "instructions": "", "editing": False}
+
+
+def concept_form(service: LabelingService, concept: str) -> dict[str, Any]:
+    v = service.concept_view(concept)
+    return {
+        "name": v["name"],
+        "positives": "\n".join(v["positives"][1:]),  # the name leads; it is always a phrase
+        "negatives": "\n".join(v["negatives"]),
+        "instructions": v["instructions"],
+        "editing": True,
+    }
+
+
+def requester(session: LabelingSession, rater: str | None) -> str:
+    """Who asked (a run tag only; label writes take the name from the session or the API)."""
+    if session.user:
+        return session.user
+    name = (rater or "").strip()
+    return name if name and valid_rater_name(name) else "anonymous"
+
+
+# ---- page load and concept selection -------------------------------------------------------
+def on_load(
+    service: LabelingService, settings: UiSettings, session: LabelingSession, query_concept: str | None,
+) -> View:
+    """A page (re)load: reopen ``query_concept`` (``?concept=`` or the browser's last one)."""
+    names = service.concept_names()
+    wanted = None
+    if query_concept:
+        norm = " ".join(query_concept.strip().lower().split())
+        wanted = norm if norm in names else None
+    if wanted is None and session.concept in names:
+        wanted = session.concept
+    return open_concept(service, settings, session, wanted, names=names, on_load=True)
+
+
+def open_concept(
+    service: LabelingService, settings: UiSettings, session: LabelingSession, concept: str | None,
+    *, names: list[str] | None = None, on_load: bool = False,
+) -> View:
+    names = names if names is not None else service.concept_names()
+    if not concept:
+        session = session.with_concept(None)
+        return View(
+            session, choices=names, concept=None, form=empty_form(),
+            status=("" if names else "**Start here:** describe the idea you want to teach."),
+            widget=widget_value(session, settings), model=model_panel(service, None),
+            raters=raters_panel(service, settings, None), tab="concept", timer=False,
+        )
+    try:
+        form = concept_form(service, concept)
+    except StateError as exc:
+        raise user_error(exc) from exc
+    session = session.with_concept(form["name"])
+    view = service.round_view(session.concept or "")
+    has_batch = service.latest_batch(form["name"]) is not None
+    return View(
+        session, choices=names, concept=form["name"], form=form,
+        status=concept_status(service, form["name"], view),
+        widget=widget_value(session, settings, view), model=model_panel(service, form["name"]),
+        raters=raters_panel(service, settings, form["name"]),
+        tab="rate" if has_batch or view.in_flight else ("concept" if on_load else NO_CHANGE),
+        timer=view.in_flight,
+    )
+
+
+def concept_status(service: LabelingService, concept: str, view: RoundView) -> str:
+    batch = service.latest_batch(concept)
+    counts = service.label_counts(concept)
+    rounds = len(service.rounds_table(concept))
+    parts = [f"**{html.escape(concept)}** · {counts['positive']} yes / {counts['negative']} no ratings"
+             f" · {rounds} model{'s' if rounds != 1 else ''} trained"]
+    if view.in_flight:
+        parts.append(f"⏳ {run_phrase(view)}")
+    elif batch is None and view.state in ("failure", "error", "unreachable"):
+        parts.append(f"⚠️ {html.escape(view.message)}")
+    elif batch is None:
+        parts.append("No images found yet: press **Find images again**.")
+    return "  \n".join(parts)
+
+
+JOB_PHRASES = {"start": "Finding images", "round": "Training the next model",
+               "eval": "Scoring every model on the evaluation ratings"}
+
+
+def run_phrase(view: RoundView) -> str:
+    what = JOB_PHRASES.get(view.job or "", "Running")
+    where = "in Dagster" if view.kind == "dagster" else "inside the app"
+    link = f" ([run {view.run_id[:8]}]({view.run_url}))" if view.run_url and view.run_id else ""
+    return f"{what} {where}…{link}"
+
+
+# ---- create / edit -------------------------------------------------------------------------
+def on_create(
+    service: LabelingService, settings: UiSettings, session: LabelingSession, name: str, positives: str,
+    negatives: str, instructions: str, rater: str | None,
+) -> View:
+    owner = requester(session, rater)
+    if owner == "anonymous":
+        raise gr.Error("Tell us your name first (top right): every rating is stored under it.", title="Your name")
+    try:
+        concept = service.create_concept(name, positives, negatives, instructions, owner=owner)
+    except StateError as exc:
+        raise user_error(exc) from exc
+    session = session.with_concept(concept.name)
+    view = service.start_concept(concept.name, requested_by=owner)
+    out = View(
+        session, choices=service.concept_names(), concept=concept.name,
+        form=concept_form(service, concept.name), status=concept_status(service, concept.name, view),
+        widget=widget_value(session, settings, view), model=model_panel(service, concept.name),
+        raters=raters_panel(service, settings, concept.name), tab="rate", timer=view.in_flight,
+    )
+    out.infos.append(f"Concept “{concept.name}” saved. {round_sentence(view)}")
+    return out
+
+
+def on_save(
+    service: LabelingService, settings: UiSettings, session: LabelingSession, positives: str, negatives: str,
+    instructions: str,
+) -> View:
+    if not session.concept:
+        raise gr.Error("Open a concept first, or create one.")
+    try:
+        service.update_concept(session.concept, positives, negatives, instructions)
+    except StateError as exc:
+        raise user_error(exc) from exc
+    session = session.bumped()
+    view = service.round_view(session.concept or "")
+    out = View(session, form=concept_form(service, session.concept or ""),
+               status=concept_status(service, session.concept or "", view),
+               widget=widget_value(session, settings, view))
+    out.infos.append("Saved. Press “Find images again” to search with the new phrases.")
+    return out
+
+
+def on_find_again(
+    service: LabelingService, settings: UiSettings, session: LabelingSession, rater: str | None,
+    in_process: bool = False,
+) -> View:
+    if not session.concept:
+        raise gr.Error("Open a concept first, or create one.")
+    try:
+        view = service.start_concept(session.concept, requested_by=requester(session, rater), in_process=in_process)
+    except StateError as exc:
+        raise user_error(exc) from exc
+    out = View(session, status=concept_status(service, session.concept, view),
+               widget=widget_value(session, settings, view), tab="rate", timer=view.in_flight)
+    out.infos.append(round_sentence(view))
+    return out
+
+
+def round_sentence(view: RoundView) -> str:
+    if view.state == "unreachable":
+        return "The pipeline is not reachable; your work is saved (see the Rate tab)."
+    if view.state == "error":
+        return f"The pipeline refused: {view.message}"
+    what = "Finding images for it" if view.job == "start" else JOB_PHRASES.get(view.job or "", "Running")
+    where = "in Dagster" if view.kind == "dagster" else "inside the app"
+    return f"{what} {where} (run {str(view.run_id)[:8]})."
+
+
+# ---- rounds (from the rating widget) --------------------------------------------------------
+def on_widget_action(
+    service: LabelingService, settings: UiSettings, session: LabelingSession, data: dict[str, Any],
+) -> View:
+    """``data`` comes from the widget's ``trigger('submit', {...})``."""
+    action = str(data.get("action", ""))
+    concept = session.concept
+    if not concept or str(data.get("concept", concept)) != concept:
+        raise gr.Error("The concept changed in another tab; reload the page.")
+    who = requester(session, data.get("rater"))
+    try:
+        if action in ("round", "round_in_process"):
+            view = service.request_round(concept, requested_by=who, in_process=action == "round_in_process")
+        elif action in ("eval", "eval_in_process"):
+            view = service.request_eval(concept, requested_by=who, in_process=action == "eval_in_process")
+        elif action in ("start", "start_in_process"):
+            view = service.start_concept(concept, requested_by=who, in_process=action == "start_in_process")
+        elif action == "purpose":
+            purpose = "eval" if data.get("purpose") == "eval" else "train"
+            session = LabelingSession(session.concept, session.user, purpose, session.nonce + 1)
+            return View(session, widget=widget_value(session, settings, service.round_view(concept)))
+        else:
+            raise gr.Error(f"unknown action {action!r}")
+    except StateError as exc:
+        raise user_error(exc) from exc
+    out = View(session, widget=widget_value(session, settings, view), timer=view.in_flight,
+               status=concept_status(service, concept, view))
+    if view.state not in ("unreachable", "error"):
+        out.infos.append(round_sentence(view))
+    return out
+
+
+def on_tick(service: LabelingService, settings: UiSettings, session: LabelingSession) -> View:
+    """Poll the run; once finished, refresh everything that depends on it and stop polling."""
+    if not session.concept:
+        return View(session, timer=False)
+    view = service.round_view(session.concept)
+    out = View(session, widget=widget_value(session, settings, view), timer=view.in_flight)
+    if not view.in_flight:
+        out.status = concept_status(service, session.concept, view)
+        out.model = model_panel(service, session.concept)
+        out.raters = raters_panel(service, settings, session.concept)
+    return out
+
+
+def on_refresh(service: LabelingService, settings: UiSettings, session: LabelingSession) -> View:
+    if not session.concept:
+        return View(session, model=model_panel(service, None), raters=raters_panel(service, settings, None))
+    return View(session, model=model_panel(service, session.concept),
+                raters=raters_panel(service, settings, session.concept))
+
+
+# ---- panels (HTML) --------------------------------------------------------------------------
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "—"
+
+
+def model_panel(service: LabelingService, concept: str | None) -> str:
+    esc = html.escape
+    if not concept:
+        return '<div class="am-panel am-muted">Open or create a concept to see its models.</div>'
+    rows = service.rounds_table(concept)
+    counts = service.label_counts(concept)
+    q = esc(concept, quote=True)
+    parts = [f'<div class="am-panel"><h3>Models for “{esc(concept)}”</h3>',
+             f'<p class="am-muted">Ratings so far: <b>{counts["positive"]}</b> yes, '
+             f'<b>{counts["negative"]}</b> no.</p>']
+    if not rows:
+        parts.append('<p>No model yet. Rate the first batch, then press <b>Train the next model</b>.</p>')
+    else:
+        parts.append('<table class="am-table"><thead><tr><th>Model</th><th>Trained on</th>'
+                     '<th>MLflow version</th><th>Training time</th><th>Finished</th><th>Download</th>'
+                     '</tr></thead><tbody>')
+        for r in reversed(rows):
+            href = f"/export/{esc(concept, quote=True)}/round-{r['round']}.zip"
+            parts.append(
+                f"<tr><td>{r['round'] + 1}</td><td>{r['positive']} yes / {r['negative']} no</td>"
+                f"<td>{esc(str(r['model_version'] or '—'))}</td>"
+                f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
+                f'<td><a class="am-download" href="{href}" download>⬇ model {r["round"] + 1} (.zip)</a></td></tr>'
+            )
+        parts.append("</tbody></table>")
+        last = rows[-1]
+        parts.append(
+            '<h4>Use the latest model in Python</h4>'
+            f'<pre class="am-code"><code>{esc(load_snippet(last["model_dir"] or ""))}</code></pre>'
+            '<p class="am-muted">The download holds <code>model.pt</code>, <code>meta.json</code> and a README '
+            'with the embedding model to use and the threshold (0.5).'
+            + (f' MLflow run <code>{esc(str(last["mlflow_run_id"]))}</code>.' if last["mlflow_run_id"] else "")
+            + "</p>"
+        )
+    # ---- evaluation plot: written by the evaluation part of the pipeline (metrics.png) ----
+    parts.append('<h4>How good is it?</h4>')
+    if service.metrics_png(concept) is not None:
+        parts.append(f'<img class="am-metrics" alt="AUC-PR vs number of labels" '
+                     f'src="/metrics/{q}.png?t={int(time.time())}">')
+    else:
+        parts.append('<div class="am-placeholder" data-slot="evaluation-plot">The evaluation plot '
+                     '(AUC-PR on the evaluation set against the zero-shot baseline, per round) '
+                     'appears here once the evaluation set is rated.</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def raters_panel(service: LabelingService, settings: UiSettings, concept: str | None) -> str:
+    esc = html.escape
+    if not concept:
+        return '<div class="am-panel am-muted">Open or create a concept to invite raters.</div>'
+    c = service.concept_view(concept)
+    link = f"/?concept={esc(concept, quote=True).replace(' ', '%20')}"
+    sign = ("Each rater signs in with the name and password the owner configured "
+            "(<code>AGILE_APP_AUTH</code>)." if settings.auth_enabled else
+            "Each rater types their name once; it is remembered in their browser.")
+    parts = [
+        '<div class="am-panel"><h3>Invite raters</h3>',
+        f'<p>Send this link: <a class="am-invite" href="{link}">{esc(link)}</a> '
+        f'(on this app’s address). {sign} Every rating keeps who made it.</p>',
+        '<p>They will see these instructions next to every image:</p>',
+        f'<blockquote>{esc(c["instructions"] or "(no instructions yet: add some on the Concept tab)")}</blockquote>',
+        f'<p class="am-muted">Owner: {esc(c["owner"])}. When raters disagree, the owner’s rating wins; '
+        "otherwise the majority does.</p>",
+    ]
+    stats = service.rater_stats(concept)
+    if stats:
+        parts.append('<table class="am-table"><thead><tr><th>Rater</th><th>Images rated</th>'
+                     '<th>Last rating</th></tr></thead><tbody>')
+        parts += [f"<tr><td>{esc(s['rater'])}</td><td>{s['images_rated']}</td>"
+                  f"<td>{_fmt_time(s['last_rating'])}</td></tr>" for s in stats]
+        parts.append("</tbody></table>")
+    parts.append("</div>")
+    return "".join(parts)

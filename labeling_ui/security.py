@@ -1,0 +1,203 @@
+"""What the app serves and to whom, enforced in front of Gradio and of the app's own routes.
+
+* :class:`AuthGate` resolves the signed-in rater of a request from Gradio's session cookie, so
+  the app's JSON routes obey the same sign-in as the Gradio UI (and a rater can never write
+  labels under another name).
+* :class:`GuardMiddleware` (pure ASGI, so Gradio's streamed queue responses pass untouched):
+
+  - refuses any path with a dot-segment (``.``/``..`` traversal, dotfiles such as ``/.env``),
+    checked on both the decoded and the raw path;
+  - closes Gradio's upload routes (the app has no upload widget) and its generic file routes
+    (``/gradio_api/file=...``, ``/file/...``, ``/proxy=``): corpus images are served only by
+    id through ``/image/{id}``;
+  - throttles wrong passwords on ``/login`` per client address (exponential back-off);
+  - adds ``nosniff`` / frame / referrer headers to every response.
+"""
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Gradio routes the app never needs: uploads, arbitrary file serving, proxying, monitoring,
+# run history (which serves stored files) and the MCP server.
+BLOCKED_PREFIXES: tuple[str, ...] = (
+    "/gradio_api/upload",
+    "/gradio_api/file=",
+    "/gradio_api/file/",
+    "/gradio_api/proxy=",
+    "/gradio_api/run-history",
+    "/gradio_api/mcp",
+    "/gradio_api/stream",
+    "/file=",
+    "/file/",
+    "/proxy=",
+    "/upload",
+    "/monitoring",
+    "/gradio_api/monitoring",
+)
+
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"SAMEORIGIN"),
+    (b"referrer-policy", b"same-origin"),
+)
+
+
+class AuthGate:
+    """The signed-in rater of a request, read from Gradio's own session (``None`` if auth is off)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._gradio_app: Any = None
+
+    def bind(self, gradio_app: Any) -> None:
+        self._gradio_app = gradio_app
+
+    def user(self, cookies: MutableMapping[str, str] | dict[str, str]) -> str | None:
+        if not self.enabled or self._gradio_app is None:
+            return None
+        cookie_id = self._gradio_app.cookie_id
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        if not token:
+            return None
+        user = self._gradio_app.tokens.get(token)
+        return str(user) if user else None
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    blocked_until: float = 0.0
+
+
+class LoginThrottle:
+    """Per-address back-off after ``free`` wrong passwords: 2, 4, 8 ... seconds, at most ``cap``."""
+
+    def __init__(self, free: int = 5, cap_s: float = 300.0, forget_s: float = 900.0) -> None:
+        self.free = free
+        self.cap_s = cap_s
+        self.forget_s = forget_s
+        self._by_ip: dict[str, _Failures] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, ip: str, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        with self._lock:
+            f = self._by_ip.get(ip)
+            if f is None:
+                return 0.0
+            if now - f.last > self.forget_s:
+                del self._by_ip[ip]
+                return 0.0
+            return max(0.0, f.blocked_until - now)
+
+    def failed(self, ip: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            if len(self._by_ip) > 10_000:  # bound memory under a spray of addresses
+                cutoff = now - self.forget_s
+                self._by_ip = {k: v for k, v in self._by_ip.items() if v.last > cutoff}
+            f = self._by_ip.setdefault(ip, _Failures())
+            f.count += 1
+            f.last = now
+            if f.count >= self.free:
+                f.blocked_until = now + min(self.cap_s, 2.0 ** (f.count - self.free + 1))
+
+    def succeeded(self, ip: str) -> None:
+        with self._lock:
+            self._by_ip.pop(ip, None)
+
+
+def has_dot_segment(path: str) -> bool:
+    """True for ``/a/../b``, ``/.env``, ``/x/.git/config`` (any segment starting with a dot)."""
+    for seg in path.replace("\\", "/").split("/"):
+        if seg.startswith("."):
+            return True
+    return False
+
+
+async def _send_json(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *SECURITY_HEADERS,
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """See the module docstring."""
+
+    def __init__(self, app: ASGIApp, *, throttle: LoginThrottle | None = None) -> None:
+        self.app = app
+        self.throttle = throttle or LoginThrottle()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        raw = scope.get("raw_path") or b""
+        raw_path = raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
+        lowered_raw = raw_path.lower()
+        if (
+            has_dot_segment(path)
+            or has_dot_segment(raw_path)
+            or "%2e" in lowered_raw
+            or "%2f" in lowered_raw
+            or "%5c" in lowered_raw
+            or "\x00" in path
+        ):
+            if scope["type"] == "http":
+                await _send_json(send, 404, "not found")
+            return
+        if path.startswith(BLOCKED_PREFIXES):
+            if scope["type"] == "http":
+                await _send_json(send, 404, "not available in this app")
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_login = scope.get("method") == "POST" and path.rstrip("/") == "/login"
+        ip = (scope.get("client") or ("?", 0))[0]
+        if is_login:
+            wait = self.throttle.retry_after(ip)
+            if wait > 0:
+                await _send_json(
+                    send, 429, f"too many wrong passwords from your address: wait {int(wait) + 1} s",
+                    [(b"retry-after", str(int(wait) + 1).encode())],
+                )
+                return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
+                message["headers"] = headers
+                if is_login:
+                    status = int(message.get("status", 0))
+                    if status in (400, 401, 403):
+                        self.throttle.failed(ip)
+                        log.warning("wrong password from %s", ip)
+                    elif 200 <= status < 300:
+                        self.throttle.succeeded(ip)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)

@@ -1,0 +1,557 @@
+// The rating widget: runs entirely in the browser so a rater never waits on the server.
+//
+// Body of a gr.HTML `js_on_load`: `element`, `trigger`, `props`, `watch` are provided by Gradio.
+// - Every rating goes first to an outbox in localStorage, then is POSTed to /api/labels with a
+//   client-made event_id (idempotent retries); it leaves the outbox only once acknowledged, so
+//   a refresh, a closed tab or a network blip loses nothing.
+// - The next images are fetched and decoded ahead of time; a key press swaps in an already
+//   decoded <img>, so the next image appears in the same frame.
+// - Rounds are asked of Python with trigger('submit', {...}); Python pushes the run's progress
+//   back through `props.value` (watched below).
+(function () {
+  "use strict";
+  const root = element;
+  const LS_RATER = "agile.rater";
+  const LS_OUTBOX = "agile.outbox.v1";
+  const LS_REJECTED = "agile.outbox.rejected.v1";
+  const LS_MODE = "agile.mode";
+  if (window.__agileRater && window.__agileRater.destroy) window.__agileRater.destroy();
+
+  const st = {
+    cfg: {}, concept: null, purpose: "train", batch: null, items: [], cursor: -1,
+    history: [], mode: localStorage.getItem(LS_MODE) === "grid" ? "grid" : "single",
+    cache: new Map(), lastRatingAt: null, flushing: false, retryMs: 1000, flushTimer: null,
+    round: null, roundAskedAt: null, loading: false, banner: null, loadSeq: 0,
+    tick: null, error: null,
+  };
+  window.agileLatency = window.agileLatency || [];
+
+  // ---- DOM --------------------------------------------------------------------------------
+  root.innerHTML = `
+  <div class="am-rater" data-mode="single">
+    <div class="am-topbar">
+      <div class="am-progress"><div class="am-bar"><div class="am-fill"></div></div>
+        <span class="am-count" data-testid="progress">0 / 0</span></div>
+      <div class="am-switch" role="group" aria-label="View">
+        <button type="button" class="am-seg" data-mode="single" title="One image at a time (G)">One by one</button>
+        <button type="button" class="am-seg" data-mode="grid" title="All images of the batch (G)">Grid</button>
+      </div>
+      <div class="am-switch" role="group" aria-label="Set">
+        <button type="button" class="am-seg am-purpose" data-purpose="train">Training batch</button>
+        <button type="button" class="am-seg am-purpose" data-purpose="eval">Evaluation set</button>
+      </div>
+      <div class="am-save" data-testid="save-state" aria-live="polite"></div>
+    </div>
+    <div class="am-banner" hidden></div>
+    <div class="am-body">
+      <div class="am-main">
+        <div class="am-single">
+          <div class="am-stage" data-testid="stage"></div>
+          <div class="am-prev" aria-live="polite"></div>
+          <div class="am-actions">
+            <button type="button" class="am-btn am-no" data-label="negative">✗ No <kbd>N</kbd><kbd>←</kbd></button>
+            <button type="button" class="am-btn am-skip" data-label="skip">Not sure <kbd>S</kbd></button>
+            <button type="button" class="am-btn am-yes" data-label="positive">✓ Yes <kbd>Y</kbd><kbd>→</kbd></button>
+            <button type="button" class="am-btn am-undo" data-act="undo" title="Back to the previous image">↶ Undo <kbd>U</kbd></button>
+          </div>
+        </div>
+        <div class="am-gridwrap">
+          <div class="am-gridbar">Click an image to switch it between <b class="am-y">yes</b> and
+            <b class="am-n">no</b>. <button type="button" class="am-link" data-act="rest-no">Mark all unrated as no</button></div>
+          <div class="am-grid" data-testid="grid"></div>
+        </div>
+        <div class="am-done" hidden>
+          <div class="am-done-title"></div>
+          <div class="am-done-sub"></div>
+          <button type="button" class="am-btn am-train" data-act="round">Train the next model <kbd>Enter</kbd></button>
+          <div class="am-roundbox"></div>
+        </div>
+        <div class="am-empty" hidden></div>
+      </div>
+      <aside class="am-side">
+        <div class="am-q">Does the image show <span class="am-concept"></span>?</div>
+        <div class="am-phr"><div class="am-phr-h am-y">Yes, if it shows</div><ul class="am-pos"></ul></div>
+        <div class="am-phr"><div class="am-phr-h am-n">No, if it only shows</div><ul class="am-neg"></ul></div>
+        <div class="am-instr-h">Instructions</div>
+        <div class="am-instr"></div>
+        <div class="am-keys"><b>Keys</b>: <kbd>Y</kbd>/<kbd>→</kbd> yes · <kbd>N</kbd>/<kbd>←</kbd> no ·
+          <kbd>S</kbd> not sure · <kbd>U</kbd>/<kbd>⌫</kbd> undo · <kbd>G</kbd> grid</div>
+        <div class="am-sideround"></div>
+        <button type="button" class="am-link am-early" data-act="round">Train now with what I have rated</button>
+      </aside>
+    </div>
+  </div>`;
+  const $ = (sel) => root.querySelector(sel);
+  const ui = {
+    box: $(".am-rater"), fill: $(".am-fill"), count: $(".am-count"), save: $(".am-save"),
+    banner: $(".am-banner"), stage: $(".am-stage"), prev: $(".am-prev"), grid: $(".am-grid"),
+    done: $(".am-done"), doneTitle: $(".am-done-title"), doneSub: $(".am-done-sub"),
+    roundbox: $(".am-roundbox"), empty: $(".am-empty"), concept: $(".am-concept"),
+    pos: $(".am-pos"), neg: $(".am-neg"), instr: $(".am-instr"), sideround: $(".am-sideround"),
+    train: $(".am-train"), early: $(".am-early"),
+  };
+
+  // ---- helpers ----------------------------------------------------------------------------
+  const esc = (s) => String(s == null ? "" : s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  function newId() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  }
+  function who() {
+    if (st.cfg.auth) return st.cfg.user || null;
+    const n = (localStorage.getItem(LS_RATER) || "").trim();
+    return n || null;
+  }
+  function readJSON(key) { try { const v = JSON.parse(localStorage.getItem(key) || "[]"); return Array.isArray(v) ? v : []; } catch (e) { return []; } }
+  function writeJSON(key, v) { try { localStorage.setItem(key, JSON.stringify(v)); } catch (e) { console.error("localStorage", e); } }
+  function imgUrl(id) { return "/image/" + id; }
+
+  // ---- outbox: ratings stay in localStorage until the server acknowledges them ------------
+  function outbox() { return readJSON(LS_OUTBOX); }
+  function enqueue(ev) { const l = outbox(); l.push(ev); writeJSON(LS_OUTBOX, l); renderSave(); scheduleFlush(0); }
+  function scheduleFlush(ms) {
+    if (st.flushTimer) clearTimeout(st.flushTimer);
+    st.flushTimer = setTimeout(flush, ms);
+  }
+  async function post(rater, events, keepalive) {
+    return fetch("/api/labels", {
+      method: "POST", credentials: "same-origin", keepalive: !!keepalive,
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ rater, events: events.map(({ rater: _r, ...e }) => e) }),
+    });
+  }
+  function ack(ids) { const s = new Set(ids); writeJSON(LS_OUTBOX, outbox().filter((e) => !s.has(e.event_id))); }
+  async function flush() {
+    st.flushTimer = null;
+    if (st.flushing) { scheduleFlush(200); return; }
+    const list = outbox();
+    if (!list.length) { renderSave(); return; }
+    st.flushing = true;
+    renderSave();
+    const rater = list[0].rater;
+    const chunk = list.filter((e) => e.rater === rater).slice(0, 200);
+    try {
+      const r = await post(rater, chunk);
+      if (r.ok) {
+        ack((await r.json()).acked || chunk.map((e) => e.event_id));
+        st.retryMs = 1000; st.error = null;
+      } else if (r.status === 400 || r.status === 403 || r.status === 415) {
+        // all-or-nothing on the server: find the event(s) it refuses, set them aside, keep the rest
+        for (const ev of chunk) {
+          const r1 = await post(rater, [ev]);
+          if (r1.ok) { ack([ev.event_id]); continue; }
+          if (r1.status >= 500) break;
+          let msg = "refused"; try { msg = (await r1.json()).detail || msg; } catch (e) { /* keep */ }
+          const rej = readJSON(LS_REJECTED); rej.push({ ...ev, error: msg }); writeJSON(LS_REJECTED, rej.slice(-200));
+          ack([ev.event_id]);
+          st.error = "A rating could not be saved: " + msg;
+        }
+      } else if (r.status === 401) {
+        st.error = "You were signed out: reload the page and sign in; your ratings wait here.";
+        st.retryMs = Math.min(st.retryMs * 2, 15000);
+      } else { st.retryMs = Math.min(st.retryMs * 2, 15000); }
+    } catch (e) {
+      st.retryMs = Math.min(st.retryMs * 2, 15000);
+    } finally {
+      st.flushing = false;
+    }
+    renderSave();
+    if (outbox().length) scheduleFlush(st.error && !navigator.onLine ? 5000 : (outbox().length && st.retryMs > 1000 ? st.retryMs : 0));
+  }
+  async function flushAll(timeoutMs) {
+    const t0 = Date.now();
+    while (outbox().length && Date.now() - t0 < timeoutMs) {
+      await flush();
+      if (outbox().length) await new Promise((res) => setTimeout(res, Math.min(st.retryMs, 1000)));
+    }
+    return outbox().length === 0;
+  }
+  function renderSave() {
+    const n = outbox().length;
+    let text, cls;
+    if (st.error) { text = "⚠ " + st.error; cls = "am-warn"; }
+    else if (n === 0) { text = "✓ All ratings saved"; cls = "am-ok"; }
+    else if (st.retryMs > 1000) { text = `${n} rating${n > 1 ? "s" : ""} not saved yet — retrying`; cls = "am-warn"; }
+    else { text = `Saving ${n}…`; cls = "am-pending"; }
+    ui.save.textContent = text;
+    ui.save.className = "am-save " + cls;
+    ui.save.dataset.pending = String(n);
+  }
+
+  // ---- images: fetch and decode ahead ------------------------------------------------------
+  function getImg(id) {
+    let img = st.cache.get(id);
+    if (!img) {
+      img = new Image();
+      img.decoding = "async";
+      img.alt = "image to rate";
+      img.draggable = false;
+      img.src = imgUrl(id);
+      img.dataset.id = id;
+      img.className = "am-img";
+      img._ready = img.decode().then(() => true, () => false);
+      st.cache.set(id, img);
+    }
+    return img;
+  }
+  function prefetch() {
+    const n = st.cfg.prefetch || 8;
+    let k = 0;
+    for (let i = st.cursor + 1; i < st.items.length && k < n; i++) {
+      if (!st.items[i].label) { getImg(st.items[i].image_id); k++; }
+    }
+  }
+
+  // ---- batch loading ----------------------------------------------------------------------
+  async function loadBatch(opts) {
+    opts = opts || {};
+    const concept = st.cfg.concept;
+    st.concept = concept;
+    st.purpose = st.cfg.purpose === "eval" ? "eval" : "train";
+    const seq = ++st.loadSeq;
+    const rater = who();
+    if (!concept) { st.batch = null; st.items = []; render(); return; }
+    st.loading = true;
+    render();
+    let data;
+    try {
+      const q = new URLSearchParams({ concept, purpose: st.purpose });
+      if (rater && !st.cfg.auth) q.set("rater", rater);
+      const r = await fetch("/api/batch?" + q.toString(), { credentials: "same-origin" });
+      if (!r.ok) { let d = ""; try { d = (await r.json()).detail; } catch (e) { /* none */ } throw new Error(d || ("HTTP " + r.status)); }
+      data = await r.json();
+    } catch (e) {
+      if (seq !== st.loadSeq) return;
+      st.loading = false; st.items = []; st.batch = null;
+      showEmpty("Could not load the images: " + esc(e.message) + ' <button type="button" class="am-link" data-act="reload">Try again</button>');
+      return;
+    }
+    if (seq !== st.loadSeq) return;
+    st.loading = false;
+    const sameBatch = st.batch && data.batch && st.batch.batch_id === data.batch.batch_id;
+    if (!sameBatch) { st.cache = new Map(); st.history = []; }
+    st.batch = data.batch;
+    st.conceptView = data.concept;
+    st.items = data.items;
+    // ratings still in the outbox (not yet on the server) win over what the server knows
+    const mine = new Map();
+    for (const ev of outbox()) if (ev.concept === concept && st.batch && ev.batch_id === st.batch.batch_id && ev.rater === rater) mine.set(ev.image_id, ev.label);
+    for (const it of st.items) if (mine.has(it.image_id)) it.label = mine.get(it.image_id);
+    if (!st.round && data.round) st.round = data.round;
+    st.cursor = firstUnrated(0);
+    if (opts.afterRound && st.lastRatingAt) {
+      const secs = ((Date.now() - st.lastRatingAt) / 1000).toFixed(1);
+      const r = st.round || {};
+      st.banner = `<b>Model ${r.round_index != null ? r.round_index + 1 : ""} is ready.</b> The next ${st.items.length} images arrived <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.` + (r.run_url ? ` <a href="${esc(r.run_url)}" target="_blank" rel="noopener">See the run ↗</a>` : "");
+    }
+    render();
+  }
+  function firstUnrated(from) {
+    for (let i = from; i < st.items.length; i++) if (!st.items[i].label) return i;
+    for (let i = 0; i < from && i < st.items.length; i++) if (!st.items[i].label) return i;
+    return -1;
+  }
+
+  // ---- rating -----------------------------------------------------------------------------
+  function rate(label, t0) {
+    if (st.cursor < 0 || !st.items[st.cursor] || !st.batch) return;
+    const rater = who();
+    if (!rater) { showNameHint(); return; }
+    const item = st.items[st.cursor];
+    const ev = {
+      event_id: newId(), concept: st.concept, batch_id: st.batch.batch_id, image_id: item.image_id,
+      label, ts: Date.now() / 1000, rater,
+    };
+    item.label = label;
+    st.history.push(st.cursor);
+    st.lastRatingAt = Date.now();
+    st.banner = null;
+    st.cursor = firstUnrated(st.cursor + 1);
+    flashPrev(label);
+    render();                 // the next image is on screen now (already decoded)
+    measure(t0);
+    enqueue(ev);              // localStorage first, then POST
+  }
+  function setLabel(i, label) {   // grid: change any image's label
+    const rater = who();
+    if (!rater) { showNameHint(); return; }
+    const item = st.items[i];
+    item.label = label;
+    st.lastRatingAt = Date.now();
+    enqueue({ event_id: newId(), concept: st.concept, batch_id: st.batch.batch_id, image_id: item.image_id, label, ts: Date.now() / 1000, rater });
+  }
+  function undo() {
+    let i = st.history.pop();
+    if (i === undefined) {   // after a reload: step back to the rated image before the cursor
+      const from = st.cursor < 0 ? st.items.length : st.cursor;
+      for (let k = from - 1; k >= 0; k--) if (st.items[k].label) { i = k; break; }
+    }
+    if (i === undefined) return;
+    st.cursor = i;
+    const was = st.items[i].label;
+    ui.prev.innerHTML = was ? `You said <b>${labelWord(was)}</b> — press a key to change it.` : "";
+    ui.prev.className = "am-prev am-show";
+    st.undoing = i;
+    render(true);
+  }
+  function labelWord(l) { return l === "positive" ? "yes" : l === "negative" ? "no" : "not sure"; }
+  function flashPrev(label) {
+    ui.prev.textContent = "Saved: " + labelWord(label);
+    ui.prev.className = "am-prev am-show am-" + label;
+    clearTimeout(st.prevTimer);
+    st.prevTimer = setTimeout(() => { ui.prev.className = "am-prev"; }, 700);
+  }
+  function measure(t0) {
+    if (t0 == null) return;
+    const img = ui.stage.firstChild;
+    requestAnimationFrame(() => setTimeout(() => {
+      const rec = { ms: performance.now() - t0, decoded: !!(img && img.complete && img.naturalWidth > 0), id: img && img.dataset ? img.dataset.id : null };
+      window.agileLatency.push(rec);
+      if (window.agileLatency.length > 2000) window.agileLatency.shift();
+    }, 0));
+  }
+
+  // ---- rendering --------------------------------------------------------------------------
+  function showEmpty(htmlText) {
+    ui.box.dataset.view = "empty";
+    ui.empty.hidden = false; ui.done.hidden = true;
+    ui.empty.innerHTML = htmlText;
+  }
+  function showNameHint() {
+    showEmpty('<div class="am-empty-title">What is your name?</div><p>Type it at the top right first: every rating is stored under the name of the person who made it.</p>');
+  }
+  function renderSide() {
+    const c = st.conceptView;
+    ui.concept.textContent = c ? "“" + c.name + "”" : "…";
+    ui.pos.innerHTML = c ? c.positives.map((p) => `<li>${esc(p)}</li>`).join("") : "";
+    ui.neg.innerHTML = c && c.negatives.length ? c.negatives.map((p) => `<li>${esc(p)}</li>`).join("") : '<li class="am-muted">—</li>';
+    ui.instr.textContent = c && c.instructions ? c.instructions : "Rate by your own judgement of the concept.";
+    const done = st.items.filter((i) => i.label).length;
+    ui.early.hidden = !(st.purpose === "train" && done > 0 && st.cursor >= 0);
+  }
+  function render(keepPrev) {
+    const total = st.items.length;
+    const done = st.items.filter((i) => i.label).length;
+    ui.count.textContent = `${done} / ${total}`;
+    ui.fill.style.width = total ? (100 * done / total).toFixed(1) + "%" : "0%";
+    ui.box.dataset.mode = st.mode;
+    root.querySelectorAll(".am-seg[data-mode]").forEach((b) => b.classList.toggle("am-on", b.dataset.mode === st.mode));
+    root.querySelectorAll(".am-purpose").forEach((b) => b.classList.toggle("am-on", b.dataset.purpose === st.purpose));
+    ui.banner.hidden = !st.banner;
+    ui.banner.innerHTML = st.banner || "";
+    renderSide();
+    renderRound();
+    if (!keepPrev && st.undoing !== undefined && st.cursor !== st.undoing) { st.undoing = undefined; }
+    if (!st.concept) { showEmpty('<div class="am-empty-title">No concept open</div><p>Create one on the <b>Concept</b> tab, or pick one at the top.</p>'); return; }
+    if (!who()) { showNameHint(); return; }
+    if (st.loading && !total) { showEmpty('<div class="am-spinner"></div><p>Loading images…</p>'); return; }
+    if (!st.batch) {
+      const r = st.round;
+      if (st.purpose === "eval" && r && (r.state === "queued" || r.state === "running")) showEmpty(`<div class="am-spinner"></div><div class="am-empty-title">Building the evaluation set…</div><p>${runLink(r)}</p>`);
+      else if (st.purpose === "eval") showEmpty('<div class="am-empty-title">No evaluation set yet</div><p>It is built when a model is trained: images from the test split, sampled across model scores so that the result is fair.</p>');
+      else if (r && (r.state === "queued" || r.state === "running")) showEmpty(`<div class="am-spinner"></div><div class="am-empty-title">Finding images for your concept…</div><p>${runLink(r)}</p>`);
+      else showEmpty('<div class="am-empty-title">No images to rate yet</div><p>Press <b>Find images again</b> on the Concept tab.</p>' + roundHtml(r));
+      return;
+    }
+    ui.empty.hidden = true;
+    if (st.mode === "grid") { ui.box.dataset.view = "grid"; ui.done.hidden = st.cursor >= 0; renderGrid(); if (st.cursor < 0) renderDone(); return; }
+    if (st.cursor < 0) { ui.box.dataset.view = "done"; ui.done.hidden = false; renderDone(); return; }
+    ui.box.dataset.view = "single";
+    ui.done.hidden = true;
+    const item = st.items[st.cursor];
+    const img = getImg(item.image_id);
+    if (ui.stage.firstChild !== img) ui.stage.replaceChildren(img);
+    ui.stage.dataset.imageId = item.image_id;
+    ui.stage.dataset.index = String(st.cursor);
+    prefetch();
+  }
+  function renderGrid() {
+    const want = st.items.map((i) => i.image_id).join(",");
+    if (ui.grid.dataset.ids !== want) {
+      ui.grid.dataset.ids = want;
+      ui.grid.innerHTML = st.items.map((it, i) => `<button type="button" class="am-tile" data-i="${i}"><img loading="lazy" decoding="async" alt="" src="${imgUrl(it.image_id)}"><span class="am-badge"></span></button>`).join("");
+    }
+    ui.grid.querySelectorAll(".am-tile").forEach((t) => {
+      const l = st.items[+t.dataset.i].label || "";
+      t.dataset.label = l;
+      t.querySelector(".am-badge").textContent = l === "positive" ? "✓" : l === "negative" ? "✗" : l === "skip" ? "?" : "";
+    });
+  }
+  function renderDone() {
+    const n = { positive: 0, negative: 0, skip: 0 };
+    for (const it of st.items) if (it.label) n[it.label]++;
+    const r = st.round;
+    const busy = r && (r.state === "queued" || r.state === "running");
+    if (st.purpose === "eval") {
+      ui.doneTitle.textContent = "Evaluation set rated — thank you!";
+      ui.doneSub.textContent = `${n.positive} yes · ${n.negative} no · ${n.skip} not sure. Score every model on these ratings; the Model tab then shows how good each one is.`;
+      ui.train.innerHTML = "Update the evaluation <kbd>Enter</kbd>";
+      ui.train.dataset.act = "eval";
+      ui.train.hidden = !!busy;
+      ui.train.disabled = !!st.roundPending;
+      return;
+    }
+    ui.train.innerHTML = "Train the next model <kbd>Enter</kbd>";
+    ui.train.dataset.act = "round";
+    ui.doneTitle.textContent = "Batch done — well rated!";
+    ui.doneSub.textContent = `${n.positive} yes · ${n.negative} no · ${n.skip} not sure. Train the next model on every rating so far; it picks the images it is least sure about for you next.`;
+    ui.train.hidden = !!busy;
+    ui.train.disabled = !!st.roundPending;
+  }
+  function runLink(r) {
+    if (!r || !r.run_id) return "";
+    if (r.kind !== "dagster") return `<span class="am-muted">(run inside the app)</span>`;
+    const label = `Dagster run ${esc(r.run_id.slice(0, 8))}`;
+    return r.run_url ? `<a href="${esc(r.run_url)}" target="_blank" rel="noopener" data-testid="run-link">${label} ↗</a>` : label;
+  }
+  function roundHtml(r) {
+    if (!r || r.state === "idle") return "";
+    const secs = r.requested_at ? Math.max(0, Date.now() / 1000 - r.requested_at) : 0;
+    const what = { start: "Finding images", round: "Training the next model", eval: "Scoring every model on the evaluation ratings" }[r.job] || "Running";
+    if ((r.state === "queued" || r.state === "running") && r.job === "round" && r.new_batch) {
+      return `<div class="am-round am-busy" data-state="finishing"><span class="am-spinner am-small"></span> Model ready; the run is finishing its last steps (evaluation) · ${runLink(r)}</div>`;
+    }
+    if (r.state === "queued" || r.state === "running") {
+      return `<div class="am-round am-busy" data-state="${r.state}"><span class="am-spinner am-small"></span> ${what}${r.state === "queued" ? " (waiting in the queue)" : ""}… <span class="am-elapsed">${secs.toFixed(0)} s</span> · ${runLink(r)}${r.message ? `<div class="am-muted">${esc(r.message)}</div>` : ""}</div>`;
+    }
+    if (r.state === "success" && r.job === "start") return "";  // the images are on screen: nothing to say
+    if (r.state === "success") return `<div class="am-round am-good" data-state="success">✓ ${{ start: "Images found", round: "Model trained", eval: "Evaluation updated: see the Model tab" }[r.job] || "Done"}. ${runLink(r)}</div>`;
+    if (r.state === "unreachable") {
+      return `<div class="am-round am-bad" data-state="unreachable"><b>Could not start the run.</b> ${esc(r.message)}` +
+        (r.fallback_offered ? `<div><button type="button" class="am-btn am-fallback" data-act="${r.job}_in_process">Run it inside the app instead</button></div>` : "") + "</div>";
+    }
+    return `<div class="am-round am-bad" data-state="${esc(r.state)}"><b>${what} did not finish.</b> ${esc(r.message)} ${runLink(r)}<div><button type="button" class="am-btn" data-act="${esc(r.job)}">Try again</button></div></div>`;
+  }
+  function renderRound() {
+    const h = roundHtml(st.round);
+    ui.roundbox.innerHTML = h;
+    const r = st.round;
+    const worth = r && r.state !== "idle" && r.state !== "success";
+    ui.sideround.innerHTML = worth && st.cursor >= 0 ? h : "";
+  }
+
+  // ---- talking to Python (rounds) -----------------------------------------------------------
+  async function ask(action) {
+    if (st.roundPending) return;
+    st.roundPending = true;
+    ui.train.disabled = true;
+    ui.roundbox.innerHTML = '<div class="am-round am-busy"><span class="am-spinner am-small"></span> Saving your last ratings…</div>';
+    const ok = await flushAll(8000);
+    if (!ok) {
+      st.roundPending = false; ui.train.disabled = false;
+      ui.roundbox.innerHTML = '<div class="am-round am-bad">Some ratings are not saved yet (the server does not answer). They are kept in this browser; try again in a moment.</div>';
+      return;
+    }
+    st.roundAskedAt = Date.now();
+    ui.roundbox.innerHTML = '<div class="am-round am-busy"><span class="am-spinner am-small"></span> Asking the pipeline…</div>';
+    trigger("submit", { action, concept: st.concept, rater: who() });
+    // Python answers by pushing a new round state (onValue); if it refused (a gr.Error toast),
+    // nothing comes back: give the button back after a while
+    clearTimeout(st.pendingTimer);
+    st.pendingTimer = setTimeout(() => { st.roundPending = false; render(); }, 5000);
+  }
+  function onValue() {
+    let cfg = {};
+    try { cfg = JSON.parse(props.value || "{}") || {}; } catch (e) { cfg = {}; }
+    const prev = st.cfg;
+    st.cfg = cfg;
+    const prevRound = st.round;
+    st.round = cfg.round || null;
+    if (st.roundPending && JSON.stringify(prevRound) !== JSON.stringify(st.round)) {
+      st.roundPending = false;
+      clearTimeout(st.pendingTimer);
+    }
+    const changed = cfg.concept !== prev.concept || cfg.purpose !== prev.purpose || cfg.nonce !== prev.nonce || cfg.user !== prev.user;
+    const r = st.round;
+    // a new batch is usable as soon as it is written (the run may still be finishing other steps)
+    const newBatch = r && r.new_batch && r.batch_id && (!st.batch || r.batch_id !== st.batch.batch_id) && st.purpose === "train";
+    if (changed) { st.banner = null; loadBatch(); }
+    else if (newBatch) loadBatch({ afterRound: r.job === "round" && (!prevRound || prevRound.batch_id !== r.batch_id) });
+    // a finished round or evaluation may have (re)built the evaluation set
+    else if (st.purpose === "eval" && r && r.state === "success" && prevRound && prevRound.state !== "success") loadBatch();
+    else render();
+  }
+
+  // ---- input ------------------------------------------------------------------------------
+  function visible() { return root.isConnected && root.offsetParent !== null; }
+  function onKey(ev) {
+    if (!visible()) return;
+    const t = ev.target;
+    if (t && (t.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName))) return;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const k = ev.key.length === 1 ? ev.key.toLowerCase() : ev.key;
+    let handled = true;
+    if (k === "g") { setMode(st.mode === "grid" ? "single" : "grid"); }
+    else if (st.mode === "single" && st.cursor >= 0 && st.batch) {
+      if (k === "y" || k === "j" || k === "ArrowRight") rate("positive", ev.timeStamp);
+      else if (k === "n" || k === "k" || k === "ArrowLeft") rate("negative", ev.timeStamp);
+      else if (k === "s" || k === "ArrowDown") rate("skip", ev.timeStamp);
+      else if (k === "u" || k === "z" || k === "Backspace") undo();
+      else handled = false;
+    } else if (st.cursor < 0 && st.batch) {
+      if (k === "u" || k === "z" || k === "Backspace") { setMode("single"); undo(); }
+      else if (k === "Enter" && !ui.train.hidden) ask(st.purpose === "eval" ? "eval" : "round");
+      else handled = false;
+    } else handled = false;
+    if (handled) ev.preventDefault();
+  }
+  function setMode(m) { st.mode = m; localStorage.setItem(LS_MODE, m); render(); }
+  function onClick(ev) {
+    const b = ev.target.closest("button, a");
+    if (!b || !root.contains(b)) return;
+    if (b.dataset.label) { rate(b.dataset.label, ev.timeStamp); return; }
+    if (b.dataset.mode) { setMode(b.dataset.mode); return; }
+    if (b.dataset.purpose) { if (b.dataset.purpose !== st.purpose) trigger("submit", { action: "purpose", purpose: b.dataset.purpose, concept: st.concept }); return; }
+    if (b.classList.contains("am-tile")) {
+      const i = +b.dataset.i;
+      const cur = st.items[i].label;
+      setLabel(i, cur === "positive" ? "negative" : "positive");
+      st.cursor = firstUnrated(0);
+      render();
+      return;
+    }
+    const act = b.dataset.act;
+    if (act === "undo") undo();
+    else if (act === "reload") loadBatch();
+    else if (act === "rest-no") {
+      const rest = st.items.map((it, i) => (it.label ? -1 : i)).filter((i) => i >= 0);
+      if (rest.length && confirm(`Mark the ${rest.length} unrated image${rest.length > 1 ? "s" : ""} as no?`)) {
+        for (const i of rest) setLabel(i, "negative");
+        st.cursor = firstUnrated(0);
+        render();
+      }
+    } else if (act) ask(act);
+  }
+  const onRater = () => loadBatch();
+  const onOnline = () => scheduleFlush(0);
+  const onHide = () => {    // last chance: hand unsent ratings to the browser to deliver
+    const l = outbox();
+    if (l.length) { try { post(l[0].rater, l.filter((e) => e.rater === l[0].rater).slice(0, 100), true); } catch (e) { /* kept in outbox */ } }
+  };
+  document.addEventListener("keydown", onKey);
+  root.addEventListener("click", onClick);
+  window.addEventListener("agile-rater", onRater);
+  window.addEventListener("online", onOnline);
+  window.addEventListener("pagehide", onHide);
+  st.tick = setInterval(() => {
+    const el = root.querySelector(".am-elapsed");
+    if (el && st.round && st.round.requested_at) el.textContent = Math.max(0, Date.now() / 1000 - st.round.requested_at).toFixed(0) + " s";
+    if (outbox().length && !st.flushing && !st.flushTimer) scheduleFlush(0);
+  }, 1000);
+  window.__agileRater = {
+    state: st,
+    flush: () => flushAll(10000),
+    destroy() {
+      document.removeEventListener("keydown", onKey);
+      window.removeEventListener("agile-rater", onRater);
+      window.removeEventListener("online", onOnline);
+      window.removeEventListener("pagehide", onHide);
+      clearInterval(st.tick);
+    },
+  };
+  watch("value", onValue);
+  renderSave();
+  onValue();
+  scheduleFlush(0);
+})();

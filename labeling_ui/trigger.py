@@ -1,0 +1,446 @@
+"""How the app starts a concept's jobs: the running Dagster webserver, or in this process.
+
+The app depends on the narrow :class:`PipelineTrigger` protocol only:
+
+* :class:`DagsterGraphQLTrigger` (default) asks the Dagster webserver over GraphQL to run
+  ``concept_start_job`` / ``concept_round_job`` for the concept's partition (the partition is
+  added first), so every round is a run that platform teams see in the Dagster UI.
+* :class:`InProcessTrigger` materializes the same assets inside the app process
+  (:mod:`agile_pipeline.runner`): the fallback when Dagster is not reachable, and what tests use
+  where no webserver runs.
+
+Both are safe to share between sessions and threads; neither is ever put in ``gr.State``.
+"""
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
+
+START_JOB = "concept_start_job"
+ROUND_JOB = "concept_round_job"
+EVAL_ASSETS = ("eval_set", "model_metrics")  # re-scored after the eval set is rated
+PARTITIONS_DEF = "concepts"
+PARTITION_TAG = "dagster/partition"
+
+RunState = Literal["queued", "running", "success", "failure", "canceled"]
+FINISHED: tuple[RunState, ...] = ("success", "failure", "canceled")
+
+
+class TriggerUnavailable(RuntimeError):
+    """The pipeline cannot be reached (the Dagster webserver is down or elsewhere)."""
+
+
+class TriggerError(RuntimeError):
+    """The pipeline answered but refused the request; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A submitted run: ``run_id`` is the Dagster run id (in-process: a handle id)."""
+
+    run_id: str
+    job: str
+    concept: str
+    kind: Literal["dagster", "in-process"]
+    url: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    state: RunState
+    message: str = ""
+    dagster_run_id: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+
+class PipelineTrigger(Protocol):
+    """Starts a concept's jobs and reports on them."""
+
+    kind: Literal["dagster", "in-process"]
+
+    def describe(self) -> str: ...
+
+    def start_concept(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle: ...
+
+    def run_round(
+        self,
+        concept: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> RunHandle: ...
+
+    def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle: ...
+
+    def status(self, run_id: str) -> RunStatus: ...
+
+    def active_run(self, concept: str, job: str) -> RunHandle | None: ...
+
+
+# ---- Dagster over GraphQL -----------------------------------------------------------------
+_DAGSTER_STATES: dict[str, RunState] = {
+    "QUEUED": "queued",
+    "NOT_STARTED": "queued",
+    "STARTING": "queued",
+    "MANAGED": "queued",
+    "STARTED": "running",
+    "SUCCESS": "success",
+    "FAILURE": "failure",
+    "CANCELING": "canceled",
+    "CANCELED": "canceled",
+}
+
+_REPOS_QUERY = """
+query AgileRepos {
+  repositoriesOrError {
+    __typename
+    ... on RepositoryConnection { nodes { name location { name } jobs { name } } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+_ADD_PARTITION = """
+mutation AgileAddPartition($selector: RepositorySelector!, $def: String!, $key: String!) {
+  addDynamicPartition(repositorySelector: $selector, partitionsDefName: $def, partitionKey: $key) {
+    __typename
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+
+_ACTIVE_RUNS = """
+query AgileActiveRuns($filter: RunsFilter!) {
+  runsOrError(filter: $filter, limit: 1) {
+    __typename
+    ... on Runs { results { runId jobName status tags { key value } } }
+  }
+}
+"""
+
+_FAILURE_QUERY = """
+query AgileRunFailure($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on ExecutionStepFailureEvent {
+          message
+          error { message }
+          failureMetadata { description }
+        }
+        ... on RunFailureEvent { message }
+      }
+    }
+  }
+}
+"""
+
+
+class DagsterGraphQLTrigger:
+    """Runs the concept jobs on a Dagster webserver (``dagster dev`` / ``dagster-webserver``)."""
+
+    kind: Literal["dagster", "in-process"] = "dagster"
+
+    def __init__(self, url: str = "http://127.0.0.1:3000", *, timeout_s: float = 15.0) -> None:
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"Dagster URL {url!r} must look like http://HOST:PORT")
+        self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self._host = parsed.hostname
+        self._port = parsed.port
+        self._https = parsed.scheme == "https"
+        self._prefix = parsed.path.rstrip("/")
+        self._timeout_s = timeout_s
+        self._client_obj: Any = None
+        self._selector: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"Dagster at {self.url}"
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.url}/runs/{run_id}"
+
+    # -- transport
+    def _client(self) -> Any:
+        with self._lock:
+            if self._client_obj is None:
+                from dagster_graphql import DagsterGraphQLClient
+
+                self._client_obj = DagsterGraphQLClient(
+                    self._host, port_number=self._port, use_https=self._https,
+                    timeout=int(self._timeout_s), path_prefix=self._prefix,
+                )
+            return self._client_obj
+
+    def _gql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/graphql", data=body, method="POST",
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:
+                payload = json.loads(resp.read().decode())
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            raise TriggerUnavailable(self._unreachable(exc)) from exc
+        except json.JSONDecodeError as exc:
+            raise TriggerUnavailable(
+                f"{self.url} answered, but not like a Dagster webserver ({exc}); check --dagster-url"
+            ) from exc
+        if payload.get("errors"):
+            raise TriggerError("; ".join(str(e.get("message", e)) for e in payload["errors"]))
+        return dict(payload.get("data") or {})
+
+    def _unreachable(self, exc: BaseException) -> str:
+        reason = getattr(exc, "reason", exc)
+        return (
+            f"Dagster is not reachable at {self.url} ({reason}). Your ratings are saved. "
+            "Start it with `dagster dev` (or point the app at it with --dagster-url), "
+            "or run this round inside the app instead."
+        )
+
+    def ping(self) -> bool:
+        try:
+            self._gql("query AgilePing { version }")
+        except (TriggerUnavailable, TriggerError):
+            return False
+        return True
+
+    # -- partitions and jobs
+    def _repository_selector(self, job: str) -> dict[str, str]:
+        if self._selector is not None:
+            return self._selector
+        data = self._gql(_REPOS_QUERY)["repositoriesOrError"]
+        if data.get("__typename") != "RepositoryConnection":
+            raise TriggerError(f"Dagster could not list its code locations: {data.get('message', data)}")
+        for node in data["nodes"]:
+            if any(j["name"] == job for j in node.get("jobs", [])):
+                self._selector = {
+                    "repositoryLocationName": node["location"]["name"],
+                    "repositoryName": node["name"],
+                }
+                return self._selector
+        raise TriggerError(
+            f"{self.url} has no job {job!r}: is the webserver running this project "
+            "(`dagster dev -w workspace.yaml`)?"
+        )
+
+    def ensure_partition(self, concept: str, job: str = START_JOB) -> None:
+        selector = self._repository_selector(job)
+        res = self._gql(_ADD_PARTITION, {"selector": selector, "def": PARTITIONS_DEF, "key": concept})
+        out = res.get("addDynamicPartition") or {}
+        kind = out.get("__typename")
+        if kind in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"):
+            return
+        raise TriggerError(f"Dagster refused to add the partition {concept!r}: {out.get('message', kind)}")
+
+    def _submit(
+        self,
+        job: str,
+        concept: str,
+        tags: Mapping[str, str] | None,
+        run_config: Mapping[str, Any] | None,
+        asset_selection: list[str] | None = None,
+    ) -> RunHandle:
+        from dagster_graphql import DagsterGraphQLClientError
+
+        self.ensure_partition(concept, job)
+        selector = self._selector or {}
+        all_tags = {PARTITION_TAG: concept, **dict(tags or {})}
+        try:
+            run_id = self._client().submit_job_execution(
+                job,
+                repository_location_name=selector.get("repositoryLocationName"),
+                repository_name=selector.get("repositoryName"),
+                run_config=dict(run_config or {}),
+                tags=all_tags,
+                asset_selection=asset_selection,
+            )
+        except DagsterGraphQLClientError as exc:
+            if "connecting" in str(exc).lower():
+                raise TriggerUnavailable(self._unreachable(exc)) from exc
+            raise TriggerError(f"Dagster refused the {job} run for {concept!r}: {exc}") from exc
+        return RunHandle(run_id, job, concept, "dagster", self.run_url(run_id))
+
+    def start_concept(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
+        return self._submit(START_JOB, concept, tags, None)
+
+    def run_round(
+        self,
+        concept: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        return self._submit(ROUND_JOB, concept, tags, run_config)
+
+    def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
+        """The round job's evaluation assets only: the eval set and every model's metrics."""
+        return self._submit(ROUND_JOB, concept, tags, None, asset_selection=list(EVAL_ASSETS))
+
+    def status(self, run_id: str) -> RunStatus:
+        data = self._gql(
+            "query AgileRunStatus($runId: ID!) { runOrError(runId: $runId) { __typename "
+            "... on Run { status } ... on RunNotFoundError { message } ... on PythonError { message } } }",
+            {"runId": run_id},
+        )["runOrError"]
+        if data.get("__typename") != "Run":
+            raise TriggerError(f"Dagster does not know run {run_id}: {data.get('message', data)}")
+        state = _DAGSTER_STATES.get(str(data["status"]), "running")
+        message = self.failure_message(run_id) if state == "failure" else ""
+        return RunStatus(state, message, run_id)
+
+    def failure_message(self, run_id: str) -> str:
+        """The user-facing reason of a failed run (the asset's ``dg.Failure`` description)."""
+        try:
+            data = self._gql(_FAILURE_QUERY, {"runId": run_id})["logsForRun"]
+        except (TriggerUnavailable, TriggerError) as exc:
+            return f"the run failed (details unavailable: {exc})"
+        for ev in data.get("events", []) if isinstance(data, dict) else []:
+            if ev.get("__typename") == "ExecutionStepFailureEvent":
+                desc = (ev.get("failureMetadata") or {}).get("description")
+                err = (ev.get("error") or {}).get("message")
+                return str(desc or err or ev.get("message") or "a step failed").strip()
+        for ev in data.get("events", []) if isinstance(data, dict) else []:
+            if ev.get("__typename") == "RunFailureEvent":
+                return str(ev.get("message") or "the run failed").strip()
+        return "the run failed (see the Dagster UI for its logs)"
+
+    def active_run(self, concept: str, job: str) -> RunHandle | None:
+        data = self._gql(_ACTIVE_RUNS, {"filter": {
+            "pipelineName": job,
+            "tags": [{"key": PARTITION_TAG, "value": concept}],
+            "statuses": ["QUEUED", "NOT_STARTED", "STARTING", "STARTED"],
+        }})["runsOrError"]
+        results = data.get("results") or []
+        if not results:
+            return None
+        run_id = results[0]["runId"]
+        return RunHandle(run_id, job, concept, "dagster", self.run_url(run_id))
+
+
+# ---- in this process ------------------------------------------------------------------------
+@dataclass
+class _Job:
+    handle: RunHandle
+    future: "Future[str]"
+
+
+class InProcessTrigger:
+    """Materializes the concept jobs inside the app process, one run at a time.
+
+    ``run_start`` / ``run_round`` default to :mod:`agile_pipeline.runner`; tests may pass
+    their own callables (``concept -> dagster run id``).
+    """
+
+    kind: Literal["dagster", "in-process"] = "in-process"
+
+    def __init__(
+        self,
+        *,
+        home: str | None = None,
+        run_start: Callable[[str], str] | None = None,
+        run_round: Callable[[str, Mapping[str, Any]], str] | None = None,
+        run_eval: Callable[[str], str] | None = None,
+    ) -> None:
+        self._home = home
+        self._run_start = run_start or self._default_start
+        self._run_round = run_round or self._default_round
+        self._run_eval = run_eval or self._default_eval
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agile-round")
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return "this app process"
+
+    def _agile(self) -> Any:
+        from agile_pipeline.defs.resources import AgileHome
+
+        return AgileHome(home=self._home or "")
+
+    def _default_start(self, concept: str) -> str:
+        from agile_pipeline.runner import run_concept_start
+
+        return str(run_concept_start(concept, agile=self._agile()).run_id)
+
+    def _default_round(self, concept: str, run_config: Mapping[str, Any]) -> str:
+        from agile_pipeline.runner import run_concept_round
+
+        ops = dict(run_config.get("ops", {}))
+        return str(run_concept_round(
+            concept,
+            training=dict(ops.get("classifier", {}).get("config", {})),
+            sampling=dict(ops.get("al_candidates", {}).get("config", {})),
+            agile=self._agile(),
+        ).run_id)
+
+    def _default_eval(self, concept: str) -> str:
+        from agile_pipeline.runner import run_concept_eval
+
+        return str(run_concept_eval(concept, agile=self._agile()).run_id)
+
+    def _submit(self, job: str, concept: str, fn: Callable[[], str]) -> RunHandle:
+        handle = RunHandle(f"local-{uuid.uuid4().hex[:12]}", job, concept, "in-process")
+        with self._lock:
+            self._jobs[handle.run_id] = _Job(handle, self._pool.submit(fn))
+        return handle
+
+    def start_concept(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
+        return self._submit(START_JOB, concept, lambda: self._run_start(concept))
+
+    def run_round(
+        self,
+        concept: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        cfg = dict(run_config or {})
+        return self._submit(ROUND_JOB, concept, lambda: self._run_round(concept, cfg))
+
+    def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
+        return self._submit(ROUND_JOB, concept, lambda: self._run_eval(concept))
+
+    def status(self, run_id: str) -> RunStatus:
+        with self._lock:
+            job = self._jobs.get(run_id)
+        if job is None:
+            raise TriggerError(f"no run {run_id} in this app process (was the app restarted?)")
+        fut = job.future
+        if not fut.done():
+            return RunStatus("running" if fut.running() else "queued")
+        exc = fut.exception()
+        if exc is not None:
+            return RunStatus("failure", str(exc).strip("'\"") or type(exc).__name__)
+        return RunStatus("success", "", fut.result())
+
+    def active_run(self, concept: str, job: str) -> RunHandle | None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for j in jobs:
+            if j.handle.concept == concept and j.handle.job == job and not j.future.done():
+                return j.handle
+        return None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,40 @@
+"""The benchmark suite end to end at a tiny size: results.json has the documented schema."""
+
+import json
+import math
+
+from agile_pipeline.bench import run_bench
+
+REQUIRED = {"expansion_exact", "expansion_ann", "al_round", "train", "eval_set", "round_end_to_end"}
+
+
+def test_bench_writes_results_json(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    doc = run_bench([20_000], out, dim=32, repeats=1, workdir=tmp_path / "work", plain_epochs=1,
+                    random_negatives=2_000, baseline_round_repeats=1, log=lines.append)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(doc["results"]))
+    assert isinstance(on_disk["machine"], str) and on_disk["machine"]
+    rows = {r["name"]: r for r in on_disk["results"]}
+    assert REQUIRED <= set(rows)
+    for r in on_disk["results"]:
+        assert isinstance(r["name"], str)
+        assert r["n"] == 20_000
+        assert isinstance(r["seconds"], float) and r["seconds"] >= 0
+        assert isinstance(r["peak_rss_gib"], float) and r["peak_rss_gib"] >= 0
+        assert r["baseline_seconds"] is None or isinstance(r["baseline_seconds"], float)
+    for name in REQUIRED - {"round_end_to_end"}:  # the round's baseline needs the fast path wired in
+        assert isinstance(rows[name]["baseline_seconds"], float), name
+        assert math.isfinite(rows[name]["baseline_seconds"])
+    # the fast paths give the straightforward paths' answers
+    assert rows["al_round"]["same_selection_as_baseline"] is True
+    assert rows["al_round"]["shortlist_proven"] is True
+    assert rows["eval_set"]["same_eval_set_as_baseline"] is True
+    assert rows["expansion_exact"]["baseline_recall_at_100"] >= 0.99
+    assert 0.0 <= rows["expansion_ann"]["recall_at_100"] <= 1.0
+    assert rows["round_end_to_end"]["next_candidates"] == [100]
+    assert 0.0 <= rows["train"]["auc_pr"] <= 1.0
+    assert any(line.startswith("round_end_to_end") for line in lines)
+    assert not (tmp_path / "work" / "corpus-20000-d32").exists()  # deleted without keep
