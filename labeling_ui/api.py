@@ -175,6 +175,37 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             raise user_error(exc) from exc
         return JSONResponse({"ok": True, "rater": who, "acked": [str(e.get("event_id")) for e in events], **result})
 
+    @router.post("/api/exemplars", include_in_schema=False)
+    async def add_exemplar(request: Request) -> JSONResponse:
+        """Mark an image as an exemplar of the concept (stored with it, and the rater's label)."""
+        body = await json_body(request)
+        who = rater_for(request, body.get("rater"))
+        image_id = body.get("image_id")
+        if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
+            raise HTTPException(status_code=400, detail="image_id must be a 32-character hex id")
+        polarity = body.get("polarity", "positive")
+        try:
+            from starlette.concurrency import run_in_threadpool
+
+            exemplars = await run_in_threadpool(
+                service.add_exemplar, str(body.get("concept", "")), image_id, rater=who, polarity=str(polarity),
+            )
+        except StateError as exc:
+            raise user_error(exc) from exc
+        return JSONResponse({"ok": True, "rater": who, "exemplars": exemplars})
+
+    @router.get("/api/search", include_in_schema=False)
+    def search(request: Request, concept: str, q: str = "", k: int = 24) -> dict[str, Any]:
+        """Images nearest to a few words, to find an exemplar when no batch holds a positive."""
+        signed_in(request)
+        try:
+            return {"items": service.search_images(concept, q, k)}
+        except StateError as exc:
+            raise user_error(exc) from exc
+        except Exception as exc:  # no embeddings yet, model files missing ...
+            log.warning("search for %r failed: %s", concept, exc)
+            raise HTTPException(status_code=503, detail="search is not available yet (no image embeddings)") from exc
+
     @router.get("/export/{concept}/round-{round_index}.zip", include_in_schema=False)
     def export(concept: str, round_index: int, request: Request) -> Response:
         signed_in(request)

@@ -164,7 +164,45 @@ class LabelingService:
             "positives": [p for k, p in c.phrases if k == "positive"],
             "negatives": [p for k, p in c.phrases if k == "negative"],
             "instructions": c.description,
+            "exemplars": self.exemplars(c.name),
         }
+
+    # ---- exemplars (images that drive expansion like phrases do) ------------------------------
+    def exemplars(self, concept: str) -> list[dict[str, Any]]:
+        return [
+            {"image_id": e["image_id"], "polarity": e["polarity"], "added_by": e["added_by"]}
+            for e in self.store.exemplars(concept)
+        ]
+
+    def add_exemplar(self, concept: str, image_id: str, *, rater: str, polarity: str = "positive") -> list[dict[str, Any]]:
+        """Mark a corpus image as an exemplar (also the rater's training label); the new list."""
+        rater = self._check_rater(rater)
+        c = self.store.get_concept(validate_concept_name(str(concept)))
+        image_id = str(image_id)
+        if not IMAGE_ID.match(image_id):
+            raise StateError(f"image id {image_id[:40]!r} is not a 32-character hex id")
+        if polarity not in ("positive", "negative"):
+            raise StateError(f"polarity {str(polarity)[:20]!r} is positive or negative")
+        self.store.add_exemplar(c.name, image_id, polarity, rater)
+        return self.exemplars(c.name)
+
+    def search_images(self, concept: str, text: str, k: int = 24) -> list[dict[str, Any]]:
+        """The training-split images nearest to ``text`` (the embedding model, loaded lazily)."""
+        c = self.store.get_concept(validate_concept_name(str(concept)))
+        text = " ".join(str(text).split())[:200]
+        if not text:
+            raise StateError("type a few words to search for")
+        from agile_pipeline.lib.encoders import load_encoder
+        from agile_pipeline.lib.vectors import VectorStore
+        from agile_pipeline.settings import Paths
+
+        encoder = load_encoder(self.encoder_spec)
+        paths = Paths(Path(self.home))
+        vectors = VectorStore(paths.lancedb, cache_dir=paths.cache)
+        query = encoder.embed_texts([text])[0]
+        hits = vectors.search(str(encoder.model_id), query, max(1, min(int(k), 60)), split="train")
+        mine = {e["image_id"] for e in self.exemplars(c.name)}
+        return [{"image_id": i, "score": round(float(s), 4), "exemplar": i in mine} for i, _split, s in hits]
 
     def create_concept(
         self,
@@ -247,6 +285,8 @@ class LabelingService:
             "done": sum(1 for it in items if it["label"]),
             "rounds_done": len(rounds),
             "round": self.round_view(c.name).to_dict(),
+            "counts": self.label_counts(c.name, purpose),
+            "recovery": any(it.get("source") == "recovery" for it in items),
         }
 
     # ---- labels ---------------------------------------------------------------------------

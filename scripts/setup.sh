@@ -29,7 +29,7 @@ stamp=.venv/.agile-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> installing the project and its dependencies (first run: a few minutes)"
   python -m pip install -q --upgrade pip >/dev/null
-  python -m pip install -q -e '.[dev]'
+  python -m pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   touch "$stamp"
 fi
 export AGILE_HOME="${AGILE_HOME:-$ROOT/.agile}"

@@ -43,6 +43,7 @@
       <div class="am-save" data-testid="save-state" aria-live="polite"></div>
     </div>
     <div class="am-banner" hidden></div>
+    <div class="am-recovery" data-testid="recovery" hidden></div>
     <div class="am-body">
       <div class="am-main">
         <div class="am-single">
@@ -52,12 +53,13 @@
             <button type="button" class="am-btn am-no" data-label="negative">✗ No <kbd>N</kbd><kbd>←</kbd></button>
             <button type="button" class="am-btn am-skip" data-label="skip">Not sure <kbd>S</kbd></button>
             <button type="button" class="am-btn am-yes" data-label="positive">✓ Yes <kbd>Y</kbd><kbd>→</kbd></button>
+            <button type="button" class="am-btn am-star" data-act="exemplar" data-testid="exemplar-btn" title="A clear example of the concept: it is stored with the concept, finds similar images, and counts as yes">★ Exemplar <kbd>E</kbd></button>
             <button type="button" class="am-btn am-undo" data-act="undo" title="Back to the previous image">↶ Undo <kbd>U</kbd></button>
           </div>
         </div>
         <div class="am-gridwrap">
           <div class="am-gridbar">Click an image to switch it between <b class="am-y">yes</b> and
-            <b class="am-n">no</b>. <button type="button" class="am-link" data-act="rest-no">Mark all unrated as no</button></div>
+            <b class="am-n">no</b>; ★ marks it as an exemplar. <button type="button" class="am-link" data-act="rest-no">Mark all unrated as no</button></div>
           <div class="am-grid" data-testid="grid"></div>
         </div>
         <div class="am-done" hidden>
@@ -72,10 +74,11 @@
         <div class="am-q">Does the image show <span class="am-concept"></span>?</div>
         <div class="am-phr"><div class="am-phr-h am-y">Yes, if it shows</div><ul class="am-pos"></ul></div>
         <div class="am-phr"><div class="am-phr-h am-n">No, if it only shows</div><ul class="am-neg"></ul></div>
+        <div class="am-phr am-exbox"><div class="am-phr-h am-y">★ Exemplars — images like these</div><div class="am-exstrip" data-testid="exemplars"></div></div>
         <div class="am-instr-h">Instructions</div>
         <div class="am-instr"></div>
         <div class="am-keys"><b>Keys</b>: <kbd>Y</kbd>/<kbd>→</kbd> yes · <kbd>N</kbd>/<kbd>←</kbd> no ·
-          <kbd>S</kbd> not sure · <kbd>U</kbd>/<kbd>⌫</kbd> undo · <kbd>G</kbd> grid</div>
+          <kbd>S</kbd> not sure · <kbd>E</kbd> ★ exemplar · <kbd>U</kbd>/<kbd>⌫</kbd> undo · <kbd>G</kbd> grid</div>
         <div class="am-sideround"></div>
         <button type="button" class="am-link am-early" data-act="round">Train now with what I have rated</button>
       </aside>
@@ -88,7 +91,7 @@
     done: $(".am-done"), doneTitle: $(".am-done-title"), doneSub: $(".am-done-sub"),
     roundbox: $(".am-roundbox"), empty: $(".am-empty"), concept: $(".am-concept"),
     pos: $(".am-pos"), neg: $(".am-neg"), instr: $(".am-instr"), sideround: $(".am-sideround"),
-    train: $(".am-train"), early: $(".am-early"),
+    train: $(".am-train"), early: $(".am-early"), recovery: $(".am-recovery"), exstrip: $(".am-exstrip"),
   };
 
   // ---- helpers ----------------------------------------------------------------------------
@@ -233,6 +236,9 @@
     if (!sameBatch) { st.cache = new Map(); st.history = []; }
     st.batch = data.batch;
     st.conceptView = data.concept;
+    st.counts = data.counts || null;
+    if (st.batch) st.batch.recovery = !!data.recovery;
+    ui.recovery.dataset.built = "";
     st.items = data.items;
     // ratings still in the outbox (not yet on the server) win over what the server knows
     const mine = new Map();
@@ -243,7 +249,8 @@
     if (opts.afterRound && st.lastRatingAt) {
       const secs = ((Date.now() - st.lastRatingAt) / 1000).toFixed(1);
       const r = st.round || {};
-      st.banner = `<b>Model ${r.round_index != null ? r.round_index + 1 : ""} is ready.</b> The next ${st.items.length} images arrived <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.` + (r.run_url ? ` <a href="${esc(r.run_url)}" target="_blank" rel="noopener">See the run ↗</a>` : "");
+      if (data.recovery) st.banner = `<b>No model yet: none of your ratings is a yes.</b> Here are ${st.items.length} more images (the next-nearest of every phrase and exemplar), <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.`;
+      else st.banner = `<b>Model ${r.round_index != null ? r.round_index + 1 : ""} is ready.</b> The next ${st.items.length} images arrived <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.` + (r.run_url ? ` <a href="${esc(r.run_url)}" target="_blank" rel="noopener">See the run ↗</a>` : "");
     }
     render();
   }
@@ -280,6 +287,72 @@
     item.label = label;
     st.lastRatingAt = Date.now();
     enqueue({ event_id: newId(), concept: st.concept, batch_id: st.batch.batch_id, image_id: item.image_id, label, ts: Date.now() / 1000, rater });
+  }
+  // ---- exemplars and search (recovery when no positive is found) ---------------------------
+  async function markExemplar(imageId) {
+    const rater = who();
+    if (!rater) { showNameHint(); return; }
+    if (!st.concept || !imageId) return;
+    try {
+      const r = await fetch("/api/exemplars", {
+        method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ concept: st.concept, image_id: imageId, polarity: "positive", rater }),
+      });
+      let d = {}; try { d = await r.json(); } catch (e) { /* none */ }
+      if (!r.ok) { st.error = "Could not mark the exemplar: " + (d.detail || ("HTTP " + r.status)); renderSave(); return; }
+      if (st.conceptView) st.conceptView.exemplars = d.exemplars || [];
+      st.exemplarAdded = true;
+      ui.prev.textContent = "★ Exemplar saved: it finds similar images and counts as yes";
+      ui.prev.className = "am-prev am-show am-positive";
+      renderSide(); renderRecovery(); renderSearchStars();
+    } catch (e) { st.error = "Could not mark the exemplar (no connection?)"; renderSave(); }
+  }
+  function exemplarIds() { return new Set(((st.conceptView && st.conceptView.exemplars) || []).map((e) => e.image_id)); }
+  async function runSearch(q) {
+    const box = root.querySelector(".am-sresults");
+    if (!box || !st.concept) return;
+    q = (q || "").trim();
+    if (!q) { box.innerHTML = ""; return; }
+    box.innerHTML = '<span class="am-spinner am-small"></span> Searching…';
+    try {
+      const r = await fetch("/api/search?" + new URLSearchParams({ concept: st.concept, q, k: "24" }), { credentials: "same-origin" });
+      let d = {}; try { d = await r.json(); } catch (e) { /* none */ }
+      if (!r.ok) { box.innerHTML = `<span class="am-muted">${esc(d.detail || ("HTTP " + r.status))}</span>`; return; }
+      st.searchHits = d.items || [];
+      box.innerHTML = st.searchHits.length ? st.searchHits.map((h) => `<div class="am-shit"><img loading="lazy" alt="" src="${imgUrl(h.image_id)}"><button type="button" class="am-sstar" data-exemplar="${esc(h.image_id)}" title="Mark as an exemplar">★</button></div>`).join("") : '<span class="am-muted">Nothing found.</span>';
+      renderSearchStars();
+    } catch (e) { box.innerHTML = '<span class="am-muted">Search failed (no connection?)</span>'; }
+  }
+  function renderSearchStars() {
+    const mine = exemplarIds();
+    root.querySelectorAll(".am-sstar").forEach((b) => b.classList.toggle("am-on", mine.has(b.dataset.exemplar)));
+  }
+  function needsRecovery() {
+    if (st.purpose !== "train" || !st.batch) return false;
+    if (st.batch.recovery) return true;
+    const c = st.counts || {};
+    const anyYes = st.items.some((i) => i.label === "positive");
+    return st.cursor < 0 && !anyYes && !(c.positive > 0) && !exemplarIds().size;
+  }
+  function renderRecovery() {
+    const show = needsRecovery();
+    if (!show) { if (!ui.recovery.hidden) { ui.recovery.hidden = true; ui.recovery.innerHTML = ""; } return; }
+    if (!ui.recovery.hidden && ui.recovery.dataset.built === "1") { renderSearchStars(); return; }
+    const rec = st.batch && st.batch.recovery;
+    const n = exemplarIds().size;
+    ui.recovery.hidden = false;
+    ui.recovery.dataset.built = "1";
+    ui.recovery.innerHTML =
+      `<div class="am-rec-title">No positive found yet${n ? "" : " — no model can be trained without one"}.</div>` +
+      `<p>${rec ? "These are <b>recovery images</b>: the app skipped training and queued the next-nearest images of every phrase and exemplar, taking turns between them." : "Training now queues a <b>recovery batch</b> instead of a model: the next-nearest images of every phrase and exemplar, taking turns between them."} To get to the first yes faster:</p>` +
+      `<ul class="am-rec-list"><li><button type="button" class="am-link" data-act="goto-concept">Add phrases</button> that describe the concept in other words (Concept tab, then <b>Save changes</b> and <b>Find images again</b>).</li>` +
+      `<li>Mark any image that shows it as an <b>★ exemplar</b> (button or key <kbd>E</kbd>): it finds similar images like a phrase does, and counts as yes.</li>` +
+      `<li>Search for one: <span class="am-search"><input type="search" class="am-sq" placeholder="e.g. a red fire truck" aria-label="Search images"> <button type="button" class="am-btn am-small-btn" data-act="search">Search</button></span></li></ul>` +
+      `<div class="am-sresults" data-testid="search-results"></div>`;
+  }
+  function gotoConcept() {
+    const tab = Array.from(document.querySelectorAll("button[role=tab], .tab-nav button")).find((b) => /Concept/.test(b.textContent || ""));
+    if (tab) tab.click();
   }
   function undo() {
     let i = st.history.pop();
@@ -326,6 +399,12 @@
     ui.concept.textContent = c ? "“" + c.name + "”" : "…";
     ui.pos.innerHTML = c ? c.positives.map((p) => `<li>${esc(p)}</li>`).join("") : "";
     ui.neg.innerHTML = c && c.negatives.length ? c.negatives.map((p) => `<li>${esc(p)}</li>`).join("") : '<li class="am-muted">—</li>';
+    const ex = (c && c.exemplars) || [];
+    const want = ex.map((e) => e.image_id + e.polarity).join(",");
+    if (ui.exstrip.dataset.ids !== want) {
+      ui.exstrip.dataset.ids = want;
+      ui.exstrip.innerHTML = ex.length ? ex.map((e) => `<img class="am-ex am-ex-${esc(e.polarity)}" loading="lazy" alt="exemplar" data-id="${esc(e.image_id)}" title="${esc(e.polarity)} exemplar, added by ${esc(e.added_by)}" src="${imgUrl(e.image_id)}">`).join("") : '<span class="am-muted">None yet: press ★ (<kbd>E</kbd>) on a clear example.</span>';
+    }
     ui.instr.textContent = c && c.instructions ? c.instructions : "Rate by your own judgement of the concept.";
     const done = st.items.filter((i) => i.label).length;
     ui.early.hidden = !(st.purpose === "train" && done > 0 && st.cursor >= 0);
@@ -342,6 +421,7 @@
     ui.banner.innerHTML = st.banner || "";
     renderSide();
     renderRound();
+    renderRecovery();
     if (!keepPrev && st.undoing !== undefined && st.cursor !== st.undoing) { st.undoing = undefined; }
     if (!st.concept) { showEmpty('<div class="am-empty-title">No concept open</div><p>Create one on the <b>Concept</b> tab, or pick one at the top.</p>'); return; }
     if (!who()) { showNameHint(); return; }
@@ -370,11 +450,12 @@
     const want = st.items.map((i) => i.image_id).join(",");
     if (ui.grid.dataset.ids !== want) {
       ui.grid.dataset.ids = want;
-      ui.grid.innerHTML = st.items.map((it, i) => `<button type="button" class="am-tile" data-i="${i}"><img loading="lazy" decoding="async" alt="" src="${imgUrl(it.image_id)}"><span class="am-badge"></span></button>`).join("");
+      ui.grid.innerHTML = st.items.map((it, i) => `<button type="button" class="am-tile" data-i="${i}"><img loading="lazy" decoding="async" alt="" src="${imgUrl(it.image_id)}"><span class="am-badge"></span><span class="am-tstar" data-star="${i}" title="Mark as an exemplar">★</span></button>`).join("");
     }
     ui.grid.querySelectorAll(".am-tile").forEach((t) => {
       const l = st.items[+t.dataset.i].label || "";
       t.dataset.label = l;
+      t.querySelector(".am-tstar").classList.toggle("am-on", exemplarIds().has(st.items[+t.dataset.i].image_id));
       t.querySelector(".am-badge").textContent = l === "positive" ? "✓" : l === "negative" ? "✗" : l === "skip" ? "?" : "";
     });
   }
@@ -416,6 +497,7 @@
       return `<div class="am-round am-busy" data-state="${r.state}"><span class="am-spinner am-small"></span> ${what}${r.state === "queued" ? " (waiting in the queue)" : ""}… <span class="am-elapsed">${secs.toFixed(0)} s</span> · ${runLink(r)}${r.message ? `<div class="am-muted">${esc(r.message)}</div>` : ""}</div>`;
     }
     if (r.state === "success" && r.job === "start") return "";  // the images are on screen: nothing to say
+    if (r.state === "success" && r.job === "round" && st.batch && st.batch.recovery && st.batch.batch_id === r.batch_id) return `<div class="am-round am-warnbox" data-state="success">No positive yet: a recovery batch was queued instead of a model. ${runLink(r)}</div>`;
     if (r.state === "success") return `<div class="am-round am-good" data-state="success">✓ ${{ start: "Images found", round: "Model trained", eval: "Evaluation updated: see the Model tab" }[r.job] || "Done"}. ${runLink(r)}</div>`;
     if (r.state === "unreachable") {
       return `<div class="am-round am-bad" data-state="unreachable"><b>Could not start the run.</b> ${esc(r.message)}` +
@@ -487,6 +569,7 @@
       if (k === "y" || k === "j" || k === "ArrowRight") rate("positive", ev.timeStamp);
       else if (k === "n" || k === "k" || k === "ArrowLeft") rate("negative", ev.timeStamp);
       else if (k === "s" || k === "ArrowDown") rate("skip", ev.timeStamp);
+      else if (k === "e") exemplarCurrent(ev.timeStamp);
       else if (k === "u" || k === "z" || k === "Backspace") undo();
       else handled = false;
     } else if (st.cursor < 0 && st.batch) {
@@ -496,10 +579,23 @@
     } else handled = false;
     if (handled) ev.preventDefault();
   }
+  function exemplarCurrent(t0) {
+    if (st.cursor < 0 || !st.items[st.cursor] || !who()) { if (!who()) showNameHint(); return; }
+    const id = st.items[st.cursor].image_id;
+    rate("positive", t0);      // a yes in this batch, saved like any rating
+    markExemplar(id);          // and stored with the concept as an exemplar
+  }
   function setMode(m) { st.mode = m; localStorage.setItem(LS_MODE, m); render(); }
   function onClick(ev) {
+    const star = ev.target.closest(".am-tstar");
+    if (star && root.contains(star)) {
+      const i = +star.dataset.star;
+      if (st.items[i]) { setLabel(i, "positive"); st.cursor = firstUnrated(0); markExemplar(st.items[i].image_id); render(); }
+      return;
+    }
     const b = ev.target.closest("button, a");
     if (!b || !root.contains(b)) return;
+    if (b.dataset.exemplar) { markExemplar(b.dataset.exemplar); return; }
     if (b.dataset.label) { rate(b.dataset.label, ev.timeStamp); return; }
     if (b.dataset.mode) { setMode(b.dataset.mode); return; }
     if (b.dataset.purpose) { if (b.dataset.purpose !== st.purpose) trigger("submit", { action: "purpose", purpose: b.dataset.purpose, concept: st.concept }); return; }
@@ -513,6 +609,9 @@
     }
     const act = b.dataset.act;
     if (act === "undo") undo();
+    else if (act === "exemplar") exemplarCurrent(ev.timeStamp);
+    else if (act === "goto-concept") gotoConcept();
+    else if (act === "search") { const inp = root.querySelector(".am-sq"); runSearch(inp ? inp.value : ""); }
     else if (act === "reload") loadBatch();
     else if (act === "rest-no") {
       const rest = st.items.map((it, i) => (it.label ? -1 : i)).filter((i) => i >= 0);
@@ -529,6 +628,8 @@
     const l = outbox();
     if (l.length) { try { post(l[0].rater, l.filter((e) => e.rater === l[0].rater).slice(0, 100), true); } catch (e) { /* kept in outbox */ } }
   };
+  const onSearchKey = (ev) => { if (ev.key === "Enter" && ev.target.classList && ev.target.classList.contains("am-sq")) { ev.preventDefault(); runSearch(ev.target.value); } };
+  root.addEventListener("keydown", onSearchKey);
   document.addEventListener("keydown", onKey);
   root.addEventListener("click", onClick);
   window.addEventListener("agile-rater", onRater);

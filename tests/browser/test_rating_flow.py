@@ -276,3 +276,36 @@ def test_sign_in_screen_and_signed_in_rating(agile_home: Path, tmp_path: Path, p
         _saved(page)
         assert {e["rater"] for e in store.label_events("stripes")} == {"carol"}
         assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_no_positive_offers_recovery_and_exemplar_in_one_key(agile_home: Path, tmp_path: Path, page: Any, artifacts_dir: Path) -> None:
+    store = StateStore(agile_home / "agile.sqlite")
+    ids = ingest_images(store, tmp_path / "pictures", 30, seed=5)
+    trig = FakeTrigger(store, ids, batch_size=6)
+    service = LabelingService(store, trig, home=agile_home)
+    service.create_concept("rare thing", "a rare thing", "", "", owner="Cy")
+    service.start_concept("rare thing", requested_by="Cy")
+    app = build_app(UiSettings(home=agile_home), service=service)
+    with live_server(app) as url:
+        page.goto(url + "/?concept=rare%20thing")
+        page.evaluate("localStorage.setItem('agile.rater', 'Cy')")
+        page.reload()
+        page.wait_for_selector(STAGE_IMG, timeout=30000)
+        for k in range(6):
+            _rate_one(page, "n", k + 1)
+        _saved(page)
+        page.wait_for_selector("[data-testid=recovery]:not([hidden])", timeout=10000)
+        text = page.inner_text("[data-testid=recovery]")
+        assert "No positive found yet" in text and "Add phrases" in text and "exemplar" in text
+        _shot(page, artifacts_dir, "13-no-positive")
+        page.keyboard.press("u")  # back to the last image ...
+        page.wait_for_selector(STAGE_IMG)
+        last = _stage_id(page)
+        page.keyboard.press("e")  # ... and mark it as an exemplar: one key
+        page.wait_for_selector(f"[data-testid=exemplars] img[data-id='{last}']", timeout=10000)
+        _saved(page)
+        assert [e["image_id"] for e in store.exemplars("rare thing")] == [last]
+        assert service.label_counts("rare thing")["positive"] == 1
+        page.wait_for_selector("[data-testid=recovery]", state="hidden", timeout=5000)
+        _shot(page, artifacts_dir, "14-exemplar")
+        assert page.errors == []  # type: ignore[attr-defined]
