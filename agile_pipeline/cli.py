@@ -530,6 +530,15 @@ def simulate(
     del json
 
 
+def _register_bench() -> None:
+    from agile_pipeline.bench import bench_command
+
+    app.command("bench", help="Performance suite (issue 7): synthetic 1M/10M corpora; see BENCHMARKS.md.")(bench_command)
+
+
+_register_bench()
+
+
 @app.command("app")
 def app_(
     host: Annotated[str, typer.Option(help="Interface to bind (default: this machine only).")] = "127.0.0.1",

@@ -395,9 +395,13 @@ def _build(tbl: Any, split: str | None, cache_dir: Path, tag: str, f16_path: Pat
         ].reshape(-1, dim)
         v16 = v32.astype(np.float16)
         w16.write(v16)
-        t = torch.from_numpy(np.array(v32, dtype=np.float32, copy=not v32.flags.writeable))
-        wbf.write(t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
-        norms[at : at + len(v16)] = np.linalg.norm(v16.astype(np.float32), axis=1)
+        f32 = v16.astype(np.float32)
+        nrm = np.linalg.norm(f32, axis=1)
+        norms[at : at + len(v16)] = nrm
+        # bfloat16 rows are stored L2-normalised: the default (input_norm='l2') classifiers
+        # then need no per-row division in the scan; others multiply the norm back
+        f32 /= np.maximum(nrm, 1e-12)[:, None]
+        wbf.write(torch.from_numpy(f32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
         key_parts.append(_ids_to_bytes(batch.column("id")))
         at += len(v16)
     w16.close()
@@ -431,13 +435,13 @@ def _build(tbl: Any, split: str | None, cache_dir: Path, tag: str, f16_path: Pat
 
 # ---- scoring in bfloat16 -------------------------------------------------------------------
 class BF16Scorer:
-    """A trained MLP (``Linear``/``L2NormLinear`` → ReLU → … → ``Linear(·, 1)``) evaluated with
-    bfloat16 matrix products (float32 accumulation; biases, the L2 division, the final layer
-    and the sigmoid in float32). Inputs are bfloat16 rows plus their float32 norms.
+    """A trained MLP (``Linear``/``L2NormLinear`` → ReLU → … → ``Linear(·, 1)``) evaluated in
+    bfloat16 (``addmm`` with float32 accumulation, bfloat16 activations), on the split cache's
+    L2-normalised bfloat16 rows; the sigmoid in float32.
 
-    Accuracy: |P_bf16 − P_fp32| is typically ~1e-3 (rounding of inputs and weights to 8-bit
-    mantissas); callers that need the float32 answer re-score a shortlist exactly
-    (:func:`select_margin_exact`, :func:`test_scores`).
+    Accuracy: |P_bf16 − P_fp32| is typically ~1e-3 (8-bit mantissas); callers that need the
+    float32 answer re-score a shortlist exactly (:func:`select_margin_exact`,
+    :func:`strata_exact_scores`), with the error bound measured, not assumed.
     """
 
     def __init__(self, module: Any) -> None:
@@ -447,45 +451,40 @@ class BF16Scorer:
         from agile_pipeline.lib.training import L2NormLinear
 
         layers = [m for m in module if not isinstance(m, nn.Dropout)]
-        linears = [m for m in layers if isinstance(m, nn.Linear)]
-        if not linears or not isinstance(layers[0], nn.Linear):
+        if not layers or not isinstance(layers[0], nn.Linear):
             raise TypeError("expected a Sequential starting with a Linear layer")
         for m in layers:
             if not isinstance(m, nn.Linear | nn.ReLU):
                 raise TypeError(f"unsupported layer {type(m).__name__}")
         self.l2 = isinstance(layers[0], L2NormLinear)
         self.ops: list[tuple[str, Any, Any]] = []
-        for i, m in enumerate(layers):
+        for m in layers:
             if isinstance(m, nn.ReLU):
                 self.ops.append(("relu", None, None))
-            elif i == 0 or m is not linears[-1]:
-                w = m.weight.detach().to(torch.bfloat16).t().contiguous()
-                self.ops.append(("mm_bf16", w, m.bias.detach().float().clone()))
             else:
-                self.ops.append(("mm_fp32", m.weight.detach().float().t().contiguous(),
-                                 m.bias.detach().float().clone()))
+                bf = torch.bfloat16
+                self.ops.append(("linear", m.weight.detach().to(bf).t().contiguous(),
+                                 m.bias.detach().to(bf).clone()))
 
-    def __call__(self, x_bf16: Any, norms: Any) -> Any:
+    def __call__(self, x_unit: Any, norms: Any) -> Any:
+        """P(positive) for L2-normalised bfloat16 rows ``x_unit`` with original ``norms``."""
         import torch
 
-        h = x_bf16
+        h = x_unit
         first = True
         for kind, w, b in self.ops:
             if kind == "relu":
                 h = torch.relu_(h)
                 continue
-            if kind == "mm_bf16":
-                h = torch.mm(h if h.dtype == torch.bfloat16 else h.to(torch.bfloat16), w).float()
+            if first and not self.l2:  # a plain first layer sees the raw row: |x| (W x̂) + b
+                h = torch.mm(h, w).mul_(norms.to(torch.bfloat16).unsqueeze(1)).add_(b)
             else:
-                h = torch.mm(h.float(), w)
-            if first and self.l2:
-                h.div_(norms.clamp_min(1e-12).unsqueeze(1))
+                h = torch.addmm(b, h, w)
             first = False
-            h.add_(b)
-        return torch.sigmoid_(h.squeeze(1))
+        return h.squeeze(1).float().sigmoid_()
 
 
-def score_bf16(model: Any, cache: SplitCache, *, chunk: int = 1 << 16,
+def score_bf16(model: Any, cache: SplitCache, *, chunk: int = 1 << 14,
                threads: int | None = None) -> np.ndarray:
     """Approximate P(positive) for every row of a split (bfloat16 scan), float32."""
     import torch
@@ -833,7 +832,8 @@ def select_for_round(vectors: Any, model_id: str, model: Any, labeled: set[str] 
     if not has_cache(vectors):
         m = vectors.matrix(model_id, "train")
         scores = model.predict_proba(m.vectors)
-        eligible = ~np.isin(m.ids.astype(str), np.array(sorted(labeled), dtype=str))
+        labeled = labeled if isinstance(labeled, set) else set(labeled)  # the committed path
+        eligible = np.fromiter((i not in labeled for i in m.ids), dtype=bool, count=len(m.ids))
         pick = (select_margin if strategy == "margin" else select_margin_positive)(
             scores, k, eligible=eligible)
         return RoundSelection([str(m.ids[i]) for i in pick], [float(scores[i]) for i in pick],

@@ -94,8 +94,17 @@ def test_select_margin_exact_equals_float32_selection(store, strategy, shortlist
     assert sel.ids == [str(m.ids[i]) for i in want]
 
 
-def test_bf16_scores_close_and_strata_exact(store):
-    model, _ = _model(store)
+@pytest.mark.parametrize("variant", ["default", "round0", "no_l2", "standardize"])
+def test_bf16_scores_close_and_strata_exact(store, variant):
+    train = store.matrix(MODEL, "train")
+    lab = np.arange(0, 400, 2)
+    X = np.asarray(train.vectors[lab], np.float32) * (3.0 if variant == "no_l2" else 1.0)
+    y = (X[:, 0] > 0.3).astype(int)
+    y[:3] = 1
+    config = TrainConfig(input_norm="none" if variant == "no_l2" else "l2",
+                         standardize=variant == "standardize")
+    model = train_classifier(X, y, train.vectors, round_index=0 if variant == "round0" else 1,
+                             exclude_from_pool=lab, config=config)
     c = scale.split_cache(store, MODEL, "test")
     exact = model.predict_proba(store.matrix(MODEL, "test").vectors)
     approx = scale.score_bf16(model, c, chunk=1000)

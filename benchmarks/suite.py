@@ -1,0 +1,793 @@
+"""The benchmark suite: per corpus size, every measurement beside its baseline.
+
+Order per size (each step reuses what the previous ones built):
+
+1. ``corpus_write`` — the planted corpus in the real layout (reused if already there);
+2. ``first_load`` / ``cache_load`` — the per-version split caches, built from LanceDB (in a
+   subprocess each, so peak memory is the phase's own) and loaded again;
+3. concept setup — concept, zero-shot vector, expansion batch, labels, round 0, AL batch;
+4. ``expansion_exact`` (+ ``expansion_cached``), ``al_round``, ``train``, ``eval_set``;
+5. ``round_end_to_end`` — label the pending batch, ``runner.run_concept_round`` (Dagster,
+   in-process, MLflow), next candidates ready;
+6. ``expansion_ann`` last: building the index creates a new table version.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import measure, plain, synth
+
+GIB = float(1 << 30)
+REFERENCES = [  # the paper's prototype (Table 1), 10M images, desktop CPU
+    {"name": "paper_al_round", "n": 10_000_000, "seconds": 58.6,
+     "note": "Agile Modeling paper, Table 1: one AL round over 10M images"},
+    {"name": "paper_train", "n": 10_000_000, "seconds": 23.1,
+     "note": "Agile Modeling paper, Table 1: training a model"},
+]
+
+
+@dataclass
+class SuiteConfig:
+    sizes: list[int]
+    out: Path
+    dim: int = 512
+    repeats: int = 3
+    workdir: Path | None = None
+    keep: bool = False
+    plain_epochs: int = 10
+    random_negatives: int = 500_000
+    ann: bool = True
+    baseline_round: bool = True
+    baseline_round_repeats: int = 2
+    rounds_warmup: int = 1
+    seed: int = 0
+    committed_first_load_max_n: int = 2_000_000
+    baseline_round_max_n: int = 2_000_000
+    log: Callable[[str], None] = print
+    command: str = ""
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _row(name: str, n: int, ours: measure.Measured | None, base: measure.Measured | None = None,
+         **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "n": n}
+    row["seconds"] = round(ours.median, 4) if ours else None
+    row["baseline_seconds"] = round(base.median, 4) if base else None  # null: no baseline
+    row["ratio"] = round(base.median / ours.median, 2) if (ours and base and ours.median > 0) else None
+    row["peak_rss_gib"] = round(ours.peak_rss / GIB, 3) if ours else None
+    row["baseline_peak_rss_gib"] = round(base.peak_rss / GIB, 3) if base else None
+    row["peak_anon_gib"] = round(ours.peak_anon / GIB, 3) if ours else None
+    row["runs"] = [round(s, 4) for s in ours.seconds] if ours else []
+    row["baseline_runs"] = [round(s, 4) for s in base.seconds] if base else []
+    row["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    row.update(extra)
+    return row
+
+
+def _num(x: Any, spec: str, width: int) -> str:
+    return format(x, spec) if isinstance(x, int | float) and x == x else "-".rjust(width)
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    ratio = row.get("ratio")
+    rt = f"{ratio:7.1f}x" if ratio else "       -"
+    return (f"{row['name']:<22} {row['n']:>11,} {_num(row['seconds'], '9.3f', 9)} "
+            f"{_num(row.get('baseline_seconds'), '9.3f', 9)} {rt} "
+            f"{_num(row['peak_rss_gib'], '7.2f', 7)}")
+
+
+HEADER = f"{'name':<22} {'n':>11} {'seconds':>9} {'baseline':>9} {'ratio':>8} {'peakGiB':>7}"
+
+
+def _save(cfg: SuiteConfig, machine: dict[str, Any]) -> dict[str, Any]:
+    doc = {
+        "machine": measure.describe(machine),
+        "machine_info": machine,
+        "command": cfg.command,
+        "results": cfg.results,
+        "references": REFERENCES,
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.out / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
+    tmp.replace(cfg.out / "results.json")
+    return doc
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+@contextmanager
+def _env_vars(**values: str) -> Any:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fast_path_installed() -> bool:
+    """Whether loop.py/evaluation.py call the scale module (the patch in BENCHMARKS.md)."""
+    import inspect
+
+    from agile_pipeline.lib import evaluation, loop
+
+    return "scale" in inspect.getsource(loop) and "scale" in inspect.getsource(evaluation)
+
+
+@contextmanager
+def straightforward_paths() -> Any:
+    """Run the product code with the split caches switched off (``scale.has_cache`` False):
+    the code paths as they were before the fast path (matrix + dict index + float32 scans)."""
+    from agile_pipeline.lib import scale
+
+    orig = scale.has_cache
+    scale.has_cache = lambda vectors: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        scale.has_cache = orig  # type: ignore[assignment]
+
+
+# ---- first load, in a subprocess ------------------------------------------------------------
+def _first_load_child(kind: str, home: str, model_id: str) -> None:
+    """Entry point of the first-load subprocess: build the caches, print a JSON line."""
+    import lance  # noqa: F401 - imports are not part of the measured load
+    import torch  # noqa: F401
+
+    from agile_pipeline import settings
+    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.vectors import VectorStore
+
+    paths = settings.Paths(Path(home))
+    vs = VectorStore(paths.lancedb, cache_dir=paths.cache)
+    vs.table(model_id)
+    with measure.PeakMemory() as mem:
+        t0 = time.perf_counter()
+        if kind == "committed":
+            for split in ("train", "test"):
+                plain.matrix_as_committed(vs, model_id, split)
+        elif kind == "matrix":
+            for split in ("train", "test"):
+                vs.matrix(model_id, split)
+        else:
+            for split in ("train", "test"):
+                scale.split_cache(vs, model_id, split)
+        seconds = time.perf_counter() - t0
+    sys.stdout.write(json.dumps({"seconds": seconds, "rss": mem.rss, "anon": mem.anon}) + "\n")
+
+
+def _run_first_load(kind: str, home: Path, model_id: str, lance_files: list[str]) -> measure.Measured | None:
+    cache = home / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    measure.drop_file_cache(lance_files)
+    cmd = [sys.executable, "-c",
+           "import sys; from benchmarks.suite import _first_load_child as f; f(*sys.argv[1:])",
+           kind, str(home), model_id]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=root)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        return None
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = measure.Measured(seconds=[got["seconds"]], peak_rss=got["rss"], peak_anon=got["anon"])
+    return m
+
+
+# ---- concept setup ---------------------------------------------------------------------------
+@dataclass
+class Bench:
+    n: int
+    corpus: synth.Corpus
+    env: Any
+    train: Any
+    test: Any
+    truth_train: np.ndarray  # bool per train row
+    truth_test: np.ndarray  # bool per test row
+    spec: str
+    agile: Any
+
+
+def _release(b: "Bench | None" = None) -> None:
+    """Unmap what earlier phases touched, so each phase's peak RSS is its own: memory-mapped
+    file pages count in RSS for as long as the mapping lives."""
+    import gc
+
+    from agile_pipeline.lib import scale
+
+    scale._MEMO.clear()
+    if b is not None:
+        b.train._f16 = None
+        b.test._f16 = None
+    gc.collect()
+
+
+def _truth(cache: Any, positives: np.ndarray) -> np.ndarray:
+    t = np.zeros(len(cache), np.bool_)
+    p = cache.positions(positives)
+    t[p[p >= 0]] = True
+    return t
+
+
+def _label(b: Bench, items: list[dict[str, Any]], purpose: str = "train") -> int:
+    from agile_pipeline.lib.state import LabelEvent
+
+    ids = [it["image_id"] for it in items]
+    in_train = b.train.positions(ids)
+    in_test = b.test.positions(ids)
+    events = []
+    for it, a, c in zip(items, in_train.tolist(), in_test.tolist(), strict=True):
+        pos = bool(b.truth_train[a]) if a >= 0 else bool(b.truth_test[c]) if c >= 0 else False
+        events.append(LabelEvent(synth.CONCEPT, it["image_id"], "positive" if pos else "negative",
+                                 "owner", purpose=purpose, source=it.get("source", "bench")))
+    return b.env.store.add_labels(events)
+
+
+def write_zero_shot(b: Bench) -> None:
+    """The concept's ``zero_shot.npz`` (ids, cosines, text vector) from the split caches —
+    what the start job's ``zero_shot`` asset writes, without a 10M-row all-splits matrix."""
+    from agile_pipeline.lib import scale
+
+    text = b.corpus.geometry.phrase_vectors[synth.CONCEPT]
+    ids = np.concatenate([np.char.decode(b.train.keys, "utf-8"), np.char.decode(b.test.keys, "utf-8")])
+    scores = np.concatenate([scale.matvec_f16(b.train, text), scale.matvec_f16(b.test, text)])
+    out = b.env.concept_dir(synth.CONCEPT) / "zero_shot.npz"
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, ids=ids, scores=scores, text=text)
+    tmp.replace(out)
+
+
+def setup_concept(b: Bench, log: Callable[[str], None]) -> dict[str, float]:
+    """Concept + zero-shot + expansion batch (rated) + round 0 + AL batch (rated) + eval labels:
+    the state in which the user has just submitted round 1's labels."""
+    from agile_pipeline.lib.loop import build_expansion, select_candidates, train_round
+
+    times: dict[str, float] = {}
+    store = b.env.store
+    if synth.CONCEPT in store.concept_names():
+        import sqlite3
+
+        con = sqlite3.connect(b.env.paths.state_db, isolation_level=None)
+        for table in ("label_events", "batch_items", "batches", "rounds", "exemplars"):
+            try:
+                if table == "batch_items":
+                    con.execute("DELETE FROM batch_items WHERE batch_id IN (SELECT batch_id FROM "
+                                "batches WHERE concept = ?)", (synth.CONCEPT,))
+                else:
+                    con.execute(f"DELETE FROM {table} WHERE concept = ?", (synth.CONCEPT,))
+            except sqlite3.OperationalError:
+                pass
+        con.execute("DELETE FROM concepts WHERE name = ?", (synth.CONCEPT,))
+        con.close()
+        shutil.rmtree(b.env.concept_dir(synth.CONCEPT), ignore_errors=True)
+    store.create_concept(synth.CONCEPT, [synth.MODE_PHRASE], [synth.NEG_PHRASE])
+    t0 = time.perf_counter()
+    write_zero_shot(b)
+    times["zero_shot"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exp = build_expansion(b.env, synth.CONCEPT, synth.PlantedTextEncoder(b.corpus))
+    times["expansion"] = time.perf_counter() - t0
+    _label(b, exp.items)
+    # eval labels: 100 random test images and 20 planted test positives
+    rng = np.random.default_rng(7)
+    rows = rng.choice(len(b.test), size=min(100, len(b.test)), replace=False)
+    pos_rows = np.flatnonzero(b.truth_test)[:20]
+    ev = [{"image_id": i, "source": "eval"} for i in b.test.id_at(np.concatenate([rows, pos_rows]))]
+    _label(b, ev, purpose="eval")
+    t0 = time.perf_counter()
+    train_round(b.env, synth.CONCEPT)
+    times["round0_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    al = select_candidates(b.env, synth.CONCEPT)
+    times["round0_select"] = time.perf_counter() - t0
+    _label(b, al.items)
+    n_pos = int(sum(b.truth_train[b.train.positions([it["image_id"] for it in exp.items + al.items])]))
+    log(f"  setup: expansion {times['expansion']:.1f}s, round 0 {times['round0_train']:.1f}s + "
+        f"{times['round0_select']:.1f}s; {len(exp.items) + len(al.items)} labels, {n_pos} positive")
+    return times
+
+
+def _labels(b: Bench) -> tuple[list[str], np.ndarray]:
+    from agile_pipeline.lib.loop import training_labels
+    from agile_pipeline.lib.state import LabelRule
+
+    cutoff = b.env.store.label_cutoff(synth.CONCEPT)
+    return training_labels(b.env, synth.CONCEPT, rule=LabelRule(), upto=cutoff)
+
+
+def _ap_rows(b: Bench, cap: int = 1_000_000) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    n = len(b.test)
+    return np.sort(rng.choice(n, size=min(cap, n), replace=False)) if n > cap else np.arange(n)
+
+
+def _auc_pr(truth: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(truth, scores)) if truth.any() else float("nan")
+
+
+# ---- the measurements ------------------------------------------------------------------------
+def bench_expansion(b: Bench, cfg: SuiteConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from agile_pipeline.lib import scale
+
+    vs, mid = b.env.vectors, b.corpus.model_id
+    qs = list(b.corpus.geometry.phrase_vectors.values())
+    k = 100
+
+    def lance_exact() -> list[set[str]]:
+        return [{i for i, _s, _d in vs.search(mid, q, k, split="train")} for q in qs]
+
+    def numpy_scan() -> list[set[str]]:
+        return [{i for i, _s in plain.numpy_search(vs, mid, q, k)} for q in qs]
+
+    def cached_scan() -> list[set[str]]:
+        return [set(x) for x in scale_search(scale.split_cache(vs, mid, "train"), np.stack(qs), k)]
+
+    ours = measure.measure(lance_exact, cfg.repeats)
+    base = measure.measure(numpy_scan, cfg.repeats)
+    cached = measure.measure(cached_scan, cfg.repeats)
+    exact = ours.value
+    rec_np = statistics.mean(len(a & e) / k for a, e in zip(base.value, exact, strict=True))
+    rec_c = statistics.mean(len(a & e) / k for a, e in zip(cached.value, exact, strict=True))
+    per = len(qs)
+    for m in (ours, base, cached):
+        m.seconds = [s / per for s in m.seconds]
+    rows = [
+        _row("expansion_exact", b.n, ours, base, unit="seconds per phrase", phrases=per,
+             method="LanceDB exact search (prefilter split='train')",
+             baseline="float32 NumPy scan of the LanceDB vectors + argpartition",
+             baseline_recall_at_100=round(rec_np, 4)),
+        _row("expansion_cached", b.n, cached, base, unit="seconds per phrase", phrases=per,
+             method="one bfloat16 scan of the train split cache for all phrases + float32 re-rank",
+             recall_at_100_vs_exact=round(rec_c, 4)),
+    ]
+    return rows, {"exact": exact, "lance_exact": ours, "numpy": base}
+
+
+def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 16,
+                 shortlist: int = 20) -> list[list[str]]:
+    """Nearest ``k`` by cosine for several queries in one bfloat16 scan of a split cache, the
+    best ``shortlist * k`` per query re-ranked in float32 from the float16 rows."""
+    import torch
+
+    from agile_pipeline.lib import scale
+
+    q = np.asarray(queries, np.float32)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    qt = torch.from_numpy(q.T.copy()).to(torch.bfloat16)
+    keep = shortlist * k
+    best_s = [np.empty(0, np.float32) for _ in q]
+    best_r = [np.empty(0, np.int64) for _ in q]
+    with torch.inference_mode():
+        for start, rows in scale.iter_npy_rows(cache.bf16_path, chunk):
+            x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+            s = (x @ qt).float().numpy()  # the cache's bfloat16 rows are unit vectors
+            for j in range(q.shape[0]):
+                col = s[:, j]
+                top = np.argpartition(-col, keep - 1)[:keep] if col.size > keep else np.arange(col.size)
+                cs = np.concatenate([best_s[j], col[top]])
+                cr = np.concatenate([best_r[j], top + start])
+                if cs.size > keep:
+                    sel = np.argpartition(-cs, keep - 1)[:keep]
+                    cs, cr = cs[sel], cr[sel]
+                best_s[j], best_r[j] = cs, cr
+    out = []
+    for j in range(q.shape[0]):
+        rows_j = np.sort(best_r[j])
+        X = cache.rows_f32(rows_j)
+        exact = (X @ q[j]) / np.maximum(np.linalg.norm(X, axis=1), 1e-12)
+        order = np.lexsort((rows_j, -exact))[:k]
+        out.append(cache.id_at(rows_j[order]))
+    return out
+
+
+def bench_al_round(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
+    from agile_pipeline.lib import scale
+
+    vs, mid, store = b.env.vectors, b.corpus.model_id, b.env.store
+
+    def ours() -> Any:
+        scale._MEMO.clear()  # include loading the split cache, as a fresh round does
+        return scale.select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
+
+    def base() -> Any:
+        return plain.al_round_fp32(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100)
+
+    _release(b)
+    o = measure.measure(ours, cfg.repeats)
+    _release(b)
+    bm = measure.measure(base, cfg.repeats)
+    _release(b)
+    same_set = set(o.value.ids) == set(bm.value[0])
+    same_order = list(o.value.ids) == list(bm.value[0])
+    t0 = time.perf_counter()
+    scale.score_bf16(model, b.train)
+    scan = time.perf_counter() - t0
+    return _row("al_round", b.n, o, bm, rows_scored=len(b.train), batch=100,
+                method="bfloat16 scan of the train split cache + exact float32 re-score of a "
+                       "proven shortlist + argpartition; labeled ids masked via sorted ids",
+                baseline="VectorStore.matrix + float32 predict_proba + per-id Python membership + full argsort",
+                same_selection_as_baseline=same_set, same_order_as_baseline=same_order,
+                shortlist=o.value.info.get("shortlist"), shortlist_proven=o.value.info.get("shortlist_proven"),
+                bf16_scan_seconds=round(scan, 4))
+
+
+def bench_train(b: Bench, cfg: SuiteConfig) -> tuple[dict[str, Any], Any]:
+    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.training import TrainConfig, train_classifier
+
+    vs, mid = b.env.vectors, b.corpus.model_id
+    ids, y = _labels(b)
+    tc = TrainConfig(random_negatives=cfg.random_negatives)
+
+    def ours() -> Any:
+        X_pool, X_lab, exclude = scale.training_inputs(vs, mid, ids)
+        return train_classifier(X_lab, y, X_pool, round_index=1, config=tc, exclude_from_pool=exclude)
+
+    _release(b)
+    o = measure.measure(ours, cfg.repeats)
+    model = o.value
+    ap_rows = _ap_rows(b)
+    truth = b.truth_test[ap_rows]
+    X_ap = b.test.rows_f32(ap_rows)
+    ap_ours = _auc_pr(truth, model.predict_proba(X_ap))
+    zs = X_ap @ b.corpus.geometry.phrase_vectors[synth.CONCEPT]
+    ap_zero = _auc_pr(truth, zs)
+    extra: dict[str, Any] = {
+        "labels": len(y), "labels_positive": int(y.sum()), "random_negatives": model.meta.n_random_neg,
+        "steps": model.meta.steps_per_epoch * tc.epochs, "auc_pr": round(ap_ours, 4),
+        "auc_pr_zero_shot": round(ap_zero, 4), "auc_pr_rows": int(ap_rows.size),
+        "auc_pr_positives": int(truth.sum()),
+        "method": "train_classifier (paper recipe: 3x128, 500k random negatives, 10 epochs of "
+                  "max(30, labels/batch) steps of 64) incl. input gathering",
+    }
+    base = None
+    if cfg.plain_epochs > 0:
+        _X_pool, X_lab, exclude = scale.training_inputs(vs, mid, ids)
+        del _X_pool
+
+        def plain_run() -> Any:
+            pool = np.load(b.train.f16_path, mmap_mode="r")  # its own mapping, unmapped after
+            try:
+                return plain.plain_train(X_lab, y, pool, exclude, epochs=cfg.plain_epochs,
+                                         random_negatives=cfg.random_negatives)
+            finally:
+                del pool
+
+        _release(b)
+        base = measure.measure(plain_run, 1)
+        module, info = base.value
+        ap_plain = _auc_pr(truth, plain.predict_module(module, X_ap))
+        del module
+        extra.update(auc_pr_baseline=round(ap_plain, 4), baseline_steps=info["steps"],
+                     baseline=f"plain recipe: {cfg.plain_epochs} epochs, each one pass over all "
+                              f"{info['random_negatives']:,} random negatives, batch 64 "
+                              "(32 pos / 16 neg / 16 random), float32, run once",
+                     auc_pr_no_worse_than_baseline=bool(ap_ours >= ap_plain - 1e-9))
+    del X_ap
+    _release(b)
+    return _row("train", b.n, o, base, **extra), model
+
+
+def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[str, Any]:
+    from agile_pipeline import settings
+    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.evalset import stratified_eval_set
+
+    text = b.corpus.geometry.phrase_vectors[synth.CONCEPT]
+    scores = {"zero-shot": scale.zero_shot_unit_split(b.env.concept_dir(synth.CONCEPT), text, b.train, b.test)}
+    for name, model in models.items():
+        scores[name] = scale.strata_exact_scores(model, b.test)[0]
+    for p in b.test.cache_dir.glob(f"{b.test.tag}.eval*.npy"):
+        p.unlink()
+    t0 = time.perf_counter()
+    scale.eval_hash_order(b.test, settings.EVAL_KEY)
+    first = time.perf_counter() - t0
+
+    def ours() -> Any:
+        return scale.stratified_eval_set_cached(b.test, scores, key=settings.EVAL_KEY)
+
+    test_m = b.env.vectors.matrix(b.corpus.model_id, "test")
+
+    def base() -> Any:
+        return stratified_eval_set([str(i) for i in test_m.ids], scores, key=settings.EVAL_KEY)
+
+    _release(b)
+    o = measure.measure(ours, cfg.repeats)
+    bm = measure.measure(base, cfg.repeats)
+    _release(b)
+    return _row("eval_set", b.n, o, bm, models=len(scores), test_rows=len(b.test),
+                eval_images=len(o.value), same_eval_set_as_baseline=o.value.keys == bm.value.keys,
+                hash_order_first_seconds=round(first, 4),
+                method="stratified_eval_set_cached: SipHash order cached per table version",
+                baseline="stratified_eval_set over a list of the test ids (hashing every id)")
+
+
+def _one_round(b: Bench) -> tuple[float, dict[str, Any]]:
+    from agile_pipeline.defs.concepts import al_candidates, classifier
+    from agile_pipeline.lib.loop import pending_items
+    from agile_pipeline.runner import metadata_of, run_concept_round
+
+    pending = pending_items(b.env, synth.CONCEPT)
+    _label(b, pending)
+    t0 = time.perf_counter()
+    res = run_concept_round(synth.CONCEPT, agile=b.agile)
+    seconds = time.perf_counter() - t0
+    nxt = pending_items(b.env, synth.CONCEPT)
+    c, a = metadata_of(res, classifier), metadata_of(res, al_candidates)
+    info = {"round": c.get("round"), "train_seconds": c.get("train_seconds"),
+            "classifier_seconds": c.get("seconds_total"), "select_seconds": a.get("select_seconds"),
+            "next_candidates": len(nxt), "steps": _step_seconds(res)}
+    return seconds, info
+
+
+def _step_seconds(res: Any) -> dict[str, float]:
+    """Seconds per Dagster step, from the run's event log."""
+    try:
+        import dagster as dg
+
+        inst = dg.DagsterInstance.get()
+        starts: dict[str, float] = {}
+        out: dict[str, float] = {}
+        for e in inst.all_logs(res.run_id):
+            de = e.dagster_event
+            if de is None or not de.step_key:
+                continue
+            if de.event_type_value == "STEP_START":
+                starts[de.step_key] = e.timestamp
+            elif de.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and de.step_key in starts:
+                out[de.step_key] = round(e.timestamp - starts[de.step_key], 3)
+        return out
+    except Exception:  # timing detail only
+        return {}
+
+
+def bench_round(b: Bench, cfg: SuiteConfig) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    fast = fast_path_installed()
+    # warm-up: imports (mlflow, sklearn), first MLflow writes — reported separately
+    _release(b)
+    firsts = [_one_round(b) for _ in range(cfg.rounds_warmup)]
+    infos: list[dict[str, Any]] = []
+
+    def ours() -> float:
+        s, info = _one_round(b)
+        infos.append(info)
+        return s
+
+    o = measure.measure(ours, cfg.repeats)
+    base = None
+    base_infos: list[dict[str, Any]] = []
+    if cfg.baseline_round and fast and b.n <= cfg.baseline_round_max_n:
+        _release(b)
+        with straightforward_paths():
+            _one_round(b)  # warm-up: builds VectorStore.matrix caches the old path reads
+
+            def base_fn() -> float:
+                s, info = _one_round(b)
+                base_infos.append(info)
+                return s
+
+            base = measure.measure(base_fn, cfg.baseline_round_repeats)
+    rows.append(_row(
+        "round_end_to_end", b.n, o, base, fast_path_installed=fast,
+        first_round_seconds=[round(s, 3) for s, _ in firsts],
+        rounds=[i["round"] for i in infos], next_candidates=[i["next_candidates"] for i in infos],
+        steps=infos[len(infos) // 2]["steps"] if infos else {},
+        baseline_steps=base_infos[len(base_infos) // 2]["steps"] if base_infos else {},
+        method="label the pending AL batch, runner.run_concept_round (Dagster in-process: "
+               "classifier + MLflow, al_candidates, eval_set, model_metrics), next batch ready",
+        baseline="the same round with the split caches off (scale.has_cache = False): "
+                 "VectorStore.matrix, dict id index, float32 scans" if base else
+                 ("not run: the fast path is not wired into loop.py" if not fast else
+                  f"not run above n = {cfg.baseline_round_max_n:,} (minutes per round)"),
+    ))
+    return rows
+
+
+def bench_ann(b: Bench, cfg: SuiteConfig, exp: dict[str, Any]) -> dict[str, Any]:
+    vs, mid = b.env.vectors, b.corpus.model_id
+    tbl = vs.table(mid)
+    n_parts = int(min(256, max(16, round(b.n ** 0.5 / 4))))  # build time grows with n x parts
+    t0 = time.perf_counter()
+    with measure.PeakMemory() as mem:
+        tbl.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_PQ",
+                         num_partitions=n_parts, num_sub_vectors=max(1, b.corpus.dim // 8),
+                         sample_rate=64, max_iterations=20)
+    build = time.perf_counter() - t0
+    qs = list(b.corpus.geometry.phrase_vectors.values())
+    nprobes, refine = 20, 10
+
+    def ann() -> list[set[str]]:
+        out = []
+        for q in qs:
+            r = (tbl.search(q.astype(np.float32), vector_column_name="vector")
+                 .distance_type("cosine").nprobes(nprobes).refine_factor(refine).limit(100)
+                 .where("split = 'train'", prefilter=True).select(["id", "_distance"]).to_arrow())
+            out.append(set(r.column("id").to_pylist()))
+        return out
+
+    o = measure.measure(ann, cfg.repeats)
+    o.seconds = [s / len(qs) for s in o.seconds]
+    recall = statistics.mean(len(a & e) / 100 for a, e in zip(o.value, exp["exact"], strict=True))
+    return _row("expansion_ann", b.n, o, exp["numpy"], unit="seconds per phrase",
+                index="IVF_PQ", num_partitions=n_parts, num_sub_vectors=b.corpus.dim // 8,
+                nprobes=nprobes, refine_factor=refine, build_seconds=round(build, 2),
+                build_peak_rss_gib=round(mem.rss / GIB, 3), recall_at_100=round(recall, 4),
+                exact_lancedb_seconds=round(exp["lance_exact"].median, 4),
+                baseline="float32 NumPy scan (as expansion_exact)")
+
+
+# ---- per size --------------------------------------------------------------------------------
+def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
+    from agile_pipeline import settings
+    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.loop import LoopEnv
+    from agile_pipeline.lib.state import StateStore
+    from agile_pipeline.lib.training import TrainConfig, train_classifier
+    from agile_pipeline.lib.vectors import VectorStore
+
+    log = cfg.log
+    workdir = cfg.workdir or cfg.out / "work"
+    home = workdir / f"corpus-{n}-d{cfg.dim}"
+    log(f"== n = {n:,} (dim {cfg.dim}) in {home}")
+    t0 = time.perf_counter()
+    corpus = synth.write_corpus(home, n, cfg.dim, seed=cfg.seed, log=log)
+    reused = time.perf_counter() - t0 < corpus.build_seconds * 0.5
+    cfg.results.append(_row("corpus_write", n, measure.Measured(seconds=[corpus.build_seconds]),
+                            manifest_seconds=round(corpus.manifest_seconds, 2), reused=reused,
+                            positives=len(corpus.positives)))
+    log(_fmt(cfg.results[-1]))
+    paths = settings.Paths(home).ensure()
+    vectors = VectorStore(paths.lancedb, cache_dir=paths.cache)
+    tbl = vectors.table(corpus.model_id)
+    for idx in tbl.list_indices():  # a kept corpus from an earlier run: exact search again
+        tbl.drop_index(idx.name)
+    lance_files = [str(p) for p in paths.lancedb.rglob("*") if p.is_file()]
+
+    # first load (subprocesses) and cached load
+    committed = n <= cfg.committed_first_load_max_n
+    base_first = _run_first_load("committed" if committed else "matrix", home, corpus.model_id,
+                                 lance_files)
+    ours_first = _run_first_load("ours", home, corpus.model_id, lance_files)
+    scale._MEMO.clear()
+    cfg.results.append(_row(
+        "first_load", n, ours_first, base_first,
+        method="scale.split_cache(train) + (test): one streaming scan of LanceDB into float16, "
+               "bfloat16, sorted-id and norm files",
+        baseline=("VectorStore.matrix(train) + (test) as first committed: whole split as "
+                  "float32 in memory, then cast" if committed else
+                  "VectorStore.matrix(train) + (test), streaming version (the committed one "
+                  "needs ~1.5x the split's float32 size in RAM: not run at this size)"),
+        page_cache_dropped=True))
+    log(_fmt(cfg.results[-1]))
+
+    def load_ours() -> None:
+        scale._MEMO.clear()
+        scale.split_cache(vectors, corpus.model_id, "train")
+        scale.split_cache(vectors, corpus.model_id, "test")
+
+    def load_base() -> None:
+        vectors.matrix(corpus.model_id, "train")
+        vectors.matrix(corpus.model_id, "test")
+
+    cfg.results.append(_row("cache_load", n, measure.measure(load_ours, cfg.repeats),
+                            measure.measure(load_base, cfg.repeats),
+                            method="split caches memory-mapped (ids as fixed-width bytes)",
+                            baseline="VectorStore.matrix cached (pickled object ids + memmap)"))
+    log(_fmt(cfg.results[-1]))
+
+    store = StateStore(paths.state_db)
+    env = LoopEnv(store, vectors, corpus.model_id, paths)
+    train = scale.split_cache(vectors, corpus.model_id, "train")
+    test = scale.split_cache(vectors, corpus.model_id, "test")
+    spec = corpus.encoder_spec()
+    b = Bench(n, corpus, env, train, test, _truth(train, corpus.positives),
+              _truth(test, corpus.positives), spec, AgileHome(home=str(home), encoder=spec))
+    dagster_home = home / "dagster_home"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with _env_vars(AGILE_HOME=str(home), AGILE_ENCODER=spec, DAGSTER_HOME=str(dagster_home)):
+        setup = setup_concept(b, log)
+        rows, exp = bench_expansion(b, cfg)
+        for r in rows:
+            r["setup_seconds"] = {k: round(v, 2) for k, v in setup.items()}
+            cfg.results.append(r)
+            log(_fmt(r))
+        _save(cfg, machine)
+        train_row, model1 = bench_train(b, cfg)
+        cfg.results.append(train_row)
+        log(_fmt(train_row) + f"   AUC-PR {train_row['auc_pr']} (plain {train_row.get('auc_pr_baseline')}, "
+            f"zero-shot {train_row['auc_pr_zero_shot']})")
+        _save(cfg, machine)
+        cfg.results.append(bench_al_round(b, cfg, model1))
+        log(_fmt(cfg.results[-1]) + f"   same selection: {cfg.results[-1]['same_selection_as_baseline']}")
+        _save(cfg, machine)
+        ids, y = _labels(b)
+        X_pool, X_lab, exclude = scale.training_inputs(vectors, corpus.model_id, ids)
+        models = {"round-1": model1}
+        for seed in (1, 2, 3):
+            models[f"seed-{seed}"] = train_classifier(X_lab, y, X_pool, round_index=1,
+                                                      config=TrainConfig(seed=seed), exclude_from_pool=exclude)
+        models["round-0"] = train_classifier(X_lab, y, X_pool, round_index=0, exclude_from_pool=exclude)
+        ap_rows = _ap_rows(b)
+        X_ap = b.test.rows_f32(ap_rows)
+        aps = [_auc_pr(b.truth_test[ap_rows], models[k].predict_proba(X_ap))
+               for k in ("round-1", "seed-1", "seed-2", "seed-3")]
+        train_row["auc_pr_seeds_0_3"] = [round(a, 4) for a in aps]
+        train_row["auc_pr_seed_mean"] = round(float(np.mean(aps)), 4)
+        train_row["auc_pr_seed_sd"] = round(float(np.std(aps, ddof=1)), 4)
+        del X_ap
+        _release(b)
+        cfg.results.append(bench_eval_set(b, cfg, models))
+        log(_fmt(cfg.results[-1]) + f"   same set: {cfg.results[-1]['same_eval_set_as_baseline']}")
+        _save(cfg, machine)
+        for r in bench_round(b, cfg):
+            cfg.results.append(r)
+            log(_fmt(r) + f"   steps {r['steps']}")
+        _save(cfg, machine)
+        if cfg.ann:
+            cfg.results.append(bench_ann(b, cfg, exp))
+            log(_fmt(cfg.results[-1]) + f"   recall@100 {cfg.results[-1]['recall_at_100']}, "
+                f"build {cfg.results[-1]['build_seconds']}s")
+            _save(cfg, machine)
+    store.close()
+    scale._MEMO.clear()
+    if not cfg.keep:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
+    """Run every size; write ``cfg.out / results.json`` after each step; return the document."""
+    import logging
+
+    for name in ("lance", "lancedb", "alembic", "mlflow", "dagster"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("LANCE_LOG", "error")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    machine = measure.machine()
+    cfg.log(measure.describe(machine))
+    if not fast_path_installed():
+        cfg.log("note: loop.py/evaluation.py do not use agile_pipeline.lib.scale yet (see "
+                "BENCHMARKS.md); round_end_to_end measures the committed path")
+    cfg.log(HEADER)
+    for n in cfg.sizes:
+        run_size(n, cfg, machine)
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc = _save(cfg, machine)
+    cfg.log("")
+    cfg.log(HEADER)
+    for r in cfg.results:
+        cfg.log(_fmt(r))
+    return doc
