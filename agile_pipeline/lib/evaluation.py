@@ -73,11 +73,18 @@ def build_eval_set(
 
     t0 = time.perf_counter()
     c = env.store.get_concept(concept)
-    ids, scores = model_test_scores(env, c.name)
-    es = stratified_eval_set(
-        [str(i) for i in ids], scores, key=settings.EVAL_KEY, per_stratum=per_stratum,
-        n_strata=n_strata,
-    )
+    from agile_pipeline.lib import scale
+
+    if scale.has_cache(env.vectors):
+        test, scores = scale.test_split_scores(env, c.name, n_strata=n_strata)
+        es = scale.stratified_eval_set_cached(
+            test, scores, key=settings.EVAL_KEY, per_stratum=per_stratum, n_strata=n_strata)
+    else:
+        ids, scores = model_test_scores(env, c.name)
+        es = stratified_eval_set(
+            [str(i) for i in ids], scores, key=settings.EVAL_KEY, per_stratum=per_stratum,
+            n_strata=n_strata,
+        )
     items = [
         {"image_id": k, "source": "eval",
          "detail": ", ".join(f"{m}@{s}" for m, s in es.picked_by[k])}
@@ -106,14 +113,20 @@ def evaluate(
     """Metrics of every model and zero-shot on the rated eval set; writes a JSON and a plot."""
     c = env.store.get_concept(concept)
     labels = env.store.effective_labels(c.name, purpose="eval", rule=rule)
-    ids, scores = model_test_scores(env, c.name)
-    index = {str(i): k for k, i in enumerate(ids)}
-    rated = [i for i in labels if i in index]
+    from agile_pipeline.lib import scale
+
+    if scale.has_cache(env.vectors):  # score only the rated rows, no scan of the test split
+        rated, rated_scores = scale.rated_test_scores(env, c.name, list(labels))
+    else:
+        ids, scores = model_test_scores(env, c.name)
+        index = {str(i): k for k, i in enumerate(ids)}
+        rated = [i for i in labels if i in index]
+        rated_scores = {name: s[[index[i] for i in rated]] for name, s in scores.items()}
     y = np.array([labels[i] for i in rated], dtype=np.int64)
     rows: list[dict[str, Any]] = []
     rounds = {f"round-{r['round']}": r for r in env.store.rounds(c.name)}
-    for name, s in scores.items():
-        sel = s[[index[i] for i in rated]] if rated else np.zeros(0, np.float32)
+    for name, s in rated_scores.items():
+        sel = s if rated else np.zeros(0, np.float32)
         thr = zero_shot_threshold if name == ZERO_SHOT else 0.5
         r = rounds.get(name)
         row: dict[str, Any] = {

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agile_pipeline import settings
-from agile_pipeline.lib.selection import sample_expansion, select_margin, select_margin_positive
+from agile_pipeline.lib.selection import sample_expansion
 from agile_pipeline.lib.state import Concept, LabelRule, StateStore
 from agile_pipeline.lib.vectors import VectorStore
 
@@ -280,13 +280,12 @@ def _train_round(
             "image as positive — widen the search with more phrases, or add an exemplar image — "
             "then run the round again"
         )
-    train = env.vectors.matrix(env.model_id, "train")
-    index = train.index_of()
-    X_lab = env.vectors.vectors_for(env.model_id, ids)
-    exclude = np.array([index[i] for i in ids if i in index], dtype=np.int64)
+    from agile_pipeline.lib.scale import training_inputs
+
+    X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids)
     try:
         model = train_classifier(
-            X_lab, y, train.vectors, round_index=round_index, config=config,
+            X_lab, y, X_pool, round_index=round_index, config=config,
             exclude_from_pool=exclude, concept=concept.name,
         )
     except NotEnoughLabels as exc:
@@ -370,25 +369,20 @@ def _select_candidates(
     concept = env.store.get_concept(concept_name)
     round_index, model = load_model(env, concept.name)
     cutoff = env.store.label_cutoff(concept.name)
-    train = env.vectors.matrix(env.model_id, "train")
-    scores = model.predict_proba(train.vectors)
-    labeled = env.store.labeled_image_ids(concept.name)
-    eligible = np.fromiter((i not in labeled for i in train.ids), dtype=bool, count=len(train.ids))
-    if strategy == "margin":
-        picked = select_margin(scores, batch_size, eligible=eligible)
-    elif strategy == "margin-positive":
-        picked = select_margin_positive(scores, batch_size, eligible=eligible)
-    else:
+    if strategy not in ("margin", "margin-positive"):
         raise LoopError(f"unknown strategy {strategy!r}: use 'margin' or 'margin-positive'")
+    from agile_pipeline.lib.scale import select_for_round
+
+    labeled = env.store.labeled_image_ids(concept.name)
+    sel = select_for_round(env.vectors, env.model_id, model, labeled, batch_size, strategy)
     items = [
-        {"image_id": str(train.ids[k]), "source": f"al:{strategy}",
-         "detail": f"selected by the round-{round_index} model",
-         "score": float(scores[k])}
-        for k in picked
+        {"image_id": image_id, "source": f"al:{strategy}",
+         "detail": f"selected by the round-{round_index} model", "score": score}
+        for image_id, score in zip(sel.ids, sel.scores, strict=True)
     ]
     seconds = time.perf_counter() - t0
-    info = {"strategy": strategy, "scored": len(scores), "eligible": int(eligible.sum()),
-            "select_seconds": seconds, "model_round": round_index}
+    info = {"strategy": strategy, "scored": sel.n_scored, "eligible": sel.n_eligible,
+            "select_seconds": seconds, "model_round": round_index, **sel.info}
     # labels of this batch train the next round
     batch_id = env.store.write_batch(
         concept.name, "al", round_index + 1, items, label_cutoff=cutoff, run_id=run_id, info=info
