@@ -136,6 +136,7 @@ def train_test_assignment(config: SplitConfig, agile: AgileHome) -> dg.Materiali
     ),
 )
 def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib import distributed
     from agile_pipeline.lib.embedding import EmbeddingRun
     from agile_pipeline.lib.images import load_rgb
 
@@ -152,7 +153,15 @@ def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig,
     rows = {r["id"]: r["path"] for r in store.image_rows(todo)}
     n_ok, failed = 0, []
     stats = None
-    if todo:
+    if todo and distributed.enabled():
+        context.log.info(f"embedding {len(todo)} new images with {model_id} as Ray tasks "
+                         f"({distributed.ENV_ADDRESS}={distributed.ray_address()})")
+        n_ok, failed = distributed.embed_to_table_ray(
+            [(i, rows[i]) for i in todo], {i: splits[i] or "train" for i in todo},
+            encoder_spec=agile.encoder_spec, lancedb_uri=agile.paths.lancedb, model_id=model_id,
+            dim=encoder.dim, batch_size=config.batch_size)
+        vectors.optimize(model_id)
+    elif todo:
         context.log.info(f"embedding {len(todo)} new images with {model_id}")
         run = EmbeddingRun(
             [(i, Path(rows[i])) for i in todo],

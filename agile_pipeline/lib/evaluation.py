@@ -76,9 +76,8 @@ def build_eval_set(
     from agile_pipeline.lib import scale
 
     if scale.has_cache(env.vectors):
-        test, scores = scale.test_split_scores(env, c.name, n_strata=n_strata)
-        es = scale.stratified_eval_set_cached(
-            test, scores, key=settings.EVAL_KEY, per_stratum=per_stratum, n_strata=n_strata)
+        es, scores = scale.eval_set_for(env, c.name, key=settings.EVAL_KEY,
+                                        per_stratum=per_stratum, n_strata=n_strata)
     else:
         ids, scores = model_test_scores(env, c.name)
         es = stratified_eval_set(

@@ -174,28 +174,73 @@ class _NpyWriter:
             raise RuntimeError(f"{self.path}: wrote {self.rows} rows, expected {self.shape[0]}")
 
 
-def iter_npy_rows(path: Path, chunk: int, *, out: np.ndarray | None = None):  # type: ignore[no-untyped-def]
-    """Yield ``(start, rows)`` over a 2-D ``.npy`` in chunks read with ``readinto`` into one
-    reusable buffer (so a scan of a 10 GB file never maps it: RSS stays one chunk; the OS
-    page cache still keeps the file hot between rounds). The yielded array is overwritten by
-    the next chunk."""
+def iter_npy_rows(path: Path, chunk: int, *, prefetch: int = 2, start: int = 0,  # type: ignore[no-untyped-def]
+                  stop: int | None = None):
+    """Yield ``(start, rows)`` over rows ``[start, stop)`` of a 2-D ``.npy`` in chunks of
+    ``chunk`` rows.
+
+    Chunks are read with ``preadv`` into a few reusable buffers by a reader thread that stays
+    ``prefetch`` chunks ahead (so disk reads overlap the caller's compute), never through a
+    memory map: a scan of a 10 GB file keeps RSS at a few chunks, while the OS page cache still
+    keeps the file hot between rounds. A yielded array is reused once the caller asks for the
+    next chunk.
+    """
+    import queue
+    import threading
+
     dtype, shape, offset = _npy_header(path)
     n, d = shape
+    first = max(0, start)
+    n = n if stop is None else min(n, stop)
+    if n <= first:
+        return
     row_bytes = d * dtype.itemsize
-    buf = out if out is not None else np.empty((min(chunk, max(n, 1)), d), dtype)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            view = buf[:m]
-            mv = memoryview(view).cast("B")
-            got = 0
-            while got < m * row_bytes:
-                r = f.readinto(mv[got:])
-                if not r:
-                    raise OSError(f"{path}: unexpected end of file")
-                got += r
-            yield start, view
+    rows = min(chunk, n - first)
+    free: queue.Queue[np.ndarray] = queue.Queue()
+    for _ in range(max(1, prefetch) + 1):
+        free.put(np.empty((rows, d), dtype))
+    full: queue.Queue[tuple[int, np.ndarray | None, BaseException | None]] = queue.Queue()
+    halt = threading.Event()
+
+    def reader() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            full.put((0, None, exc))
+            return
+        try:
+            for at in range(first, n, chunk):
+                buf = free.get()
+                if halt.is_set():
+                    return
+                m = min(chunk, n - at)
+                mv = memoryview(buf[:m]).cast("B")
+                got, pos = 0, offset + at * row_bytes
+                while got < m * row_bytes:
+                    r = os.preadv(fd, [mv[got:]], pos + got)
+                    if r <= 0:
+                        raise OSError(f"{path}: unexpected end of file")
+                    got += r
+                full.put((at, buf, None))
+        except BaseException as exc:  # handed to the consumer
+            full.put((0, None, exc))
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=reader, name="npy-prefetch", daemon=True)
+    t.start()
+    try:
+        for at in range(first, n, chunk):
+            got_at, buf, err = full.get()
+            if err is not None:
+                raise err
+            assert buf is not None and got_at == at
+            yield at, buf[: min(chunk, n - at)]
+            free.put(buf)
+    finally:
+        halt.set()
+        free.put(np.empty((0, d), dtype))  # unblock the reader if it waits for a buffer
+        t.join()
 
 
 def _ids_to_bytes(col: Any) -> np.ndarray:
@@ -489,6 +534,10 @@ def score_bf16(model: Any, cache: SplitCache, *, chunk: int = 1 << 14,
     """Approximate P(positive) for every row of a split (bfloat16 scan), float32."""
     import torch
 
+    from agile_pipeline.lib import distributed
+
+    if distributed.enabled():  # AGILE_RAY_ADDRESS: the same scan as Ray tasks over row ranges
+        return distributed.score_bf16_ray(model, cache)
     scorer = BF16Scorer(model.module)
     n = len(cache)
     out = np.empty(n, np.float32)
@@ -629,53 +678,84 @@ def _n_top(k: int) -> int:
 
 
 # ---- evaluation: test-split scores, eval-set hash order ------------------------------------
-def strata_exact_scores(model: Any, cache: SplitCache, *, n_strata: int = 10,
-                        approx: np.ndarray | None = None, width: float = 0.01) -> tuple[np.ndarray, dict[str, Any]]:
-    """P(positive) for every row of a split whose *stratum* (``stratum_of``) equals the float32
-    path's: a bfloat16 scan, then every row within ``width`` of a stratum boundary re-scored
-    exactly; ``width`` grows until it exceeds the (doubled) largest bfloat16 error seen."""
-    t0 = time.perf_counter()
-    if approx is None:
-        approx = score_bf16(model, cache)
-    out = approx.copy()
-    inner = (np.arange(1, n_strata, dtype=np.float64) / n_strata).astype(np.float32)
-    done = np.zeros(len(cache), np.bool_)
+@dataclass
+class SplitScores:
+    """One model's P(positive) for every row of a split: float32-exact where ``exact``, else a
+    bfloat16 value within ``bound`` of the float32 one. ``refine(rows)`` computes exact values;
+    :func:`stratified_eval_set_cached` calls it only for the few rows whose stratum could
+    change which images the eval set picks."""
+
+    values: np.ndarray
+    exact: np.ndarray
+    bound: float
+    refine: Any = None  # Callable[[np.ndarray], np.ndarray] | None
+    dirty: bool = False  # refined since loaded (worth writing back)
+
+    def resolve(self, rows: np.ndarray) -> None:
+        rows = np.unique(np.asarray(rows, np.int64))
+        rows = rows[~self.exact[rows]]
+        if rows.size == 0:
+            return
+        if self.refine is None:
+            raise ValueError("these scores cannot be refined (no model attached)")
+        new = np.asarray(self.refine(rows), np.float32)
+        worst = float(np.max(np.abs(new - self.values[rows])))
+        if worst > self.bound:  # the bound was too optimistic: widen it and say so
+            log.warning("bfloat16 error %.2g above its bound %.2g; widening", worst, self.bound)
+            self.bound = 2 * worst
+        self.values[rows] = new
+        self.exact[rows] = True
+        self.dirty = True
+
+
+def approx_split_scores(model: Any, cache: SplitCache, *, sample_per_band: int = 128,
+                        bands: int = 20) -> SplitScores:
+    """bfloat16 scores of a whole split and a bound on their error: 3x the largest error over a
+    probe of up to ``sample_per_band`` rows from each of ``bands`` equal-width score bands (so
+    every part of the sigmoid is measured, not just where most rows sit); probed rows are
+    stored exact."""
+    approx = score_bf16(model, cache)
+    exact = np.zeros(len(cache), np.bool_)
     rng = np.random.default_rng(0)
-    probe = np.sort(rng.choice(len(cache), size=min(2048, len(cache)), replace=False))
-    err = float(np.max(np.abs(exact_scores(model, cache, probe) - approx[probe]), initial=0.0))
-    while True:
-        at = np.searchsorted(inner, approx)
-        lo = np.abs(approx - inner[np.clip(at - 1, 0, inner.size - 1)]) if inner.size else np.full_like(approx, np.inf)
-        hi = np.abs(inner[np.clip(at, 0, inner.size - 1)] - approx) if inner.size else np.full_like(approx, np.inf)
-        near = np.flatnonzero((np.minimum(lo, hi) < width) & ~done)
-        if near.size:
-            ex = exact_scores(model, cache, near)
-            err = max(err, float(np.max(np.abs(ex - approx[near]), initial=0.0)))
-            out[near] = ex
-            done[near] = True
-        if 2 * err + 1e-6 < width:
-            break
-        width = max(2 * width, 4 * err)
-    return out, {"refined": int(done.sum()), "width": width, "max_bf16_error": err,
-                 "seconds": round(time.perf_counter() - t0, 4)}
+    band = np.minimum((approx * bands).astype(np.int64), bands - 1)
+    probe_parts = []
+    for bnd in range(bands):
+        rows = np.flatnonzero(band == bnd)
+        if rows.size:
+            probe_parts.append(rng.choice(rows, size=min(sample_per_band, rows.size), replace=False))
+    probe = np.sort(np.concatenate(probe_parts)) if probe_parts else np.empty(0, np.int64)
+    ex = exact_scores(model, cache, probe)
+    err = float(np.max(np.abs(ex - approx[probe]), initial=0.0))
+    approx[probe] = ex
+    exact[probe] = True
+    return SplitScores(approx, exact, 3.0 * err + 1e-6,
+                       refine=lambda rows: exact_scores(model, cache, rows))
 
 
-def model_split_scores(model: Any, model_dir: Path, cache: SplitCache, *, n_strata: int = 10) -> np.ndarray:
-    """:func:`strata_exact_scores` of a saved model on a split, cached in the model's
-    directory per table version (a round's model never changes; a forced retrain replaces
-    the whole directory, cache included)."""
-    path = Path(model_dir) / f"scores-{cache.tag}-s{n_strata}.npy"
+def model_split_scores(model: Any, model_dir: Path, cache: SplitCache) -> SplitScores:
+    """:func:`approx_split_scores` of a saved model on a split, cached in the model's directory
+    per table version (a round's model never changes; a forced retrain replaces the whole
+    directory, cache included). Rows refined later are written back by :func:`save_split_scores`."""
+    path = Path(model_dir) / f"scores-{cache.tag}.npz"
+    refine = lambda rows: exact_scores(model, cache, rows)  # noqa: E731
     if path.exists():
-        got = np.load(path)
-        if got.shape == (len(cache),):
-            return got
-    scores, info = strata_exact_scores(model, cache, n_strata=n_strata)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, scores)
+        with np.load(path) as z:
+            if z["values"].shape == (len(cache),):
+                return SplitScores(z["values"].copy(), z["exact"].copy(), float(z["bound"]), refine)
+    sc = approx_split_scores(model, cache)
+    sc.dirty = True
+    save_split_scores(sc, model_dir, cache)
+    return sc
+
+
+def save_split_scores(sc: SplitScores, model_dir: Path, cache: SplitCache) -> None:
+    if not sc.dirty:
+        return
+    path = Path(model_dir) / f"scores-{cache.tag}.npz"
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, values=sc.values, exact=sc.exact, bound=np.float64(sc.bound))
     tmp.replace(path)
-    log.info("scored %s on %s: %s", model_dir, cache.tag, info)
-    return scores
+    sc.dirty = False
 
 
 def _key_tag(key: bytes) -> str:
@@ -702,11 +782,50 @@ def eval_hash_order(cache: SplitCache, key: bytes) -> tuple[np.ndarray, np.ndarr
     return hashes, order
 
 
-def stratified_eval_set_cached(cache: SplitCache, model_scores: Mapping[str, np.ndarray], *,
+def _strata_sorted(scores: np.ndarray | SplitScores, order: np.ndarray, n_strata: int,
+                   per_stratum: int) -> np.ndarray:
+    """Stratum of every row in hash order. For :class:`SplitScores`, first makes exact every
+    approximate row that could change a pick: a row whose value ± bound straddles a stratum
+    boundary and that comes, in hash order, before the ``per_stratum``-th row certainly in a
+    stratum it may belong to."""
+    from agile_pipeline.lib.evalset import stratum_of
+
+    if not isinstance(scores, SplitScores):
+        return stratum_of(np.asarray(scores), n_strata)[order]
+    sc = scores
+    for _ in range(64):
+        slack = np.where(sc.exact, np.float32(0), np.float32(sc.bound))
+        lo = stratum_of(np.clip(sc.values - slack, 0, 1), n_strata)[order]
+        hi = stratum_of(np.clip(sc.values + slack, 0, 1), n_strata)[order]
+        need: list[np.ndarray] = []
+        for s in range(n_strata):
+            cand = np.flatnonzero((lo <= s) & (hi >= s))
+            sure = (lo[cand] == s) & (hi[cand] == s)
+            upto = cand.size
+            if per_stratum == 0:
+                upto = 0
+            elif sure.sum() >= per_stratum:
+                upto = int(np.searchsorted(np.cumsum(sure), per_stratum)) + 1
+            window = cand[:upto]
+            need.append(np.asarray(order[window[~sure[:upto]]]))
+        rows = np.concatenate(need) if need else np.empty(0, np.int64)
+        if rows.size == 0:
+            return stratum_of(sc.values, n_strata)[order]
+        sc.resolve(rows)
+    raise RuntimeError("eval-set strata did not settle")
+
+
+def stratified_eval_set_cached(cache: SplitCache, model_scores: Mapping[str, np.ndarray | SplitScores], *,
                                key: bytes, per_stratum: int = 20, n_strata: int = 10) -> Any:
     """:func:`agile_pipeline.lib.evalset.stratified_eval_set` over a whole split (keys = the
-    split's ids), with the hash order from :func:`eval_hash_order`; the same ``EvalSet``."""
-    from agile_pipeline.lib.evalset import EvalSet, stratum_of
+    split's ids), with the hash order from :func:`eval_hash_order`.
+
+    Scores may be exact arrays or :class:`SplitScores`; with the latter, the picked images
+    (``keys``, ``picked_by``, ``counts``, ``hashes``) are those of the float32 scores, while
+    ``stratum_sizes`` count the few still-approximate rows within ``bound`` of a boundary by
+    their bfloat16 value.
+    """
+    from agile_pipeline.lib.evalset import EvalSet
 
     if per_stratum < 0:
         raise ValueError("per_stratum must be >= 0")
@@ -717,10 +836,10 @@ def stratified_eval_set_cached(cache: SplitCache, model_scores: Mapping[str, np.
     counts: dict[str, list[int]] = {}
     sizes: dict[str, list[int]] = {}
     for name, scores in model_scores.items():
-        scores = np.asarray(scores)
-        if scores.shape != (n,):
-            raise ValueError(f"scores of {name!r} have shape {scores.shape}, expected ({n},)")
-        strata_sorted = stratum_of(scores, n_strata)[order]
+        shape = scores.values.shape if isinstance(scores, SplitScores) else np.shape(scores)
+        if shape != (n,):
+            raise ValueError(f"scores of {name!r} have shape {shape}, expected ({n},)")
+        strata_sorted = _strata_sorted(scores, order, n_strata, per_stratum)
         sizes[name] = np.bincount(strata_sorted, minlength=n_strata).tolist()
         counts[name] = []
         for s in range(n_strata):
@@ -853,9 +972,11 @@ def _zero_shot_text(env: Any, concept: str) -> np.ndarray | None:
         return np.asarray(z["text"], np.float32) if "text" in z.files else None
 
 
-def test_split_scores(env: Any, concept: str, *, n_strata: int = 10) -> tuple[SplitCache, dict[str, np.ndarray]]:
-    """The test split and every model's [0, 1] scores on it (zero-shot first), for the eval
-    set: strata equal to the float32 path's; each model scored once per table version."""
+def test_split_scores(env: Any, concept: str, *, n_strata: int = 10) -> tuple[SplitCache, dict[str, Any]]:
+    """The test split and every model's scores on it for the eval set (zero-shot first, exact;
+    then one :class:`SplitScores` per round, each computed once per table version).
+    ``n_strata`` is accepted for compatibility (the scores do not depend on it)."""
+    del n_strata
     from agile_pipeline.lib.evaluation import ZERO_SHOT
     from agile_pipeline.lib.loop import LoopError
     from agile_pipeline.lib.training import TrainedClassifier
@@ -868,19 +989,36 @@ def test_split_scores(env: Any, concept: str, *, n_strata: int = 10) -> tuple[Sp
             f"no zero-shot scores for {concept!r} yet: run the concept's start job "
             f"(`agile concept expand {concept!r}`) first"
         )
-    scores: dict[str, np.ndarray] = {
+    scores: dict[str, Any] = {
         ZERO_SHOT: zero_shot_unit_split(env.concept_dir(concept), text, train, test)}
     for r in env.store.rounds(concept):
         model_dir = Path(r["model_uri"])
-        path = model_dir / f"scores-{test.tag}-s{n_strata}.npy"
-        if path.exists():
-            got = np.load(path)
-            if got.shape == (len(test),):
-                scores[f"round-{r['round']}"] = got
-                continue
         scores[f"round-{r['round']}"] = model_split_scores(
-            TrainedClassifier.load(model_dir), model_dir, test, n_strata=n_strata)
+            _LazyModel(model_dir, TrainedClassifier.load), model_dir, test)
     return test, scores
+
+
+class _LazyModel:
+    """A saved classifier loaded on first use (cached scores usually need no model)."""
+
+    def __init__(self, model_dir: Path, load: Any) -> None:
+        self._dir, self._load, self._model = model_dir, load, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._model is None:
+            self._model = self._load(self._dir)
+        return getattr(self._model, name)
+
+
+def eval_set_for(env: Any, concept: str, *, key: bytes, per_stratum: int, n_strata: int) -> tuple[Any, dict[str, Any]]:
+    """The concept's eval set over the whole test split (what ``build_eval_set`` needs)."""
+    test, scores = test_split_scores(env, concept)
+    es = stratified_eval_set_cached(test, scores, key=key, per_stratum=per_stratum, n_strata=n_strata)
+    for r in env.store.rounds(concept):
+        sc = scores.get(f"round-{r['round']}")
+        if isinstance(sc, SplitScores):
+            save_split_scores(sc, Path(r["model_uri"]), test)
+    return es, scores
 
 
 def rated_test_scores(env: Any, concept: str, ids: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:

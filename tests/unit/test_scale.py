@@ -109,9 +109,20 @@ def test_bf16_scores_close_and_strata_exact(store, variant):
     exact = model.predict_proba(store.matrix(MODEL, "test").vectors)
     approx = scale.score_bf16(model, c, chunk=1000)
     assert np.abs(approx - exact).max() < 0.02
-    got, info = scale.strata_exact_scores(model, c)
-    assert (stratum_of(got) == stratum_of(exact)).all()
-    assert info["refined"] >= 0
+    sc = scale.approx_split_scores(model, c)
+    assert np.abs(sc.values - exact).max() <= sc.bound
+    # the eval set from lazily refined bfloat16 scores picks what the float32 scores pick
+    for per_stratum in (20, 2000):
+        sc = scale.approx_split_scores(model, c)
+        sc.bound = max(sc.bound, 0.02)  # force many ambiguous rows
+        got = scale.stratified_eval_set_cached(c, {"m": sc}, key=settings.EVAL_KEY,
+                                               per_stratum=per_stratum)
+        want = stratified_eval_set(c.str_keys()[:], {"m": exact}, key=settings.EVAL_KEY,
+                                   per_stratum=per_stratum)
+        assert (got.keys, got.picked_by, got.counts, got.hashes) == (
+            want.keys, want.picked_by, want.counts, want.hashes)
+        assert sc.exact.sum() < len(c) or per_stratum == 2000
+        assert (stratum_of(sc.values[sc.exact]) == stratum_of(exact[sc.exact])).all()
 
 
 def test_cached_eval_set_equals_reference(store):
