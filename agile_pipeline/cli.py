@@ -1,9 +1,11 @@
 """``agile``: the command line for the whole loop (corpus, concepts, labels, rounds)."""
 
 import csv
+import errno
 import io
 import logging
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -45,14 +47,22 @@ def _setup_logging(verbose: bool = False) -> None:
 def _store():  # type: ignore[no-untyped-def]
     from agile_pipeline.lib.state import StateError, StateStore
 
-    paths = settings.paths()
-    try:
-        paths.ensure()
-    except OSError as exc:
-        fail(f"cannot use data directory {paths.home}: {exc.strerror}. Set AGILE_HOME to a writable folder")
+    paths = _data_dir()
     try:
         return StateStore(paths.state_db)
     except (StateError, OSError) as exc:
+        fail(str(exc))
+        raise
+    except sqlite3.Error as exc:
+        fail(settings.explain_sqlite_error(exc, paths.state_db) or f"cannot open {paths.state_db}: {exc}")
+        raise
+
+
+def _data_dir() -> settings.Paths:
+    """The data directory, created if missing and proven writable; else one line and exit 1."""
+    try:
+        return settings.check_data_dir(settings.paths())
+    except settings.DataDirError as exc:
         fail(str(exc))
         raise
 
@@ -61,6 +71,7 @@ def _env():  # type: ignore[no-untyped-def]
     from agile_pipeline.defs.concepts import loop_env
     from agile_pipeline.defs.resources import AgileHome
 
+    _data_dir()
     return loop_env(AgileHome())
 
 
@@ -74,6 +85,36 @@ def _guard(fn):  # type: ignore[no-untyped-def]
         return fn()
     except (StateError, LoopError, RunFailed, LookupError) as exc:
         fail(str(exc).strip("'\""))
+    except settings.DataDirError as exc:
+        fail(str(exc))
+    except (sqlite3.Error, OSError) as exc:
+        message = _storage_fault(exc)
+        if message is None:
+            raise
+        fail(message)
+
+
+def _storage_fault(exc: BaseException) -> str | None:
+    """One line for a full disk, a read-only data directory or an I/O error met while writing,
+    or ``None`` (anything else keeps its traceback: it is a bug to report). The chain is
+    searched, so a failed ROLLBACK does not hide the write error that caused it."""
+    home = settings.data_home()
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in reversed(seen):  # the root cause first
+        if isinstance(e, sqlite3.Error):
+            msg = settings.explain_sqlite_error(e, settings.Paths(home).state_db)
+            if msg:
+                return msg
+        elif isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return settings.explain_os_error(e, home)
+    return None
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @app.command("demo-corpus")
@@ -110,6 +151,7 @@ def ingest(
 
     _setup_logging(verbose)
     t0 = time.perf_counter()
+    _data_dir()
     typer.echo(f"data directory: {settings.data_home()}")
     result = _guard(lambda: run_corpus(sources, workers=workers))
     m = metadata_of(result, image_manifest)
@@ -195,21 +237,69 @@ def concept_expand(
 @concept_app.command("exemplar")
 def concept_exemplar(
     name: Annotated[str, typer.Argument(help="Concept name.")],
-    image: Annotated[str, typer.Argument(help="Image id or path of an ingested image.")],
+    image: Annotated[str | None, typer.Argument(help="Image id or path of an ingested image.")] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", help="Upload this image file instead (embedded now; need not be in the corpus).",
+    )] = None,
     negative: Annotated[bool, typer.Option("--negative", help="A counter-example instead.")] = False,
     rater: Annotated[str, typer.Option(help="Who adds it (recorded as their label).")] = "owner",
 ) -> None:
-    """Mark an image as an exemplar: it is a label and drives expansion like a phrase."""
+    """Mark an image as an exemplar: it is a label and drives expansion like a phrase.
+
+    Either an ingested image (IMAGE: id or path) or any image file (--file PATH), which is
+    checked, stored with the data and embedded on the spot.
+    """
+    if (image is None) == (file is None):
+        fail("give either an ingested IMAGE (id or path) or --file PATH of an image to upload, not both")
+        return
     store = _store()
     concept = _guard(lambda: store.get_concept(name))
+    polarity = "negative" if negative else "positive"
+    if file is not None:
+        _exemplar_upload(store, concept.name, file, polarity, rater)
+        return
+    assert image is not None
     image_id = store.resolve_image(image)
     if image_id is None:
-        fail(f"{image!r} is not an ingested image: use a path or id from `agile search` or `agile candidates`")
+        fail(f"{image!r} is not an ingested image: use a path or id from `agile search` or "
+             "`agile candidates`, or upload a file with --file PATH")
         return
-    polarity = "negative" if negative else "positive"
     _guard(lambda: store.add_exemplar(concept.name, image_id, polarity, rater))
     typer.echo(f"added {polarity} exemplar {image_id} to {concept.name!r}; `agile concept expand "
                f"{concept.name!r}` builds a batch around it, `agile round` trains with it")
+
+
+def _exemplar_upload(store, concept: str, file: Path, polarity: str, rater: str) -> None:  # type: ignore[no-untyped-def]
+    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.lib.uploads import (
+        EmbeddingUnavailable,
+        UploadRejected,
+        add_uploaded_exemplar,
+        read_upload_file,
+    )
+
+    _setup_logging()
+    agile = AgileHome()
+    try:
+        data = read_upload_file(file)
+        encoder = agile.load_encoder()
+        res = _guard(lambda: add_uploaded_exemplar(
+            store, agile.vectors(), encoder, agile.paths.blobs, concept, data,
+            polarity=polarity, added_by=rater, filename=file.name,
+        ))
+    except UploadRejected as exc:
+        fail(f"cannot use {str(file)!r} as an exemplar: {exc}")
+        return
+    except EmbeddingUnavailable as exc:
+        fail(f"{str(file)!r} is a valid image but could not be embedded: {exc}")
+        return
+    if res.in_corpus:
+        typer.echo(f"{file} is already in the corpus (image {res.image_id}): added it as a {polarity} "
+                   f"exemplar of {concept!r}")
+    else:
+        typer.echo(f"uploaded {file} as image {res.image_id} (embedded with {res.model_id}; kept out of "
+                   f"the train and test splits) and added it as a {polarity} exemplar of {concept!r}")
+    typer.echo(f"`agile concept expand {concept!r}` builds a batch around it, `agile round` trains with it")
 
 
 @concept_app.command("edit")

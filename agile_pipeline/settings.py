@@ -5,7 +5,10 @@ Everything the product keeps lives under one data directory, picked by ``AGILE_H
 :func:`data_home` when a path is needed.
 """
 
+import errno
 import os
+import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +75,74 @@ class Paths:
 
 def paths() -> Paths:
     return Paths(data_home())
+
+
+# ---- data-directory faults ---------------------------------------------------------------
+class DataDirError(RuntimeError):
+    """The data directory (or a file in it) cannot be used; the message names the path and
+    says what to do. The CLI prints it as one line."""
+
+
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}
+
+
+def explain_os_error(exc: OSError, where: Path | str) -> str:
+    """One line naming the path and what to do, for an OSError met while writing ``where``."""
+    path = exc.filename or where
+    why = exc.strerror or str(exc)
+    if exc.errno in _NOT_WRITABLE:
+        return (f"data directory {where} is not writable ({path}: {why}): fix its permissions "
+                "or set AGILE_HOME to a writable folder")
+    if exc.errno in _NO_SPACE:
+        return (f"no space to write in data directory {where} ({path}: {why}): free disk space "
+                "(or raise the file-size limit) or set AGILE_HOME to a folder on another disk")
+    if exc.errno in _NOT_A_FOLDER:
+        return (f"data directory {where} cannot be created: {path} is a file, not a folder "
+                "(move it away or set AGILE_HOME to a folder)")
+    return f"cannot use data directory {where} ({path}: {why}): set AGILE_HOME to a writable folder"
+
+
+def explain_sqlite_error(exc: sqlite3.Error, db: Path | str) -> str | None:
+    """One line for a storage fault of the state database (full disk, read-only, I/O error);
+    ``None`` for errors that are not about the storage (bugs should keep their traceback)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        what = "the disk is full"
+    elif name.startswith("SQLITE_IOERR") or "disk I/O error" in text:
+        what = f"a disk I/O error ({name or text}): the disk may be full or the file-size limit reached"
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) or "readonly" in text \
+            or "unable to open" in text:
+        what = f"it cannot be written ({text})"
+    else:
+        return None
+    return (f"writing {db} failed: {what}. The change was rolled back; free disk space, fix the "
+            "folder's permissions or set AGILE_HOME to another folder, then retry")
+
+
+def check_data_dir(p: Paths) -> Paths:
+    """Create the data directory's layout and prove it is writable (a real file is written and
+    removed). Raises :class:`DataDirError` with a one-line message naming the path."""
+    home = p.home
+    if home.exists() and not home.is_dir():
+        raise DataDirError(f"data directory {home} is a file, not a folder: move it away or set "
+                           "AGILE_HOME to a folder")
+    try:
+        p.ensure()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=home)
+        try:
+            os.write(fd, b"agile write test\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.filename and Path(exc.filename).name.startswith(".write-test-"):
+            exc.filename = str(home)  # name the folder, not the probe file
+        raise DataDirError(explain_os_error(exc, home)) from exc
+    return p
 
 
 # ---- the paper's defaults (section 3.2, 4.2, appendix C) -------------------------------

@@ -4,8 +4,6 @@ Marked slow: they start several Python processes. Figures (labels written / lost
 survived) are appended to test-artifacts/reliability.jsonl for RELIABILITY.md.
 """
 
-import json
-import os
 import random
 import signal
 import subprocess
@@ -16,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agile_pipeline.defs.concepts import loop_env
-from agile_pipeline.defs.resources import AgileHome
-from agile_pipeline.lib.loop import pending_items
 from agile_pipeline.lib.state import LabelEvent
-from agile_pipeline.runner import run_concept_round, run_concept_start, run_corpus
-from tests.hostile_images import write_real_like_images
+from agile_pipeline.runner import run_concept_round
+from tests.reliability.helpers import env_vars, record
 
 pytestmark = pytest.mark.slow
 
@@ -41,29 +36,10 @@ WRITER = textwrap.dedent('''
 ''')
 
 
-def _record(artifacts_dir: Path, **fields) -> None:
-    with (artifacts_dir / "reliability.jsonl").open("a") as fh:
-        fh.write(json.dumps({"time": time.time(), **fields}) + "\n")
+_record = record
 
 
-@pytest.fixture
-def loop_home(agile_home, tmp_path):
-    src = tmp_path / "corpus"
-    write_real_like_images(src, 700, seed=21)
-    run_corpus([str(src)])
-    agile = AgileHome()
-    env = loop_env(agile)
-    env.store.create_concept("c", ["x"])
-    run_concept_start("c")
-    env.store.add_labels([
-        LabelEvent("c", it["image_id"], "positive" if int(it["image_id"][:2], 16) % 4 == 0 else "negative", "owner")
-        for it in pending_items(env, "c")
-    ])
-    return env
-
-
-def _env_vars():
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+_env_vars = env_vars
 
 
 @pytest.mark.parametrize("kill_after", [0.5, 1.5, 3.0])
