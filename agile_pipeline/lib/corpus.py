@@ -7,6 +7,7 @@ is not read again (incremental refresh).
 """
 
 import hashlib
+import http.client
 import ipaddress
 import logging
 import os
@@ -188,49 +189,185 @@ def _item_for_entry(entry: str, base: Path) -> SourceItem:
 
 
 # ---- fetching ----------------------------------------------------------------------------
-class _NoPrivateRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-        check_public_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+# What a URL may reach. Default: public addresses only, checked for the URL, for every redirect
+# target and again for the address actually connected to (a DNS answer that changes between
+# the check and the connection cannot slip a private address in). ``AGILE_ALLOW_PRIVATE_URLS``
+# opts in: ``1`` allows every address (a corpus on your own network), ``HOST:PORT[,...]``
+# allows exactly those endpoints and keeps refusing every other non-public one, redirects
+# included (what the tests' local server uses).
+ENV_ALLOW_PRIVATE = "AGILE_ALLOW_PRIVATE_URLS"
+MAX_DOWNLOAD_SECONDS = 120.0  # the whole download, however slowly the server trickles bytes
 
 
-def check_public_url(url: str, *, allow_private: bool = False) -> None:
-    """Refuse URLs whose host resolves to a private, loopback or link-local address."""
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Which non-public endpoints a download may reach (public ones always may)."""
+
+    allow_private: bool = False
+    endpoints: frozenset[tuple[str, int]] = frozenset()  # (ip address, port)
+
+    @classmethod
+    def from_env(cls) -> "UrlPolicy":
+        raw = os.environ.get(ENV_ALLOW_PRIVATE, "").strip()
+        if raw in ("", "0"):
+            return cls()
+        if raw == "1":
+            return cls(allow_private=True)
+        endpoints: set[tuple[str, int]] = set()
+        for entry in filter(None, (e.strip() for e in raw.split(","))):
+            host, sep, port = entry.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"{ENV_ALLOW_PRIVATE} entry {entry!r} must be HOST:PORT (or the "
+                                 "whole variable 1 to allow every address)")
+            host = host.strip("[]")
+            for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP):
+                endpoints.add((str(ipaddress.ip_address(info[4][0])), int(port)))
+        return cls(endpoints=frozenset(endpoints))
+
+    def check_address(self, url: str, addr: str, port: int) -> None:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        if ip.is_global and not (ip.is_multicast or ip.is_reserved):
+            return
+        if self.allow_private or (str(ip), port) in self.endpoints:
+            return
+        raise ImageRejected("unreadable", f"refused {url}: its host resolves to a non-public address {ip}")
+
+
+def _default_port(parsed: urllib.parse.ParseResult) -> int:
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def check_public_url(url: str, *, allow_private: bool = False, policy: UrlPolicy | None = None) -> None:
+    """Refuse URLs whose host resolves to a private, loopback, link-local or other non-public
+    address, unless ``policy`` (default: from ``AGILE_ALLOW_PRIVATE_URLS``) allows it."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ImageRejected("unreadable", f"not an http(s) URL: {url}")
-    if allow_private or os.environ.get("AGILE_ALLOW_PRIVATE_URLS") == "1":
+    if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+        policy = policy or UrlPolicy.from_env()
+        port = _default_port(parsed)
+    except ValueError as exc:
+        raise ImageRejected("unreadable", f"{url}: {exc}") from exc
+    if policy.allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, port, proto=socket.IPPROTO_TCP)
     except OSError as exc:
         raise ImageRejected("unreadable", f"cannot resolve {parsed.hostname}: {exc}") from exc
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
-            raise ImageRejected(
-                "unreadable", f"refused {url}: its host resolves to a non-public address {addr}"
-            )
+        policy.check_address(url, str(info[4][0]), port)
 
 
-def fetch_url(url: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
-    """Download with a size cap, a timeout and no redirects to private addresses."""
-    check_public_url(url)
-    opener = urllib.request.build_opener(_NoPrivateRedirects())
+class _PeerChecked:
+    """Mixin for ``http.client`` connections: after connecting, the peer address itself must
+    pass the policy (when the connection is direct, not through a proxy)."""
+
+    policy: UrlPolicy
+    check_peer: bool
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        if self.check_peer and not self.policy.allow_private:
+            addr, port = self.sock.getpeername()[:2]  # type: ignore[attr-defined]
+            try:
+                self.policy.check_address(f"{addr}:{port}", str(addr), int(port))
+            except ImageRejected:
+                self.sock.close()  # type: ignore[attr-defined]
+                raise
+
+
+class _CheckedHTTP(_PeerChecked, http.client.HTTPConnection):
+    def __init__(self, *args: Any, policy: UrlPolicy, check_peer: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy, self.check_peer = policy, check_peer
+
+
+class _CheckedHTTPS(_PeerChecked, http.client.HTTPSConnection):
+    def __init__(self, *args: Any, policy: UrlPolicy, check_peer: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy, self.check_peer = policy, check_peer
+
+
+def _direct(req: urllib.request.Request) -> bool:
+    return not req.has_proxy() and not getattr(req, "_tunnel_host", None)
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, policy: UrlPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_CheckedHTTP, req, policy=self.policy, check_peer=_direct(req))
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: UrlPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_CheckedHTTPS, req, context=self._context,  # type: ignore[attr-defined]
+                            policy=self.policy, check_peer=_direct(req))
+
+
+class _NoPrivateRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, policy: UrlPolicy | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        check_public_url(newurl, policy=self.policy)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(
+    url: str,
+    *,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    deadline_s: float = MAX_DOWNLOAD_SECONDS,
+    policy: UrlPolicy | None = None,
+) -> bytes:
+    """Download with a size cap, a per-read timeout, a deadline for the whole body and no
+    connection to a non-public address (redirects included). The Content-Type header is not
+    trusted: what the bytes are is decided by decoding them (:func:`inspect_image`)."""
+    try:
+        policy = policy or UrlPolicy.from_env()
+    except ValueError as exc:
+        raise ImageRejected("unreadable", f"{url}: {exc}") from exc
+    check_public_url(url, policy=policy)
+    opener = urllib.request.build_opener(
+        _NoPrivateRedirects(policy), _CheckedHTTPHandler(policy), _CheckedHTTPSHandler(policy)
+    )
     req = urllib.request.Request(url, headers={"User-Agent": "agile-modeling/0.1"})
+    started = time.monotonic()
+    chunks: list[bytes] = []
+    got = 0
     try:
         with opener.open(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
                 raise ImageRejected("too_large_file", f"{url} is {length} bytes (cap {max_bytes})")
-            data = resp.read(max_bytes + 1)
+            while got <= max_bytes:
+                chunk = resp.read1(min(1 << 16, max_bytes + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+                if time.monotonic() - started > deadline_s:
+                    raise ImageRejected("unreadable", f"download of {url} took longer than {deadline_s:g}s")
     except ImageRejected:
         raise
     except Exception as exc:
         raise ImageRejected("unreadable", f"download failed for {url}: {exc}") from exc
-    if len(data) > max_bytes:
+    if got > max_bytes:
         raise ImageRejected("too_large_file", f"{url} exceeds {max_bytes} bytes")
-    return data
+    return b"".join(chunks)
 
 
 # ---- ingestion ---------------------------------------------------------------------------
