@@ -249,8 +249,11 @@ def concept_exemplar(
     Either an ingested image (IMAGE: id or path) or any image file (--file PATH), which is
     checked, stored with the data and embedded on the spot.
     """
-    if (image is None) == (file is None):
-        fail("give either an ingested IMAGE (id or path) or --file PATH of an image to upload, not both")
+    if image is None and file is None:
+        fail("say which image: an ingested IMAGE (id or path), or --file PATH of an image to upload")
+        return
+    if image is not None and file is not None:
+        fail("give either an ingested IMAGE or --file PATH, not both")
         return
     store = _store()
     concept = _guard(lambda: store.get_concept(name))

@@ -180,8 +180,9 @@ def label_counts(env: LoopEnv, concept: str, rule: LabelRule = LabelRule()) -> t
 NO_POSITIVES_ADVICE = (
     "no positive labels yet for {name!r} ({neg} negative): queued a recovery batch — the next "
     "nearest images of every phrase and exemplar, balanced across them. To get there faster, "
-    "add phrases (`agile concept edit`) or mark an image you like as an exemplar "
-    "(`agile concept exemplar {name!r} IMAGE`)"
+    "add phrases (`agile concept edit`), mark an image you like as an exemplar "
+    "(`agile concept exemplar {name!r} IMAGE`) or upload one (`agile concept exemplar {name!r} "
+    "--file PHOTO.jpg`)"
 )
 
 

@@ -26,6 +26,9 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 LABELS = ("positive", "negative", "skip")
+UPLOAD_SPLIT = "upload"
+"""Split of images a user uploaded as exemplars (``lib/uploads.py``): labelled and embedded,
+but never in the corpus's train or test split (no expansion, AL or eval candidate)."""
 PURPOSES = ("train", "eval")
 Label = Literal["positive", "negative", "skip"]
 
@@ -315,7 +318,11 @@ class StateStore:
         return [r["id"] for r in self._read("SELECT id FROM images WHERE split IS NULL")]
 
     def all_image_splits(self) -> dict[str, str | None]:
-        return {r["id"]: r["split"] for r in self._read("SELECT id, split FROM images")}
+        """Split of every *corpus* image (``None``: not assigned yet). Uploaded exemplars
+        (split :data:`UPLOAD_SPLIT`) are left out, so the split and embedding assets never
+        move them into train or test."""
+        rows = self._read("SELECT id, split FROM images WHERE split IS NULL OR split != ?", (UPLOAD_SPLIT,))
+        return {r["id"]: r["split"] for r in rows}
 
     def set_splits(self, assignments: Iterable[tuple[str, str]]) -> int:
         rows = [(split, image_id) for image_id, split in assignments]

@@ -154,3 +154,64 @@ def test_no_positive_yet_queues_a_recovery_batch_then_an_exemplar_trains(corpus)
     res = run_concept_round("rare")
     assert metadata_of(res, classifier)["trained"] is True
     assert metadata_of(res, classifier)["n_pos"] == 1
+
+
+def test_uploaded_exemplar_drives_expansion_trains_and_never_joins_a_split(corpus, tmp_path):
+    """An uploaded file (not in the corpus) is embedded on the fly: its nearest train images
+    become expansion candidates, it trains the model as a labelled example, and neither the
+    AL batch, the eval set nor a corpus refresh ever takes it into train or test."""
+    from agile_pipeline.lib.loop import build_expansion
+    from agile_pipeline.lib.state import UPLOAD_SPLIT
+    from agile_pipeline.lib.uploads import add_uploaded_exemplar
+
+    env = _env(corpus)
+    encoder = corpus.load_encoder()
+    env.store.create_concept("uploaded", ["x"])
+    run_concept_start("uploaded")
+    first = pending_items(env, "uploaded")
+    _rate(env, "uploaded", first, lambda i: False)  # no positive in the first batch
+    data = write_real_like_images(tmp_path / "mine", 1, seed=4242)[0].read_bytes()
+    res = add_uploaded_exemplar(env.store, env.vectors, encoder, env.paths.blobs, "uploaded", data,
+                                added_by="owner", filename="mine.png")
+    up = res.image_id
+    assert not res.in_corpus and res.stored
+    splits = env.store.all_image_splits()
+    assert up not in splits and env.store.image_rows([up])[0]["split"] == UPLOAD_SPLIT
+
+    # expansion: the upload is a query; its nearest unlabelled train images are candidates
+    labeled = env.store.labeled_image_ids("uploaded")
+    vec = env.vectors.vectors_for(env.model_id, [up])[0]
+    near = [i for i, _s, _d in env.vectors.search(env.model_id, vec, 5 + len(labeled), split="train")
+            if i not in labeled][:5]
+    batch = build_expansion(env, "uploaded", encoder, per_phrase=5, sample=100)
+    key = f"positive:exemplar {up[:8]}"
+    assert batch.info["found_per_phrase"][key] == 5
+    ids = {it["image_id"] for it in batch.items}
+    assert set(near) <= ids and up not in ids
+    assert all(splits[i] == "train" for i in ids)
+    # the concept's own start job (Dagster) runs with the uploaded exemplar too
+    r = run_concept_start("uploaded", seed=1)
+    assert metadata_of(r, expansion_candidates)["candidates"] == 100
+    assert up not in {it["image_id"] for it in pending_items(env, "uploaded")}
+
+    # training: the upload is the one positive; a model is trained on it
+    res_round = run_concept_round("uploaded")
+    c = metadata_of(res_round, classifier)
+    assert c["trained"] is True and c["n_pos"] == 1
+    labels = json.loads((env.concept_dir("uploaded") / "round-000" / "training_labels.json").read_text())
+    assert labels["labels"][up] == 1
+    al = env.store.latest_batch("uploaded", ("al",))
+    assert al is not None and up not in {it["image_id"] for it in al["items"]}
+    ev = env.store.latest_batch("uploaded", ("eval",))
+    assert ev is not None and ev["items"]
+    assert up not in {it["image_id"] for it in ev["items"]}
+    assert all(splits[it["image_id"]] == "test" for it in ev["items"])
+
+    # a corpus refresh leaves it where it is, and the embedding check still passes
+    src = tmp_path / "corpus"
+    r = run_corpus([str(src)])
+    checks = [e for e in r.get_asset_check_evaluations() if e.check_name == "image_embeddings_complete"]
+    assert checks and all(e.passed for e in checks)
+    assert env.store.image_rows([up])[0]["split"] == UPLOAD_SPLIT
+    t = env.vectors.table(env.model_id).to_lance().to_table(columns=["id", "split"], filter=f"id = '{up}'")
+    assert t.column("split").to_pylist() == [UPLOAD_SPLIT]
