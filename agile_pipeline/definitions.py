@@ -22,8 +22,8 @@ def defs() -> dg.Definitions:
             concepts.model_metrics,
         ],
         asset_checks=[corpus.image_embeddings_complete, corpus.image_manifest_unique_ids],
-        jobs=[corpus.corpus_refresh_job, concepts.concept_start_job, concepts.concept_round_job],
-        schedules=[corpus.corpus_refresh_schedule],
+        jobs=[corpus.corpus_refresh_job, corpus.vectors_housekeeping_job, concepts.concept_start_job, concepts.concept_round_job],
+        schedules=[corpus.corpus_refresh_schedule, corpus.vectors_housekeeping_schedule],
         sensors=[corpus.new_images_sensor],
         resources={"agile": AgileHome()},
     )

@@ -292,3 +292,45 @@ def new_images_sensor(context: dg.SensorEvaluationContext, agile: AgileHome) -> 
         run_requests=[dg.RunRequest(run_key=f"sources-{abs(hash(fingerprint))}-{int(time.time())}")],
         cursor=fingerprint,
     )
+
+
+# ---- vector-table housekeeping ------------------------------------------------------------
+class HousekeepingConfig(dg.Config):
+    """What the LanceDB housekeeping keeps (see :meth:`VectorStore.compact`)."""
+
+    keep_versions: int = 5
+    keep_replaced_for_minutes: float = 60.0
+
+
+@dg.op(description="Compact every embedding table's small fragments and delete versions that were "
+                   "replaced long enough ago that no reader can still hold them.")
+def compact_vector_tables(context: dg.OpExecutionContext, config: HousekeepingConfig, agile: AgileHome) -> dict[str, dict[str, int]]:
+    from datetime import timedelta
+
+    vectors = agile.vectors()
+    done: dict[str, dict[str, int]] = {}
+    for model_id in vectors.model_ids():
+        done[model_id] = vectors.compact(
+            model_id, keep_versions=config.keep_versions,
+            older_than=timedelta(minutes=config.keep_replaced_for_minutes),
+        )
+        context.log.info(f"{model_id}: {done[model_id]}")
+    return done
+
+
+@dg.job(
+    description="LanceDB housekeeping: compaction and old-version cleanup of the embedding tables.",
+    tags={"agile/corpus": "housekeeping"},  # queued behind a corpus refresh (dagster.yaml limit)
+    executor_def=dg.in_process_executor,
+)
+def vectors_housekeeping_job() -> None:
+    compact_vector_tables()
+
+
+vectors_housekeeping_schedule = dg.ScheduleDefinition(
+    name="vectors_housekeeping_schedule",
+    job=vectors_housekeeping_job,
+    cron_schedule="30 4 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily, after the corpus refresh: compact the embedding tables, drop old versions.",
+)

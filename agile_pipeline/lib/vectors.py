@@ -11,8 +11,11 @@ so a round never re-reads or re-converts the table.
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,11 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 TABLE_PREFIX = "embeddings__"
+# Housekeeping defaults: keep the 5 newest versions, and any version replaced less than an hour
+# ago (a reader that opened it then may still be streaming it: the 10M-row matrix read takes
+# minutes, never an hour).
+KEEP_VERSIONS = 5
+KEEP_REPLACED_FOR = timedelta(hours=1)
 
 
 def table_name(model_id: str) -> str:
@@ -200,3 +208,66 @@ class VectorStore:
     def optimize(self, model_id: str) -> None:
         if self.exists(model_id):
             self.table(model_id).optimize()
+
+    def compact(
+        self,
+        model_id: str,
+        *,
+        keep_versions: int = KEEP_VERSIONS,
+        older_than: timedelta = KEEP_REPLACED_FOR,
+    ) -> dict[str, int]:
+        """Housekeeping: merge small fragments, then delete versions no reader can still hold.
+
+        A version is deleted only if it is not among the newest ``keep_versions`` and the
+        version that *replaced* it was committed more than ``older_than`` ago. Readers open the
+        latest version, so a reader of version N opened it before N+1 existed: it has been
+        reading for longer than ``older_than`` before N can go. (Lance's own
+        ``cleanup_older_than`` counts from when N was *written*, which says nothing about how
+        long a reader may have held it; counting from its replacement is the safe bound.)
+        A compaction that loses a commit race to a writer is retried twice, then left for the
+        next run (writers always win). Returns counts for the run's metadata.
+        """
+        import lance
+
+        out = {"fragments_removed": 0, "fragments_added": 0, "versions_removed": 0,
+               "versions_kept": 0, "data_files_removed": 0, "bytes_removed": 0, "version": 0}
+        if not self.exists(model_id):
+            return out
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1 (the latest version)")
+        uri = self.table(model_id).to_lance().uri
+        out["compaction_conflicts"] = 0
+        for attempt in range(3):
+            try:
+                metrics = lance.dataset(uri).optimize.compact_files()
+            except OSError as exc:  # a writer committed first: writers win, retry, else skip
+                if "conflict" not in str(exc).lower():
+                    raise
+                out["compaction_conflicts"] += 1
+                log.info("compaction of %s lost to a concurrent write (attempt %d)", uri, attempt + 1)
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            out["fragments_removed"] = int(metrics.fragments_removed)
+            out["fragments_added"] = int(metrics.fragments_added)
+            break
+        ds = lance.dataset(uri)
+        versions = sorted(ds.versions(), key=lambda v: int(v["version"]))
+        cutoff = datetime.now() - older_than  # Lance reports naive local timestamps
+        newest = {int(v["version"]) for v in versions[-keep_versions:]}
+        doomed = [
+            int(v["version"]) for v, replaced_by in pairwise(versions)
+            if replaced_by["timestamp"] < cutoff and int(v["version"]) not in newest
+        ]
+        if doomed:
+            stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+            out["versions_removed"] = int(stats.old_versions)
+            out["data_files_removed"] = int(stats.data_files_removed)
+            out["bytes_removed"] = int(stats.bytes_removed)
+        out["versions_kept"] = len(lance.dataset(uri).versions())
+        out["version"] = int(ds.version)
+        log.info("compacted %s: %s", table_name(model_id), out)
+        return out
+
+    def model_ids(self) -> list[str]:
+        """Model ids of the embedding tables present (as their table-name slugs)."""
+        return [n.removeprefix(TABLE_PREFIX) for n in self.table_names() if n.startswith(TABLE_PREFIX)]

@@ -98,3 +98,27 @@ def test_list_and_parquet_sources(agile_home, tmp_path):
     r2 = run_corpus([str(tmp_path / "laion.parquet")])
     assert metadata_of(r1, image_manifest)["ingested"] == 3
     assert metadata_of(r2, image_manifest)["ingested"] == 3
+
+
+def test_housekeeping_job_compacts_every_embedding_table(agile_home, tmp_path):
+    """The scheduled Dagster job (real `execute_in_process`) compacts and keeps the rows."""
+    from agile_pipeline.definitions import defs
+    from agile_pipeline.defs.corpus import vectors_housekeeping_job
+
+    src = tmp_path / "src"
+    write_real_like_images(src, 12, seed=7)
+    run_corpus([str(src)])
+    write_real_like_images(src / "more", 6, seed=8)
+    run_corpus([str(src)])
+    vs = AgileHome().vectors()
+    before = vs.count("random-32")
+    result = vectors_housekeeping_job.execute_in_process(
+        resources={"agile": AgileHome()},
+        run_config={"ops": {"compact_vector_tables": {"config": {"keep_versions": 1, "keep_replaced_for_minutes": 0}}}},
+    )
+    assert result.success
+    out = result.output_for_node("compact_vector_tables")
+    assert set(out) == {"random_32"}
+    assert out["random_32"]["versions_kept"] == 1
+    assert vs.count("random-32") == before == 18
+    assert "vectors_housekeeping_schedule" in {s.name for s in defs().schedules}
