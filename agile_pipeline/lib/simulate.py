@@ -42,6 +42,7 @@ class LabeledDataset:
     positives: dict[str, set[int]]  # concept -> indices into images
     split: list[str | None]  # "train"/"test" when the dataset defines it
     descriptions: dict[str, str] = field(default_factory=dict)
+    negatives: dict[str, list[str]] = field(default_factory=dict)  # concept -> negative phrases
 
 
 def concept_phrase(name: str) -> str:
@@ -53,7 +54,9 @@ def load_dataset(path: Path) -> LabeledDataset:
     """A folder tree (every subfolder is a concept; an image is positive for every folder above
     it; top-level ``train/`` and ``test/`` are the split) or a CSV of ``image,concept`` rows.
 
-    A concept folder may hold ``description.txt``: its text is added to the concept's phrases.
+    A concept folder may hold ``description.txt``: its text is added to the concept's phrases,
+    and ``negatives.txt``: the concept's negative phrases, one a line. Folders whose name starts
+    with ``_`` are not concepts (their images are negatives for every concept).
     """
     path = Path(path)
     if not path.exists():
@@ -66,6 +69,7 @@ def load_dataset(path: Path) -> LabeledDataset:
     split: list[str | None] = []
     positives: dict[str, set[int]] = {}
     descriptions: dict[str, str] = {}
+    negatives: dict[str, list[str]] = {}
     for root, sp in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -74,6 +78,10 @@ def load_dataset(path: Path) -> LabeledDataset:
                 desc = Path(dirpath) / "description.txt"
                 if d == rel.parts[-1] and desc.exists():
                     descriptions[d] = desc.read_text(encoding="utf-8", errors="replace").strip()
+                neg = Path(dirpath) / "negatives.txt"
+                if d == rel.parts[-1] and neg.exists():
+                    text = neg.read_text(encoding="utf-8", errors="replace")
+                    negatives[d] = [ln.strip() for ln in text.splitlines() if ln.strip()]
             for f in sorted(filenames):
                 if Path(f).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
@@ -81,8 +89,9 @@ def load_dataset(path: Path) -> LabeledDataset:
                 images.append(Path(dirpath) / f)
                 split.append(sp)
                 for d in rel.parts:
-                    positives.setdefault(d, set()).add(k)
-    return LabeledDataset(path, images, positives, split, descriptions)
+                    if not d.startswith("_"):
+                        positives.setdefault(d, set()).add(k)
+    return LabeledDataset(path, images, positives, split, descriptions, negatives)
 
 
 def _load_csv(path: Path) -> LabeledDataset:
@@ -119,6 +128,19 @@ class SimConfig:
     eval_per_stratum: int = settings.EVAL_PER_STRATUM
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     zero_shot_prior: float = 0.0  # β: score = σ(logit(p_mlp) + β·logit(zero-shot in [0,1]))
+    # few-label training (issue 9), see FEW_SHOT_VARIANTS; "plain" is the paper's recipe
+    few_shot: str = "plain"
+    few_shot_args: dict[str, Any] = field(default_factory=dict)
+
+
+FEW_SHOT_VARIANTS: dict[str, str] = {
+    "plain": "the paper's MLP every round",
+    "linear": "logistic regression on L2-normalised embeddings (no text), every round",
+    "prior-linear": "logistic regression with the zero-shot/negative-phrase prior on its weights",
+    "hybrid": "prior-linear while the labels hold < switch_pos positives, then the paper's MLP",
+    "mlp-pseudo": "the paper's MLP with the phrase vectors added as labeled points",
+    "prior-decay": "the paper's MLP blended with the zero-shot prior, β = c / n_pos",
+}
 
 
 @dataclass
@@ -133,6 +155,20 @@ class SimData:
     positives: dict[str, set[str]]  # concept -> image ids
     phrases: dict[str, list[str]]   # concept -> text phrases
     text_vectors: dict[str, np.ndarray]  # concept -> (n_phrases, dim); first = concept name
+    negative_phrases: dict[str, list[str]] = field(default_factory=dict)
+    negative_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # (n_neg_phrases, dim)
+
+
+def attach_negative_phrases(data: SimData, dataset_path: Path, encoder: Any) -> SimData:
+    """Add the dataset's negative phrases (``negatives.txt``) of the simulated concepts to
+    ``data``: the simulated user types them, as the paper's users do (section 3)."""
+    ds = load_dataset(Path(dataset_path))
+    for c in data.positives:
+        phrases = ds.negatives.get(c) or []
+        if phrases:
+            data.negative_phrases[c] = list(phrases)
+            data.negative_vectors[c] = np.asarray(encoder.embed_texts(phrases), dtype=np.float32)
+    return data
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
@@ -144,9 +180,9 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     """Simulate one concept; returns its entry of ``results.json``."""
     import torch
 
-    from agile_pipeline.lib.training import TrainConfig, train_classifier
-
     torch.set_num_threads(1)
+    if cfg.few_shot not in FEW_SHOT_VARIANTS:
+        raise ValueError(f"unknown few_shot variant {cfg.few_shot!r}: one of {', '.join(FEW_SHOT_VARIANTS)}")
     pos = data.positives[concept]
     y_train = np.array([i in pos for i in data.train_ids], dtype=np.int64)
     y_test = np.array([i in pos for i in data.test_ids], dtype=np.int64)
@@ -160,10 +196,15 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     zs_unit = zero_shot_to_unit(zs_test, center=center, temperature=temp)
     zs_train_unit = zero_shot_to_unit(zs_train, center=center, temperature=temp)
 
-    # expansion: nearest per_phrase train images of every phrase, sample `expansion`
+    # expansion: nearest per_phrase train images of every phrase (negative phrases too, as in
+    # the product and the paper), sample `expansion`
+    neg_text = data.negative_vectors.get(concept)
+    queries = text if neg_text is None or not len(neg_text) else np.concatenate([text, neg_text])
+    query_names = list(data.phrases[concept]) + [
+        f"not: {p}" for p in data.negative_phrases.get(concept, [])][: len(queries) - len(text)]
     found: dict[str, list[str]] = {}
-    sims = X_train @ text.T  # (n_train, n_phrases)
-    for j, phrase in enumerate(data.phrases[concept]):
+    sims = X_train @ queries.T  # (n_train, n_queries)
+    for j, phrase in enumerate(query_names):
         top = np.argsort(-sims[:, j], kind="stable")[: cfg.per_phrase]
         found[phrase] = [str(k) for k in top]
     picked = [int(k) for k, _ in sample_expansion(found, cfg.expansion, cfg.seed)]
@@ -180,14 +221,11 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         entry: dict[str, Any] = {"round": r, "n_labels": int(labeled.sum()), "n_pos": int(y.sum())}
         model = None
         if y.sum() > 0:
-            tcfg = TrainConfig(seed=cfg.seed, **cfg.train)
             t0 = time.perf_counter()
-            model = train_classifier(X_train[idx], y, X_train, round_index=r, config=tcfg,
-                                     exclude_from_pool=idx, concept=concept)
+            model = _fit_round(X_train, idx, y, r, cfg, concept, text, neg_text)
             entry["train_s"] = round(time.perf_counter() - t0, 3)
-            p_test = model.predict_proba(X_test)
-            if cfg.zero_shot_prior:
-                p_test = _with_prior(p_test, zs_unit, cfg.zero_shot_prior)
+            entry["model_kind"] = model.kind
+            p_test = model.predict(X_test, zs_unit)
             entry["auc_pr"], entry["auc_roc"] = _auc(y_test, p_test)
             eval_scores[f"round-{r}"] = p_test
             es = stratified_eval_set(data.test_ids, eval_scores, key=settings.EVAL_KEY,
@@ -207,9 +245,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         eligible = ~labeled
         if model is not None:
-            p_train = model.predict_proba(X_train)
-            if cfg.zero_shot_prior:
-                p_train = _with_prior(p_train, zs_train_unit, cfg.zero_shot_prior)
+            p_train = model.predict(X_train, zs_train_unit)
             if cfg.strategy == "margin-positive":
                 nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
             else:
@@ -239,6 +275,51 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         "model_trained": any(not math.isnan(e.get("auc_pr", float("nan"))) for e in rounds),
         "rounds": rounds,
     }
+
+
+@dataclass
+class _RoundModel:
+    """A round's model in the simulation: its kind, scorer and blended-prior weight."""
+
+    kind: str
+    scorer: Any  # has predict_proba(X)
+    beta: float = 0.0
+
+    def predict(self, X: np.ndarray, zs_unit: np.ndarray) -> np.ndarray:
+        p = self.scorer.predict_proba(X)
+        return _with_prior(p, zs_unit, self.beta) if self.beta else p
+
+
+def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, r: int, cfg: SimConfig,
+               concept: str, text: np.ndarray, neg_text: np.ndarray | None) -> _RoundModel:
+    """Train round ``r``'s model on the labeled rows ``idx`` of ``X_train`` per ``cfg.few_shot``."""
+    from dataclasses import replace
+
+    from agile_pipeline.lib import few_shot
+    from agile_pipeline.lib.training import TrainConfig, train_classifier
+
+    variant, args = cfg.few_shot, dict(cfg.few_shot_args)
+    n_pos = int(y.sum())
+    if variant in ("linear", "prior-linear") or (
+            variant == "hybrid" and n_pos < int(args.get("switch_pos", 10))):
+        known = few_shot.PriorLinearConfig.__dataclass_fields__
+        pcfg = few_shot.PriorLinearConfig(seed=cfg.seed, **{k: v for k, v in args.items() if k in known})
+        if variant == "linear":
+            pcfg = replace(pcfg, prior_strength=0.0)
+        lm = few_shot.fit_prior_linear(X_train[idx], y, X_train, text_pos=text, text_neg=neg_text,
+                                       exclude_from_pool=idx, config=pcfg)
+        return _RoundModel("linear", lm)
+    X_lab, y_lab = X_train[idx], y
+    if variant == "mlp-pseudo":
+        Xp, yp = few_shot.phrase_pseudo_labels(text, neg_text, X_train.shape[1])
+        X_lab, y_lab = np.concatenate([X_lab, Xp]), np.concatenate([y, yp])
+    model = train_classifier(X_lab, y_lab, X_train, round_index=r,
+                             config=TrainConfig(seed=cfg.seed, **cfg.train),
+                             exclude_from_pool=idx, concept=concept)
+    beta = cfg.zero_shot_prior
+    if variant == "prior-decay":
+        beta = few_shot.decayed_prior_weight(float(args.get("c", 1.0)), n_pos)
+    return _RoundModel("mlp", model, beta)
 
 
 def _with_prior(p: np.ndarray, zs_unit: np.ndarray, beta: float) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Pure logic of agile_pipeline.lib.few_shot (fast: small synthetic data)."""
+
+import numpy as np
+import pytest
+
+from agile_pipeline.lib.few_shot import (
+    LinearModel,
+    PriorLinearConfig,
+    blend_logits,
+    decayed_prior_weight,
+    fit_prior_linear,
+    mean_direction,
+    phrase_pseudo_labels,
+    prior_weights,
+    row_weights,
+)
+from agile_pipeline.lib.metrics import compute_metrics
+
+
+def _planted(seed: int = 0, n: int = 3000, d: int = 32, prevalence: float = 0.02):
+    """Unit vectors; positives lean towards a concept direction c."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=d)
+    c /= np.linalg.norm(c)
+    y = (rng.random(n) < prevalence).astype(np.int64)
+    X = rng.normal(size=(n, d)) + 2.5 * y[:, None] * c
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), y, c
+
+
+def test_row_weights_mass_and_shares() -> None:
+    y = np.array([1, 1, 0, 0, 0, 0])
+    lab, rand = row_weights(y, 10)
+    assert lab.sum() + rand.sum() == pytest.approx(len(y))
+    assert lab[y == 1].sum() == pytest.approx(0.5 * len(y))
+    assert lab[y == 0].sum() == pytest.approx(0.25 * len(y))
+    assert rand.sum() == pytest.approx(0.25 * len(y))
+    # no labeled negatives: their share goes to the random ones
+    lab, rand = row_weights(np.array([1, 1]), 4)
+    assert lab.sum() == pytest.approx(1.0) and rand.sum() == pytest.approx(1.0)
+    # no random negatives: their share goes to the labeled ones
+    lab, rand = row_weights(np.array([1, 0]), 0)
+    assert rand.size == 0 and lab[1] == pytest.approx(1.0)
+
+
+def test_mean_direction_and_prior_weights() -> None:
+    assert mean_direction(None) is None
+    assert mean_direction(np.empty((0, 3))) is None
+    m = mean_direction(np.array([[2.0, 0, 0], [0, 3.0, 0]]))
+    assert m is not None and np.allclose(m, [2**-0.5, 2**-0.5, 0])
+    X, _, c = _planted()
+    w0 = prior_weights(X, c[None], None, strength=2.0, negative_weight=0.5)
+    # the prior's logit spread over the pool is `strength`
+    assert float(np.std(X @ w0)) == pytest.approx(2.0, rel=1e-6)
+    assert not np.any(prior_weights(X, c[None], None, strength=0.0, negative_weight=0.5))
+    neg = prior_weights(X, c[None], -c[None], strength=1.0, negative_weight=1.0)
+    assert float(neg @ c) > float(w0 @ c) / 2  # a negative phrase opposite c pushes along c
+
+
+def test_fit_prior_linear_without_labels_is_the_prior() -> None:
+    X, y, c = _planted()
+    m = fit_prior_linear(np.empty((0, X.shape[1])), np.empty(0), X, text_pos=c[None],
+                         config=PriorLinearConfig(random_negatives=0))
+    assert np.allclose(m.w / np.linalg.norm(m.w), c, atol=1e-6)
+    ap_prior = compute_metrics(y, m.predict_proba(X)).auc_pr
+    assert ap_prior > 0.5
+
+
+def test_fit_prior_linear_learns_from_few_labels_and_is_deterministic() -> None:
+    X, y, c = _planted(1)
+    rng = np.random.default_rng(0)
+    pos = rng.choice(np.flatnonzero(y == 1), 3, replace=False)
+    neg = rng.choice(np.flatnonzero(y == 0), 40, replace=False)
+    idx = np.concatenate([pos, neg])
+    cfg = PriorLinearConfig(prior_strength=0.0, random_negatives=500)
+    m = fit_prior_linear(X[idx], y[idx], X, exclude_from_pool=idx, config=cfg)
+    rest = np.setdiff1d(np.arange(len(y)), idx)
+    assert compute_metrics(y[rest], m.predict_proba(X[rest])).auc_pr > 0.15  # base rate ~0.02
+    m2 = fit_prior_linear(X[idx], y[idx], X, exclude_from_pool=idx, config=cfg)
+    assert np.array_equal(m.w, m2.w) and m.b == m2.b
+    assert (m.n_pos, m.n_neg, m.n_random_neg) == (3, 40, 500)
+    # a wrong text prior is overridden when the prior scale is learned ("feature" mode)
+    wrong = -c[None]
+    fixed = fit_prior_linear(X[idx], y[idx], X, text_pos=wrong, exclude_from_pool=idx,
+                             config=PriorLinearConfig(prior_strength=3.0, random_negatives=500))
+    learned = fit_prior_linear(X[idx], y[idx], X, text_pos=wrong, exclude_from_pool=idx,
+                               config=PriorLinearConfig(prior_strength=3.0, random_negatives=500,
+                                                        prior_mode="feature", prior_l2=0.01))
+    ap = lambda mm: compute_metrics(y[rest], mm.predict_proba(X[rest])).auc_pr  # noqa: E731
+    assert ap(learned) > ap(fixed)
+    with pytest.raises(ValueError):
+        fit_prior_linear(X[idx], y[idx], X, config=PriorLinearConfig(prior_mode="nope"))
+    with pytest.raises(ValueError):
+        fit_prior_linear(X[:2], np.array([1, 2]), X)
+
+
+def test_linear_model_to_classifier_scores_the_same(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    rng = np.random.default_rng(3)
+    m = LinearModel(w=rng.normal(size=8), b=-0.3, n_pos=2, n_neg=5)
+    X = (rng.normal(size=(50, 8)) * 3).astype(np.float32)  # not unit rows: normalised inside
+    clf = m.to_classifier(round_index=1)
+    assert np.allclose(clf.predict_proba(X), m.predict_proba(X), atol=1e-5)
+    clf.save(tmp_path / "m")
+    loaded = TrainedClassifier.load(tmp_path / "m")
+    assert loaded.meta.hidden == () and loaded.meta.n_pos == 2
+    assert np.allclose(loaded.predict_proba(X), m.predict_proba(X), atol=1e-5)
+
+
+def test_pseudo_labels_and_priors() -> None:
+    X, y = phrase_pseudo_labels(np.ones((2, 4)), np.zeros((1, 4)), 4)
+    assert X.shape == (3, 4) and y.tolist() == [1, 1, 0]
+    X, y = phrase_pseudo_labels(np.ones((1, 4)), None, 4)
+    assert y.tolist() == [1]
+    X, y = phrase_pseudo_labels(None, None, 4)
+    assert X.shape == (0, 4) and y.size == 0
+    assert decayed_prior_weight(1.0, 0) == 1.0 and decayed_prior_weight(1.0, 4) == 0.25
+    p = np.array([0.2, 0.5, 0.9])
+    assert np.allclose(blend_logits(p, np.full(3, 0.5), 1.0), p, atol=1e-6)  # neutral prior
+    assert np.all(blend_logits(p, np.full(3, 0.9), 1.0) > p)
