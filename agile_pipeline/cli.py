@@ -123,11 +123,24 @@ def demo_corpus(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     limit: Annotated[int | None, typer.Option(help="Write at most this many images.")] = None,
     workers: Annotated[int, typer.Option(help="Parallel rasterizers.")] = 2,
+    kind: Annotated[str, typer.Option(help="emoji (OpenMoji) or glyphs (unseen digits/letters, rare concepts).")] = "emoji",
+    seed: Annotated[int, typer.Option(help="Seed of the glyphs dataset.")] = 0,
 ) -> None:
-    """Write the demo corpus: OpenMoji artwork as PNGs in DEST/<group>/<subgroup>/<name>.png."""
+    """Write the demo corpus: OpenMoji artwork as PNGs in DEST/<group>/<subgroup>/<name>.png
+    (``--kind glyphs``: the unseen dataset of rare digit/letter concepts in DEST/{train,test}/)."""
     from agile_pipeline.lib.demo_corpus import write_demo_corpus
 
     _setup_logging()
+    if kind == "glyphs":
+        from agile_pipeline.lib.unseen_dataset import write_unseen_dataset
+
+        st = write_unseen_dataset(dest, seed=seed, size=96 if size == 128 else size)
+        typer.echo(f"glyphs dataset in {dest}: {st.n_images} images, {len(st.n_per_concept)} "
+                   f"concepts of {max(st.n_per_concept.values())} images each, "
+                   f"{st.n_distractors} distractors, {st.seconds:.1f}s; labels in {dest / 'labels.csv'}")
+        return
+    if kind != "emoji":
+        fail(f"unknown kind {kind!r}: use emoji or glyphs")
     try:
         stats = write_demo_corpus(dest, size=size, limit=limit, workers=workers)
     except (FileNotFoundError, RuntimeError) as exc:
@@ -573,12 +586,15 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sim-out"),
     workers: Annotated[int, typer.Option(help="Concepts simulated in parallel.")] = 1,
     min_test_pos: Annotated[int, typer.Option(help="Skip concepts with fewer test positives.")] = 20,
+    few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
 ) -> None:
     """Play the user with ground truth (paper section 5) and report AUC-PR per round."""
     import json
 
     from agile_pipeline.lib.simulate import (
+        FEW_SHOT_VARIANTS,
         SimConfig,
+        attach_negative_phrases,
         choose_concepts,
         format_table,
         run_all,
@@ -590,8 +606,14 @@ def simulate(
     _setup_logging()
     if strategy not in ("margin", "margin-positive"):
         fail(f"unknown strategy {strategy!r}: use margin or margin-positive")
+    if few_shot not in FEW_SHOT_VARIANTS:
+        fail(f"unknown --few-shot {few_shot!r}: one of {', '.join(FEW_SHOT_VARIANTS)}")
     t0 = time.perf_counter()
     data = _guard(lambda: prepare_simulation(str(dataset), min_test_pos=min_test_pos))
+    if dataset.is_dir():  # negative phrases (negatives.txt) typed by the simulated user
+        from agile_pipeline.defs.resources import AgileHome
+
+        attach_negative_phrases(data, dataset, AgileHome().load_encoder())
     available = {c: len(p) for c, p in data.positives.items()}
     if not available:
         fail(f"no concept in {dataset} has {min_test_pos} or more test positives")
@@ -606,14 +628,15 @@ def simulate(
     except ValueError as exc:
         fail(str(exc))
         return
-    cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed)
+    cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed, few_shot=few_shot)
     typer.echo(f"simulating {len(names)} concepts on {len(data.train_ids)} train / "
                f"{len(data.test_ids)} test images with {data.embedding_model}")
     per_concept = run_all(data, names, cfg, workers=workers)
     summary = summarize(per_concept)
     results = {
         "embedding_model": data.embedding_model, "dataset": str(dataset),
-        "config": {"rounds": rounds, "batch": batch, "strategy": strategy, "seed": seed},
+        "config": {"rounds": rounds, "batch": batch, "strategy": strategy, "seed": seed,
+                   "few_shot": few_shot},
         "concepts": per_concept, "summary": summary,
         "seconds": round(time.perf_counter() - t0, 1),
     }
