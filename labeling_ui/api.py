@@ -4,6 +4,10 @@ These are the hot path of rating (one small JSON post per rating, one thumbnail 
 they bypass Gradio's queue. Every route that reads or writes data requires a signed-in rater
 when auth is on; label writes always carry the signed-in name (a rater can't write as another).
 
+Exemplar images a rater uploads (``POST /api/exemplars/upload``; Gradio's own upload routes stay
+closed) are checked by the safe decoder, stored under the data directory by content hash and
+registered in the manifest, so they are served by ``/image/{id}`` in exactly the same way.
+
 Images are served **only by id**: ``/image/{id}`` accepts exactly 32 lowercase hex characters,
 looks the id up in the manifest, reads that one file, checks that its content still hashes to
 the id (a file swapped or symlinked after ingestion is refused) and returns a re-encoded
@@ -103,15 +107,18 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             raise HTTPException(status_code=400, detail="tell us your name first (1-64 letters or digits)")
         return claimed_s
 
-    async def json_body(request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":  # also stops cross-site HTML form posts (CSRF)
-            raise HTTPException(status_code=415, detail="send application/json")
+    def same_origin(request: Request) -> None:
         origin = request.headers.get("origin")
         if origin and origin.rstrip("/") != str(request.base_url).rstrip("/"):
             host = request.headers.get("host", "")
             if origin.split("://", 1)[-1].rstrip("/") != host:
                 raise HTTPException(status_code=403, detail="cross-origin request refused")
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":  # also stops cross-site HTML form posts (CSRF)
+            raise HTTPException(status_code=415, detail="send application/json")
+        same_origin(request)
         raw = await request.body()
         if len(raw) > MAX_JSON_BYTES:
             raise HTTPException(status_code=413, detail="request too large")
@@ -193,6 +200,70 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         except StateError as exc:
             raise user_error(exc) from exc
         return JSONResponse({"ok": True, "rater": who, "exemplars": exemplars})
+
+    @router.post("/api/exemplars/upload", include_in_schema=False)
+    async def upload_exemplar(
+        request: Request, concept: str = "", polarity: str = "positive", rater: str = "", name: str = "",
+    ) -> JSONResponse:
+        """Upload an image file as an exemplar: the body is the file itself.
+
+        Query: ``concept``, ``polarity`` (positive/negative), ``name`` (the file's name, for
+        the record) and, without sign-in, ``rater``. With sign-in the exemplar is always the
+        signed-in rater's. The body must be ``application/octet-stream`` or ``image/*`` (a
+        cross-site form cannot send that without a CORS preflight, which is refused) and at most
+        ``settings.upload_max_bytes``; the image is checked by the safe decoder and embedded.
+        """
+        who = rater_for(request, rater)
+        same_origin(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/octet-stream" and not ctype.startswith("image/"):
+            raise HTTPException(
+                status_code=415,
+                detail="send the image file itself as the body (application/octet-stream or image/*)",
+            )
+        cap = settings.upload_max_bytes
+        too_big = f"the file is over the upload limit of {cap / (1024 * 1024):.1f} MB; upload a smaller version"
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > cap:
+            raise HTTPException(status_code=413, detail=too_big)
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise HTTPException(status_code=413, detail=too_big)
+            parts.append(chunk)
+        from starlette.concurrency import run_in_threadpool
+
+        from agile_pipeline.lib.uploads import (
+            EmbeddingUnavailable,
+            UploadRejected,
+            UploadsBusy,
+            clean_filename,
+        )
+
+        try:
+            result = await run_in_threadpool(
+                service.upload_exemplar, concept, b"".join(parts), rater=who, polarity=polarity,
+                filename=name, max_bytes=cap,
+            )
+        except UploadRejected as exc:
+            status = 413 if exc.reason == "too_large_file" else 400
+            shown = clean_filename(name, 80)
+            what = f"“{shown}”" if shown else "this file"
+            raise HTTPException(status_code=status, detail=f"cannot use {what} as an exemplar: {exc}") from exc
+        except StateError as exc:
+            raise user_error(exc) from exc
+        except UploadsBusy as exc:
+            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "5"}) from exc
+        except EmbeddingUnavailable as exc:
+            log.warning("exemplar upload for %r failed: %s", concept, exc)
+            raise HTTPException(
+                status_code=503,
+                detail="the image is fine but could not be embedded now (embedding model or vector "
+                       "store unavailable); try again later",
+            ) from exc
+        return JSONResponse({"ok": True, "rater": who, **result})
 
     @router.get("/api/search", include_in_schema=False)
     def search(request: Request, concept: str, q: str = "", k: int = 24) -> dict[str, Any]:

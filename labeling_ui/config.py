@@ -55,6 +55,8 @@ class UiSettings:
     ``trigger="in-process"`` rounds run inside the app process (tests, no webserver).
     ``auth``: ``[(name, password), ...]`` switches Gradio's sign-in on; labels are then written
     under the signed-in name only.
+    ``upload_max_bytes``: the largest exemplar image file a rater may upload (Gradio's own upload
+    routes stay closed; uploads go through ``POST /api/exemplars/upload`` only).
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +68,7 @@ class UiSettings:
     thumb_side: int = 512
     prefetch: int = 8
     login_max_failures: int = 5
+    upload_max_bytes: int = 20 * 1024 * 1024  # an uploaded exemplar image file
     poll_seconds: float = 1.0
     title: str = "Agile Modeling"
     extra_blocked_paths: tuple[str, ...] = field(default_factory=tuple)

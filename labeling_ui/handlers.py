@@ -52,6 +52,7 @@ def widget_value(
         "purpose": session.purpose,
         "nonce": session.nonce,
         "prefetch": settings.prefetch,
+        "upload_max_bytes": settings.upload_max_bytes,
         "round": round_view.to_dict() if round_view is not None else None,
     })
 

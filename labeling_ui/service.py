@@ -148,6 +148,7 @@ class LabelingService:
         self._requests: dict[str, RoundRequest] = {}
         self._lock = threading.RLock()
         self._batches: OrderedDict[int, BatchRef] = OrderedDict()
+        self._upload_slots = threading.BoundedSemaphore(2)
 
     # ---- concepts --------------------------------------------------------------------------
     def concept_names(self) -> list[str]:
@@ -185,6 +186,56 @@ class LabelingService:
             raise StateError(f"polarity {str(polarity)[:20]!r} is positive or negative")
         self.store.add_exemplar(c.name, image_id, polarity, rater)
         return self.exemplars(c.name)
+
+    def upload_exemplar(
+        self,
+        concept: str,
+        data: bytes,
+        *,
+        rater: str,
+        polarity: str = "positive",
+        filename: str = "",
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """Make an uploaded image file an exemplar (checked, stored, embedded now; see
+        :mod:`agile_pipeline.lib.uploads`). Returns the image id and the new exemplar list.
+
+        Raises :class:`StateError` (rater, concept, polarity), ``UploadRejected`` (not a usable
+        image) or ``EmbeddingUnavailable`` (encoder or vector store unavailable, or busy).
+        """
+        from agile_pipeline.lib.uploads import (
+            DEFAULT_MAX_UPLOAD_BYTES,
+            EmbeddingUnavailable,
+            UploadsBusy,
+            add_uploaded_exemplar,
+        )
+
+        rater = self._check_rater(rater)
+        c = self.store.get_concept(validate_concept_name(str(concept)))
+        if polarity not in ("positive", "negative"):
+            raise StateError(f"polarity {str(polarity)[:20]!r} is positive or negative")
+        # decoding and embedding take memory and CPU: a few at a time, whatever the traffic
+        if not self._upload_slots.acquire(timeout=60):
+            raise UploadsBusy("the app is busy with other uploads; try again in a moment")
+        try:
+            from agile_pipeline.lib.encoders import load_encoder
+            from agile_pipeline.lib.vectors import VectorStore
+            from agile_pipeline.settings import Paths
+
+            try:
+                encoder = load_encoder(self.encoder_spec)
+            except Exception as exc:
+                raise EmbeddingUnavailable(f"the embedding model {self.encoder_spec!r} cannot be loaded: {exc}") from exc
+            paths = Paths(Path(self.home))
+            vectors = VectorStore(paths.lancedb, cache_dir=paths.cache)
+            res = add_uploaded_exemplar(
+                self.store, vectors, encoder, paths.blobs, c.name, data, polarity=polarity,
+                added_by=rater, filename=filename, max_bytes=max_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+            )
+        finally:
+            self._upload_slots.release()
+        return {"image_id": res.image_id, "polarity": polarity, "in_corpus": res.in_corpus,
+                "exemplars": self.exemplars(c.name)}
 
     def search_images(self, concept: str, text: str, k: int = 24) -> list[dict[str, Any]]:
         """The training-split images nearest to ``text`` (the embedding model, loaded lazily)."""

@@ -70,6 +70,10 @@ class EmbeddingUnavailable(RuntimeError):
     """The file is fine but could not be embedded or stored (encoder or vector store failed)."""
 
 
+class UploadsBusy(EmbeddingUnavailable):
+    """Too many uploads are being embedded at once; the caller may retry shortly."""
+
+
 @dataclass(frozen=True)
 class UploadResult:
     """What :func:`add_uploaded_exemplar` did.

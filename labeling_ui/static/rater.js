@@ -74,7 +74,11 @@
         <div class="am-q">Does the image show <span class="am-concept"></span>?</div>
         <div class="am-phr"><div class="am-phr-h am-y">Yes, if it shows</div><ul class="am-pos"></ul></div>
         <div class="am-phr"><div class="am-phr-h am-n">No, if it only shows</div><ul class="am-neg"></ul></div>
-        <div class="am-phr am-exbox"><div class="am-phr-h am-y">★ Exemplars — images like these</div><div class="am-exstrip" data-testid="exemplars"></div></div>
+        <div class="am-phr am-exbox"><div class="am-phr-h am-y">★ Exemplars — images like these</div><div class="am-exstrip" data-testid="exemplars"></div>
+          <div class="am-upbar"><button type="button" class="am-btn am-small-btn am-upload" data-act="upload" data-polarity="positive" data-testid="upload-exemplar" title="Pick an image file from your computer: it is checked, embedded now, finds similar images and counts as yes">⇪ Upload an image</button>
+            <button type="button" class="am-link am-upneg" data-act="upload" data-polarity="negative" data-testid="upload-counter" title="Pick an image of what the concept is NOT: it counts as no">or a counter-example</button></div>
+          <div class="am-upstatus" data-testid="upload-status" aria-live="polite"></div>
+          <input type="file" class="am-upfile" accept="image/*" hidden data-testid="exemplar-file"></div>
         <div class="am-instr-h">Instructions</div>
         <div class="am-instr"></div>
         <div class="am-keys"><b>Keys</b>: <kbd>Y</kbd>/<kbd>→</kbd> yes · <kbd>N</kbd>/<kbd>←</kbd> no ·
@@ -92,6 +96,7 @@
     roundbox: $(".am-roundbox"), empty: $(".am-empty"), concept: $(".am-concept"),
     pos: $(".am-pos"), neg: $(".am-neg"), instr: $(".am-instr"), sideround: $(".am-sideround"),
     train: $(".am-train"), early: $(".am-early"), recovery: $(".am-recovery"), exstrip: $(".am-exstrip"),
+    upfile: $(".am-upfile"), upstatus: $(".am-upstatus"),
   };
 
   // ---- helpers ----------------------------------------------------------------------------
@@ -307,6 +312,56 @@
       renderSide(); renderRecovery(); renderSearchStars();
     } catch (e) { st.error = "Could not mark the exemplar (no connection?)"; renderSave(); }
   }
+  // ---- uploading an image file as an exemplar: click, pick the file, done --------------------
+  function pickUpload(polarity) {
+    if (!who()) { showNameHint(); return; }
+    if (!st.concept || st.uploading) return;
+    st.uploadPolarity = polarity === "negative" ? "negative" : "positive";
+    ui.upfile.value = "";
+    ui.upfile.click();
+  }
+  function upStatus(html, cls) {   // the status shows both in the side panel and in the recovery notice
+    st.upStatus = { html, cls };
+    root.querySelectorAll(".am-upstatus").forEach((el) => {
+      el.className = "am-upstatus" + (cls ? " " + cls : "");
+      el.innerHTML = html;
+    });
+  }
+  async function uploadExemplar(file, polarity) {
+    const rater = who();
+    if (!file || !rater || !st.concept) return;
+    const max = st.cfg.upload_max_bytes || 20 * 1024 * 1024;
+    const mb = (n) => (n / (1024 * 1024)).toFixed(1) + " MB";
+    if (file.size > max) { upStatus(`⚠ “${esc(file.name)}” is ${mb(file.size)}; the limit is ${mb(max)}. Upload a smaller version.`, "am-uperr"); return; }
+    if (!file.size) { upStatus(`⚠ “${esc(file.name)}” is empty.`, "am-uperr"); return; }
+    st.uploading = true;
+    root.querySelectorAll(".am-upload, .am-upneg").forEach((b) => { b.disabled = true; });
+    upStatus(`<span class="am-spinner am-small"></span> Uploading and embedding “${esc(file.name)}”…`, "am-upbusy");
+    try {
+      const q = new URLSearchParams({ concept: st.concept, polarity, name: file.name });
+      if (!st.cfg.auth) q.set("rater", rater);
+      const r = await fetch("/api/exemplars/upload?" + q.toString(), {
+        method: "POST", credentials: "same-origin", body: file,
+        headers: { "Content-Type": "application/octet-stream" },
+      });
+      let d = {}; try { d = await r.json(); } catch (e) { /* none */ }
+      if (!r.ok) {
+        const why = r.status === 401 ? "you were signed out: reload the page and sign in" : (d.detail || ("HTTP " + r.status));
+        upStatus("⚠ " + esc(why.charAt(0).toUpperCase() + why.slice(1)) + ".", "am-uperr");
+        return;
+      }
+      if (st.conceptView) st.conceptView.exemplars = d.exemplars || [];
+      st.exemplarAdded = true;
+      const neg = polarity === "negative";
+      upStatus(`✓ “${esc(file.name)}” ${d.in_corpus ? "is already in the collection: marked" : "added"} as ${neg ? "a counter-example (counts as no)" : "an exemplar: it finds similar images and counts as yes"}.`, neg ? "am-upok am-upneg-ok" : "am-upok");
+      renderSide(); renderRecovery(); renderSearchStars();
+    } catch (e) {
+      upStatus("⚠ The upload failed (no connection?). Try again.", "am-uperr");
+    } finally {
+      st.uploading = false;
+      root.querySelectorAll(".am-upload, .am-upneg").forEach((b) => { b.disabled = false; });
+    }
+  }
   function exemplarIds() { return new Set(((st.conceptView && st.conceptView.exemplars) || []).map((e) => e.image_id)); }
   async function runSearch(q) {
     const box = root.querySelector(".am-sresults");
@@ -332,7 +387,8 @@
     if (st.batch.recovery) return true;
     const c = st.counts || {};
     const anyYes = st.items.some((i) => i.label === "positive");
-    return st.cursor < 0 && !anyYes && !(c.positive > 0) && !exemplarIds().size;
+    const posExemplars = ((st.conceptView && st.conceptView.exemplars) || []).filter((e) => e.polarity !== "negative").length;
+    return st.cursor < 0 && !anyYes && !(c.positive > 0) && !posExemplars;
   }
   function renderRecovery() {
     const show = needsRecovery();
@@ -347,7 +403,8 @@
       `<p>${rec ? "These are <b>recovery images</b>: the app skipped training and queued the next-nearest images of every phrase and exemplar, taking turns between them." : "Training now queues a <b>recovery batch</b> instead of a model: the next-nearest images of every phrase and exemplar, taking turns between them."} To get to the first yes faster:</p>` +
       `<ul class="am-rec-list"><li><button type="button" class="am-link" data-act="goto-concept">Add phrases</button> that describe the concept in other words (Concept tab, then <b>Save changes</b> and <b>Find images again</b>).</li>` +
       `<li>Mark any image that shows it as an <b>★ exemplar</b> (button or key <kbd>E</kbd>): it finds similar images like a phrase does, and counts as yes.</li>` +
-      `<li>Search for one: <span class="am-search"><input type="search" class="am-sq" placeholder="e.g. a red fire truck" aria-label="Search images"> <button type="button" class="am-btn am-small-btn" data-act="search">Search</button></span></li></ul>` +
+      `<li>Search for one: <span class="am-search"><input type="search" class="am-sq" placeholder="e.g. a red fire truck" aria-label="Search images"> <button type="button" class="am-btn am-small-btn" data-act="search">Search</button></span></li>` +
+      `<li>Have a picture that shows it? <button type="button" class="am-btn am-small-btn am-upload" data-act="upload" data-polarity="positive" data-testid="recovery-upload">⇪ Upload an image</button> — it is checked, added as an exemplar right away and shown under ★ Exemplars.<div class="am-upstatus" aria-live="polite"></div></li></ul>` +
       `<div class="am-sresults" data-testid="search-results"></div>`;
   }
   function gotoConcept() {
@@ -403,7 +460,7 @@
     const want = ex.map((e) => e.image_id + e.polarity).join(",");
     if (ui.exstrip.dataset.ids !== want) {
       ui.exstrip.dataset.ids = want;
-      ui.exstrip.innerHTML = ex.length ? ex.map((e) => `<img class="am-ex am-ex-${esc(e.polarity)}" loading="lazy" alt="exemplar" data-id="${esc(e.image_id)}" title="${esc(e.polarity)} exemplar, added by ${esc(e.added_by)}" src="${imgUrl(e.image_id)}">`).join("") : '<span class="am-muted">None yet: press ★ (<kbd>E</kbd>) on a clear example.</span>';
+      ui.exstrip.innerHTML = ex.length ? ex.map((e) => `<img class="am-ex am-ex-${esc(e.polarity)}" loading="lazy" alt="${esc(e.polarity)} exemplar" data-id="${esc(e.image_id)}" data-polarity="${esc(e.polarity)}" title="${e.polarity === "negative" ? "counter-example" : "exemplar"}, added by ${esc(e.added_by)}" src="${imgUrl(e.image_id)}">`).join("") : '<span class="am-muted">None yet: press ★ (<kbd>E</kbd>) on a clear example, or upload one.</span>';
     }
     ui.instr.textContent = c && c.instructions ? c.instructions : "Rate by your own judgement of the concept.";
     const done = st.items.filter((i) => i.label).length;
@@ -610,6 +667,7 @@
     const act = b.dataset.act;
     if (act === "undo") undo();
     else if (act === "exemplar") exemplarCurrent(ev.timeStamp);
+    else if (act === "upload") pickUpload(b.dataset.polarity);
     else if (act === "goto-concept") gotoConcept();
     else if (act === "search") { const inp = root.querySelector(".am-sq"); runSearch(inp ? inp.value : ""); }
     else if (act === "reload") loadBatch();
@@ -628,6 +686,7 @@
     const l = outbox();
     if (l.length) { try { post(l[0].rater, l.filter((e) => e.rater === l[0].rater).slice(0, 100), true); } catch (e) { /* kept in outbox */ } }
   };
+  ui.upfile.addEventListener("change", () => { const f = ui.upfile.files && ui.upfile.files[0]; if (f) uploadExemplar(f, st.uploadPolarity || "positive"); });
   const onSearchKey = (ev) => { if (ev.key === "Enter" && ev.target.classList && ev.target.classList.contains("am-sq")) { ev.preventDefault(); runSearch(ev.target.value); } };
   root.addEventListener("keydown", onSearchKey);
   document.addEventListener("keydown", onKey);
