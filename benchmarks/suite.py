@@ -382,13 +382,14 @@ def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 1
 
     q = np.asarray(queries, np.float32)
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    qt = torch.from_numpy(q.T.copy()).to(torch.bfloat16)
+    dt = scale.scan_compute_dtype()  # bfloat16 only where the CPU multiplies it natively
+    qt = torch.from_numpy(q.T.copy()).to(dt)
     keep = shortlist * k
     best_s = [np.empty(0, np.float32) for _ in q]
     best_r = [np.empty(0, np.int64) for _ in q]
     with torch.inference_mode():
         for start, rows in scale.iter_npy_rows(cache.bf16_path, chunk):
-            x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+            x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16).to(dt)
             s = (x @ qt).float().numpy()  # the cache's bfloat16 rows are unit vectors
             for j in range(q.shape[0]):
                 col = s[:, j]
@@ -566,25 +567,31 @@ def _one_round(b: Bench) -> tuple[float, dict[str, Any]]:
 
     pending = pending_items(b.env, synth.CONCEPT)
     _label(b, pending)
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     res = run_concept_round(synth.CONCEPT, agile=b.agile)
     seconds = time.perf_counter() - t0
     nxt = pending_items(b.env, synth.CONCEPT)
     c, a = metadata_of(res, classifier), metadata_of(res, al_candidates)
+    steps, ends = _step_times(res)
+    # the app shows the next batch as soon as al_candidates has written it (the run then goes
+    # on to the eval set and metrics while the rater works): that is when the user stops waiting
+    ready = ends.get("al_candidates")
     info = {"round": c.get("round"), "train_seconds": c.get("train_seconds"),
             "classifier_seconds": c.get("seconds_total"), "select_seconds": a.get("select_seconds"),
-            "next_candidates": len(nxt), "steps": _step_seconds(res)}
-    return seconds, info
+            "next_candidates": len(nxt), "steps": steps, "run_seconds": round(seconds, 3),
+            "candidates_ready_seconds": round(ready - wall0, 3) if ready else None}
+    return (ready - wall0 if ready else seconds), info
 
 
-def _step_seconds(res: Any) -> dict[str, float]:
-    """Seconds per Dagster step, from the run's event log."""
+def _step_times(res: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per Dagster step and each step's end (wall clock), from the run's event log."""
     try:
         import dagster as dg
 
         inst = dg.DagsterInstance.get()
         starts: dict[str, float] = {}
         out: dict[str, float] = {}
+        ends: dict[str, float] = {}
         for e in inst.all_logs(res.run_id):
             de = e.dagster_event
             if de is None or not de.step_key:
@@ -593,9 +600,11 @@ def _step_seconds(res: Any) -> dict[str, float]:
                 starts[de.step_key] = e.timestamp
             elif de.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE") and de.step_key in starts:
                 out[de.step_key] = round(e.timestamp - starts[de.step_key], 3)
-        return out
+                if de.event_type_value == "STEP_SUCCESS":
+                    ends[de.step_key] = e.timestamp
+        return out, ends
     except Exception:  # timing detail only
-        return {}
+        return {}, {}
 
 
 def bench_round(b: Bench, cfg: SuiteConfig) -> list[dict[str, Any]]:
@@ -630,9 +639,13 @@ def bench_round(b: Bench, cfg: SuiteConfig) -> list[dict[str, Any]]:
         first_round_seconds=[round(s, 3) for s, _ in firsts],
         rounds=[i["round"] for i in infos], next_candidates=[i["next_candidates"] for i in infos],
         steps=infos[len(infos) // 2]["steps"] if infos else {},
+        run_seconds=[i["run_seconds"] for i in infos],
+        baseline_run_seconds=[i["run_seconds"] for i in base_infos],
         baseline_steps=base_infos[len(base_infos) // 2]["steps"] if base_infos else {},
         method="label the pending AL batch, runner.run_concept_round (Dagster in-process: "
-               "classifier + MLflow, al_candidates, eval_set, model_metrics), next batch ready",
+               "classifier + MLflow, al_candidates, eval_set, model_metrics); seconds until "
+               "al_candidates has written the next batch (when the app shows it; the run's "
+               "eval_set and model_metrics steps go on meanwhile: run_seconds)",
         baseline="the same round with the split caches off (scale.has_cache = False): "
                  "VectorStore.matrix, dict id index, float32 scans" if base else
                  ("not run: the fast path is not wired into loop.py" if not fast else

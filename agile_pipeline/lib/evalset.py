@@ -220,6 +220,36 @@ def _hash_order(keys: Sequence[str], hashes: np.ndarray) -> np.ndarray:
     return order
 
 
+def pick_per_stratum(
+    order: np.ndarray,
+    strata_sorted: Mapping[str, np.ndarray],
+    *,
+    per_stratum: int,
+    n_strata: int,
+) -> tuple[list[int], dict[int, list[tuple[str, int]]], dict[str, list[int]], dict[str, list[int]]]:
+    """The paper's per-model picks: for every model and stratum, the first ``per_stratum``
+    rows in hash order. ``order`` is the rows in hash order and ``strata_sorted[name]`` each
+    model's stratum of ``order``'s rows.
+
+    Returns ``(rows, picked_by, counts, sizes)``: the picked rows in hash order, row →
+    ``[(model, stratum), ...]``, images taken per model and stratum, stratum sizes per model.
+    """
+    picked_by: dict[int, list[tuple[str, int]]] = {}
+    rank: dict[int, int] = {}
+    counts: dict[str, list[int]] = {}
+    sizes: dict[str, list[int]] = {}
+    for name, strata in strata_sorted.items():
+        sizes[name] = np.bincount(strata, minlength=n_strata).tolist()
+        counts[name] = []
+        for s in range(n_strata):
+            first = np.flatnonzero(strata == s)[:per_stratum]
+            counts[name].append(int(first.size))
+            for pos, row in zip(first.tolist(), np.asarray(order[first]).tolist(), strict=True):
+                picked_by.setdefault(row, []).append((name, s))
+                rank[row] = pos
+    return sorted(picked_by, key=rank.__getitem__), picked_by, counts, sizes
+
+
 def stratified_eval_set(
     keys: Sequence[str],
     model_scores: Mapping[str, np.ndarray],
@@ -254,25 +284,14 @@ def stratified_eval_set(
     if per_stratum < 0:
         raise ValueError("per_stratum must be >= 0")
     order = _hash_order(keys, hashes)
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-
-    picked_by: dict[int, list[tuple[str, int]]] = {}
-    counts: dict[str, list[int]] = {}
-    sizes: dict[str, list[int]] = {}
+    strata_sorted: dict[str, np.ndarray] = {}
     for name, scores in model_scores.items():
         scores = np.asarray(scores)
         if scores.shape != (n,):
             raise ValueError(f"scores of {name!r} have shape {scores.shape}, expected ({n},)")
-        strata_sorted = stratum_of(scores, n_strata)[order]
-        sizes[name] = np.bincount(strata_sorted, minlength=n_strata).tolist()
-        counts[name] = []
-        for s in range(n_strata):
-            first = np.flatnonzero(strata_sorted == s)[:per_stratum]
-            counts[name].append(int(first.size))
-            for row in order[first].tolist():
-                picked_by.setdefault(row, []).append((name, s))
-    rows = sorted(picked_by, key=lambda r: rank[r])
+        strata_sorted[name] = stratum_of(scores, n_strata)[order]
+    rows, picked_by, counts, sizes = pick_per_stratum(
+        order, strata_sorted, per_stratum=per_stratum, n_strata=n_strata)
     ev = EvalSet(
         keys=[keys[r] for r in rows],
         picked_by={keys[r]: picked_by[r] for r in rows},

@@ -479,18 +479,63 @@ def _build(tbl: Any, split: str | None, cache_dir: Path, tag: str, f16_path: Pat
 
 
 # ---- scoring in bfloat16 -------------------------------------------------------------------
-class BF16Scorer:
-    """A trained MLP (``Linear``/``L2NormLinear`` → ReLU → … → ``Linear(·, 1)``) evaluated in
-    bfloat16 (``addmm`` with float32 accumulation, bfloat16 activations), on the split cache's
-    L2-normalised bfloat16 rows; the sigmoid in float32.
+_SCAN_DTYPE: list[Any] = []
 
-    Accuracy: |P_bf16 − P_fp32| is typically ~1e-3 (8-bit mantissas); callers that need the
-    float32 answer re-score a shortlist exactly (:func:`select_margin_exact`,
-    :func:`strata_exact_scores`), with the error bound measured, not assumed.
+
+def scan_compute_dtype() -> Any:
+    """The dtype scans compute in: ``torch.bfloat16`` where this CPU multiplies bfloat16
+    natively (AVX512-BF16 / AMX: several times float32's speed), else ``torch.float32`` — on
+    e.g. an AVX2-only CPU, bfloat16 matmuls are emulated and ~100x *slower* than float32.
+
+    Decided once per process by timing a small product of each kind (the rows stay stored in
+    bfloat16 either way); ``AGILE_SCAN_DTYPE=bf16|fp32`` overrides."""
+    import torch
+
+    if _SCAN_DTYPE:
+        return _SCAN_DTYPE[0]
+    forced = os.environ.get("AGILE_SCAN_DTYPE", "").strip().lower()
+    if forced in ("bf16", "bfloat16"):
+        choice = torch.bfloat16
+    elif forced in ("fp32", "float32"):
+        choice = torch.float32
+    else:
+        if forced:
+            log.warning("AGILE_SCAN_DTYPE=%r is not bf16 or fp32; choosing by measurement", forced)
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(512, 512, generator=gen), torch.randn(512, 128, generator=gen)
+
+        def best(x: Any, y: Any) -> float:
+            x @ y  # warm up
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                x @ y
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        with torch.inference_mode():
+            fp32 = best(a, b)
+            bf16 = best(a.to(torch.bfloat16), b.to(torch.bfloat16))
+        choice = torch.bfloat16 if bf16 < 0.8 * fp32 else torch.float32
+        log.info("scan dtype %s (512x512x128 product: bf16 %.2f ms, fp32 %.2f ms)",
+                 choice, bf16 * 1e3, fp32 * 1e3)
+    _SCAN_DTYPE.append(choice)
+    return choice
+
+
+class BF16Scorer:
+    """A trained MLP (``Linear``/``L2NormLinear`` → ReLU → … → ``Linear(·, 1)``) evaluated on
+    the split cache's L2-normalised bfloat16 rows, computing in :func:`scan_compute_dtype`
+    (bfloat16 ``addmm`` with float32 accumulation where the CPU has native bfloat16, else the
+    rows widened to float32); the sigmoid in float32.
+
+    Accuracy: |P_approx − P_fp32| is typically ~1e-3 (8-bit mantissas of the rows, and of the
+    activations in bfloat16); callers that need the float32 answer re-score a shortlist
+    exactly (:func:`select_margin_exact`, :class:`SplitScores`), with the error bound
+    measured, not assumed.
     """
 
-    def __init__(self, module: Any) -> None:
-        import torch
+    def __init__(self, module: Any, dtype: Any = None) -> None:
         from torch import nn
 
         from agile_pipeline.lib.training import L2NormLinear
@@ -502,27 +547,27 @@ class BF16Scorer:
             if not isinstance(m, nn.Linear | nn.ReLU):
                 raise TypeError(f"unsupported layer {type(m).__name__}")
         self.l2 = isinstance(layers[0], L2NormLinear)
+        self.dtype = dtype if dtype is not None else scan_compute_dtype()
         self.ops: list[tuple[str, Any, Any]] = []
         for m in layers:
             if isinstance(m, nn.ReLU):
                 self.ops.append(("relu", None, None))
             else:
-                bf = torch.bfloat16
-                self.ops.append(("linear", m.weight.detach().to(bf).t().contiguous(),
-                                 m.bias.detach().to(bf).clone()))
+                self.ops.append(("linear", m.weight.detach().to(self.dtype).t().contiguous(),
+                                 m.bias.detach().to(self.dtype).clone()))
 
     def __call__(self, x_unit: Any, norms: Any) -> Any:
         """P(positive) for L2-normalised bfloat16 rows ``x_unit`` with original ``norms``."""
         import torch
 
-        h = x_unit
+        h = x_unit if x_unit.dtype == self.dtype else x_unit.to(self.dtype)
         first = True
         for kind, w, b in self.ops:
             if kind == "relu":
                 h = torch.relu_(h)
                 continue
             if first and not self.l2:  # a plain first layer sees the raw row: |x| (W x̂) + b
-                h = torch.mm(h, w).mul_(norms.to(torch.bfloat16).unsqueeze(1)).add_(b)
+                h = torch.mm(h, w).mul_(norms.to(self.dtype).unsqueeze(1)).add_(b)
             else:
                 h = torch.addmm(b, h, w)
             first = False
@@ -825,30 +870,20 @@ def stratified_eval_set_cached(cache: SplitCache, model_scores: Mapping[str, np.
     ``stratum_sizes`` count the few still-approximate rows within ``bound`` of a boundary by
     their bfloat16 value.
     """
-    from agile_pipeline.lib.evalset import EvalSet
+    from agile_pipeline.lib.evalset import EvalSet, pick_per_stratum
 
     if per_stratum < 0:
         raise ValueError("per_stratum must be >= 0")
     hashes, order = eval_hash_order(cache, key)
     n = len(cache)
-    picked_by: dict[int, list[tuple[str, int]]] = {}
-    rank: dict[int, int] = {}
-    counts: dict[str, list[int]] = {}
-    sizes: dict[str, list[int]] = {}
+    strata_sorted: dict[str, np.ndarray] = {}
     for name, scores in model_scores.items():
         shape = scores.values.shape if isinstance(scores, SplitScores) else np.shape(scores)
         if shape != (n,):
             raise ValueError(f"scores of {name!r} have shape {shape}, expected ({n},)")
-        strata_sorted = _strata_sorted(scores, order, n_strata, per_stratum)
-        sizes[name] = np.bincount(strata_sorted, minlength=n_strata).tolist()
-        counts[name] = []
-        for s in range(n_strata):
-            first = np.flatnonzero(strata_sorted == s)[:per_stratum]
-            counts[name].append(int(first.size))
-            for pos, row in zip(first.tolist(), np.asarray(order[first]).tolist(), strict=True):
-                picked_by.setdefault(row, []).append((name, s))
-                rank[row] = pos
-    rows = sorted(picked_by, key=lambda r: rank[r])
+        strata_sorted[name] = _strata_sorted(scores, order, n_strata, per_stratum)
+    rows, picked_by, counts, sizes = pick_per_stratum(
+        order, strata_sorted, per_stratum=per_stratum, n_strata=n_strata)
     keys = cache.id_at(np.asarray(rows, np.int64)) if rows else []
     return EvalSet(
         keys=keys,
