@@ -415,6 +415,12 @@ def format_table(summary: dict[str, Any]) -> str:
         cells = [f"{r['auc_pr_mean']:.3f} ± {r['auc_pr_se']:.3f}" for r in g["rounds"]]
         lines.append(f"| {name} | {g['n_concepts']} | {g['zero_shot_auc_pr_mean']:.3f} | " + " | ".join(cells) + " |")
     lines.append(f"\nconcepts left without a model: {summary['concepts_without_model']}")
+    first = summary.get("first_positive_round") or {}
+    at0 = sum(1 for v in first.values() if v == 0)
+    later = ", ".join(f"{k} (round {v})" for k, v in sorted(first.items()) if v)
+    never = ", ".join(k for k, v in sorted(first.items()) if v is None)
+    lines.append(f"first positive found by the expansion (round 0): {at0}/{len(first)} concepts"
+                 + (f"; later: {later}" if later else "") + (f"; never: {never}" if never else ""))
     return "\n".join(lines)
 
 

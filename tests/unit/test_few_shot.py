@@ -119,3 +119,43 @@ def test_pseudo_labels_and_priors() -> None:
     p = np.array([0.2, 0.5, 0.9])
     assert np.allclose(blend_logits(p, np.full(3, 0.5), 1.0), p, atol=1e-6)  # neutral prior
     assert np.all(blend_logits(p, np.full(3, 0.9), 1.0) > p)
+
+
+def _sim_data():  # type: ignore[no-untyped-def]
+    from agile_pipeline.lib.simulate import SimData
+
+    X, y, c = _planted(5, n=1200, d=16, prevalence=0.03)
+    ids = [f"i{k:04d}" for k in range(len(y))]
+    tr, te = ids[:600], ids[600:]
+    rng = np.random.default_rng(1)
+    neg = rng.normal(size=(1, 16)).astype(np.float32)
+    return SimData("synthetic", tr, te, X[:600], X[600:],
+                   {"planted": {i for i, v in zip(ids, y, strict=True) if v}},
+                   {"planted": ["planted"]}, {"planted": (c[None] + 0.5 * neg).astype(np.float32)},
+                   {"planted": ["other"]}, {"planted": neg})
+
+
+@pytest.mark.parametrize("variant", ["plain", "linear", "prior-linear", "hybrid", "mlp-pseudo",
+                                     "prior-decay"])
+def test_simulated_concept_with_each_variant(variant: str) -> None:
+    from agile_pipeline.lib.simulate import SimConfig, format_table, run_concept, summarize
+
+    data = _sim_data()
+    cfg = SimConfig(rounds=1, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5,
+                    few_shot=variant)
+    res = run_concept(data, "planted", cfg)
+    assert res["model_trained"] and res["first_positive_round"] is not None
+    kinds = {e.get("model_kind") for e in res["rounds"] if "model_kind" in e}
+    assert kinds <= {"mlp", "linear"}
+    if variant in ("linear", "prior-linear", "hybrid"):  # few positives: the linear model
+        assert res["rounds"][0]["model_kind"] == "linear"
+    assert all(0 <= e["auc_pr"] <= 1 for e in res["rounds"])
+    text = format_table(summarize([res]))
+    assert "concepts left without a model: 0" in text and "first positive found" in text
+
+
+def test_unknown_variant_is_refused() -> None:
+    from agile_pipeline.lib.simulate import SimConfig, run_concept
+
+    with pytest.raises(ValueError, match="few_shot"):
+        run_concept(_sim_data(), "planted", SimConfig(few_shot="magic"))
