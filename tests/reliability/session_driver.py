@@ -1,0 +1,130 @@
+"""A scripted labeling session, the way a rater and the app run it, for the whole-session kill test.
+
+``python -m tests.reliability.session_driver HOME LOG SEED`` (AGILE_HOME=HOME) starts the real
+app server as a child process (``python -m labeling_ui --in-process``), then rates the latest
+batch of concept ``c`` through its HTTP API, five ratings per request, and starts ``agile round
+c`` (another child) every 15 ratings. It runs until killed.
+
+The log is the client's memory (what the browser keeps in localStorage): ``sent ID...`` is
+written (and fsynced) before a request, ``acked ID...`` after its success response. On restart,
+ids sent but never acknowledged are sent again, as the app's client does.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+CONCEPT = "c"
+RATER = "rater1"
+
+
+def _log(fh, line: str) -> None:  # type: ignore[no-untyped-def]
+    fh.write(line + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _post(base: str, events: list[dict[str, object]]) -> dict[str, object]:
+    req = urllib.request.Request(
+        f"{base}/api/labels", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"rater": RATER, "events": events}).encode(),
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _batch(base: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{base}/api/batch?concept={CONCEPT}&rater={RATER}", timeout=60) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_log(log: Path) -> tuple[dict[str, dict[str, object]], set[str]]:
+    """(events sent, by id; ids acknowledged). A last line cut by the kill is ignored."""
+    sent: dict[str, dict[str, object]] = {}
+    acked: set[str] = set()
+    if not log.exists():
+        return sent, acked
+    text = log.read_text()
+    lines = text.split("\n")[:-1]  # the part after the last newline was never completed
+    for line in lines:
+        kind, _, rest = line.partition(" ")
+        if kind == "sent":
+            for e in json.loads(rest):
+                sent[str(e["event_id"])] = e
+        elif kind == "acked":
+            acked.update(rest.split())
+    return sent, acked
+
+
+def unacknowledged(log: Path) -> dict[str, dict[str, object]]:
+    """Events sent but never acknowledged, by event id (what a client must send again)."""
+    sent, acked = read_log(log)
+    return {i: e for i, e in sent.items() if i not in acked}
+
+
+def main(home: str, log_path: str, seed: int) -> None:
+    rng = random.Random(seed)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AGILE_HOME": home}
+    subprocess.Popen([sys.executable, "-m", "labeling_ui", "--in-process", "--port", str(port)], env=env,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while True:
+        try:
+            _batch(base)
+            break
+        except (OSError, urllib.error.URLError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    log = Path(log_path)
+    retry = list(unacknowledged(log).values())
+    with log.open("a") as fh:
+        if retry:  # what the browser's localStorage would send again after a crash
+            _log(fh, "sent " + json.dumps(retry))
+            _post(base, retry)
+            _log(fh, "acked " + " ".join(str(e["event_id"]) for e in retry))
+        round_proc: subprocess.Popen[bytes] | None = None
+        n = 0
+        while True:
+            view = _batch(base)
+            batch = view["batch"]
+            todo = [it for it in view["items"] if not it["label"]]  # type: ignore[union-attr]
+            if batch is None or not todo:
+                if round_proc is None or round_proc.poll() is not None:
+                    round_proc = subprocess.Popen([sys.executable, "-m", "agile_pipeline.cli", "round", CONCEPT],
+                                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.5)
+                continue
+            for k in range(0, len(todo), 5):
+                events = [{
+                    "concept": CONCEPT, "image_id": it["image_id"], "batch_id": batch["batch_id"],  # type: ignore[index]
+                    "label": "positive" if int(it["image_id"][:2], 16) % 3 == 0 else rng.choice(["negative", "skip"]),
+                    "event_id": f"s{seed}-{os.getpid()}-{n + j:05d}",
+                } for j, it in enumerate(todo[k:k + 5])]
+                n += len(events)
+                _log(fh, "sent " + json.dumps(events))
+                _post(base, events)
+                _log(fh, "acked " + " ".join(str(e["event_id"]) for e in events))
+                if n % 15 < 5 and (round_proc is None or round_proc.poll() is not None):
+                    round_proc = subprocess.Popen([sys.executable, "-m", "agile_pipeline.cli", "round", CONCEPT],
+                                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.0, 0.05))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

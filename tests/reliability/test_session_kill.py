@@ -1,0 +1,120 @@
+"""SIGKILL of a whole labeling session at a random point: the app server, the rater's client
+and any ``agile round`` it started, all at once (one process group), a few seeded times.
+
+Every rating the client got a success response for (and logged before the kill) must be
+stored, exactly once; ratings sent but never acknowledged are sent again on restart, as the
+app's client does from localStorage, and are stored once; the next round runs cleanly.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agile_pipeline.runner import run_concept_round
+from tests.reliability.helpers import REPO, env_vars, record
+from tests.reliability.session_driver import read_log
+
+pytestmark = pytest.mark.slow
+
+KILLS = 3
+
+
+def _start_session(home: Path, log: Path, seed: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.session_driver", str(home), str(log), str(seed)],
+        env=env_vars(AGILE_HOME=str(home)), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for_acks(p: subprocess.Popen[bytes], log: Path, at_least: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while len(read_log(log)[1]) < at_least:
+        if p.poll() is not None:
+            raise AssertionError(f"the session ended by itself: {p.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        if time.time() > deadline:
+            raise AssertionError("the session acknowledged nothing in time")
+        time.sleep(0.2)
+
+
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(30)
+    deadline = time.time() + 30  # the group's other members (app server, round) are gone too
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("processes of the killed session survived")
+
+
+def _assert_batch_whole(store) -> int:  # type: ignore[no-untyped-def]
+    """The latest batch is whole: 100 images, or every train image still unlabelled when it was
+    built (a long session runs out of them); none listed twice."""
+    b = store.latest_batch("c")
+    assert b is not None
+    items = [it["image_id"] for it in b["items"]]
+    assert len(items) == len(set(items))
+    if len(items) != 100:
+        labelled = {r["image_id"] for r in store.label_events("c", upto=b["label_cutoff"])}
+        train = {i for i, s in store.all_image_splits().items() if s == "train"}
+        assert len(items) == len(train - labelled), (len(items), len(train - labelled))
+    return len(items)
+
+
+def _session_rows(store) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    return [dict(r) for r in store.label_events("c") if str(r["event_id"]).startswith("s")]
+
+
+def test_sigkill_of_the_whole_session_loses_no_acknowledged_label(loop_home, tmp_path: Path, artifacts_dir: Path) -> None:
+    env = loop_home
+    home = env.store.path.parent
+    log = tmp_path / "client.log"
+    rng = random.Random(4242)
+    figures = []
+    for i in range(KILLS):
+        p = _start_session(home, log, seed=i)
+        before = len(read_log(log)[1])
+        _wait_for_acks(p, log, before + 1)
+        time.sleep(rng.uniform(0.5, 8.0))  # a random point: mid-post, mid-round or in between
+        _kill_group(p)
+        sent, acked = read_log(log)
+        rows = _session_rows(env.store)
+        stored = [str(r["event_id"]) for r in rows]
+        assert len(stored) == len(set(stored)), "a rating was stored twice"
+        lost = acked - set(stored)
+        assert not lost, f"{len(lost)} acknowledged ratings lost (e.g. {sorted(lost)[:3]})"
+        # whatever round is recorded is whole; the latest batch is whole
+        for r in env.store.rounds("c"):
+            d = Path(r["model_uri"])
+            assert (d / "model.pt").exists() and (d / "meta.json").exists(), d
+        _assert_batch_whole(env.store)
+        figures.append({"acked": len(acked), "sent_not_acked": len(set(sent) - acked),
+                        "stored": len(stored), "rounds": len(env.store.rounds("c"))})
+    # restart: the client re-sends what was never acknowledged; every sent rating is stored once
+    sent_before = set(read_log(log)[0])
+    p = _start_session(home, log, seed=KILLS)
+    _wait_for_acks(p, log, len(read_log(log)[1]) + 1)
+    _kill_group(p)
+    sent, acked = read_log(log)
+    stored = [str(r["event_id"]) for r in _session_rows(env.store)]
+    assert len(stored) == len(set(stored))
+    assert sent_before <= set(stored), "a rating sent before a kill was never stored"
+    assert acked <= set(stored)
+    # the next round runs cleanly, without repair
+    result = run_concept_round("c", training={"force": True})
+    assert result.success
+    last = env.store.rounds("c")[-1]
+    assert (Path(last["model_uri"]) / "model.pt").exists()
+    _assert_batch_whole(env.store)
+    record(artifacts_dir, test="sigkill_whole_session", kills=KILLS, per_kill=figures,
+           acknowledged=len(acked), stored=len(stored), lost=0, duplicates=0,
+           rounds_recorded=len(env.store.rounds("c")))
