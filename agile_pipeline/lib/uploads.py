@@ -10,9 +10,11 @@ with the concept, counts as the uploader's label, and drives expansion as a quer
    content already is a corpus image, that image is used as is and nothing else is stored;
 3. otherwise the file is kept under the data directory's ``blobs/`` (content addressed, like
    downloaded corpus images) and embedded with the configured encoder;
-4. its vector goes into the model's LanceDB table with split :data:`UPLOAD_SPLIT`, so
-   ``VectorStore.vectors_for`` finds it (expansion queries, training) while the train/test
-   split scans (expansion neighbours, active learning, the eval set) never see it;
+4. its vector goes into the model's *uploads* LanceDB table (``uploads__<model>``, next to the
+   corpus table, so an upload never changes the corpus table's version and the split caches
+   keyed on it), where ``VectorStore.vectors_for`` finds it (expansion queries, training)
+   while the train/test split scans (expansion neighbours, active learning, the eval set)
+   never see it;
 5. it is registered in the manifest with that split (``all_image_splits`` leaves such rows
    out, so the corpus assets never assign it to train or test) and served by ``/image/{id}``
    like any other image;
@@ -170,12 +172,10 @@ def clean_filename(name: str | None, limit: int = 120) -> str:
 
 
 def has_vector(vectors: Any, model_id: str, image_id: str) -> bool:
-    """Whether the model's table holds a row for ``image_id`` (a filtered count, not a scan)."""
-    if not vectors.exists(model_id):
-        return False
+    """Whether the model's uploads table holds a vector for ``image_id`` (a filtered read)."""
     if not all(c in "0123456789abcdef" for c in image_id):  # ids are hex: safe in the filter
         raise ValueError(f"not an image id: {image_id[:40]!r}")
-    return int(vectors.table(model_id).to_lance().count_rows(filter=f"id = '{image_id}'")) > 0
+    return image_id in vectors.upload_ids(model_id, [image_id])
 
 
 def embed_image(encoder: Any, image: Any) -> np.ndarray:
@@ -188,12 +188,12 @@ def embed_image(encoder: Any, image: Any) -> np.ndarray:
 
 
 def _store_vector(vectors: Any, model_id: str, image_id: str, vec: np.ndarray) -> None:
-    """Add the upload's row (split :data:`UPLOAD_SPLIT`); retries concurrent-commit conflicts
-    (a corpus refresh may be writing the same table)."""
+    """Add the upload's vector to the model's uploads table (not the corpus table, whose
+    version the split caches are keyed on); retries concurrent-commit conflicts."""
     delay = 0.1
     for attempt in range(_VECTOR_WRITE_ATTEMPTS):
         try:
-            vectors.add(model_id, [image_id], [UPLOAD_SPLIT], vec)
+            vectors.add_uploads(model_id, [image_id], vec)
             return
         except Exception as exc:  # Lance commit conflicts surface as plain errors
             if attempt == _VECTOR_WRITE_ATTEMPTS - 1:

@@ -31,8 +31,22 @@ KEEP_VERSIONS = 5
 KEEP_REPLACED_FOR = timedelta(hours=1)
 
 
+UPLOADS_PREFIX = "uploads__"
+
+
 def table_name(model_id: str) -> str:
     return TABLE_PREFIX + re.sub(r"[^A-Za-z0-9_]+", "_", model_id).strip("_")
+
+
+def uploads_table_name(model_id: str) -> str:
+    """Exemplar images uploaded by raters: never part of the corpus splits, and kept out of the
+    corpus table so that an upload never changes its version (which would invalidate the split
+    caches every round reads: minutes to rebuild at 10M rows)."""
+    return UPLOADS_PREFIX + re.sub(r"[^A-Za-z0-9_]+", "_", model_id).strip("_")
+
+
+def _sql_in(ids: Sequence[str]) -> str:
+    return "id IN (" + ", ".join("'" + str(i).replace("'", "''") + "'" for i in ids) + ")"
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -197,13 +211,80 @@ class VectorStore:
         return SplitMatrix(ids, vecs)
 
     def vectors_for(self, model_id: str, ids: Sequence[str]) -> np.ndarray:
-        """Float32 vectors for specific ids, in the given order (KeyError if one is missing)."""
-        m = self.matrix(model_id, None)
-        index = m.index_of()
-        missing = [i for i in ids if i not in index]
+        """Float32 vectors for specific ids (corpus images or uploads), in the given order
+        (KeyError if one is missing). Values are those of :meth:`matrix` (float16-rounded)
+        whichever way they are read: from the cached all-rows matrix when it exists, else by a
+        filtered read for a few ids (no whole-table pass)."""
+        ids = [str(i) for i in ids]
+        found: dict[str, np.ndarray] = {}
+        if ids and self.exists(model_id):
+            if len(set(ids)) > 50_000 or self._cached_matrix(model_id, None) is not None:
+                m = self.matrix(model_id, None)
+                index = m.index_of()
+                found = {i: np.asarray(m.vectors[index[i]]) for i in set(ids) if i in index}
+            else:
+                found = self._lookup(self.table(model_id), ids)
+        missing = [i for i in dict.fromkeys(ids) if i not in found]
+        if missing and self.has_uploads(model_id):
+            found.update(self._lookup(self.db.open_table(uploads_table_name(model_id)), missing))
+            missing = [i for i in missing if i not in found]
         if missing:
             raise KeyError(f"{len(missing)} image(s) have no embedding yet (first {missing[0]})")
-        return np.asarray(m.vectors[[index[i] for i in ids]], dtype=np.float32)
+        if not ids:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([found[i] for i in ids]).astype(np.float32)
+
+    @staticmethod
+    def _lookup(tbl, ids: Sequence[str], chunk: int = 1000) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+        ds = tbl.to_lance()
+        dim = int(ds.schema.field("vector").type.list_size)
+        out: dict[str, np.ndarray] = {}
+        uniq = list(dict.fromkeys(ids))
+        for at in range(0, len(uniq), chunk):
+            t = ds.to_table(columns=["id", "vector"], filter=_sql_in(uniq[at : at + chunk]))
+            col = t.column("vector").combine_chunks()
+            vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            out.update(zip(t.column("id").to_pylist(), vecs.astype(np.float16), strict=True))
+        return out
+
+    def _cached_matrix(self, model_id: str, split: str | None) -> Path | None:
+        """The on-disk :meth:`matrix` cache of the current version, if built."""
+        if self.cache_dir is None:
+            return None
+        tag = f"{table_name(model_id)}-v{self.version(model_id)}-{split or 'all'}-float16"
+        path = self.cache_dir / f"{tag}.npy"
+        return path if path.exists() and (self.cache_dir / f"{tag}.ids.npy").exists() else None
+
+    def has_uploads(self, model_id: str) -> bool:
+        return uploads_table_name(model_id) in self.table_names()
+
+    def add_uploads(self, model_id: str, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Store uploaded exemplars' vectors (table :func:`uploads_table_name`, split 'upload')."""
+        if len(ids) == 0:
+            return
+        dim = int(vectors.shape[1])
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+        data = pa.table(
+            {
+                "id": pa.array(list(ids), pa.string()),
+                "split": pa.array(["upload"] * len(ids), pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+                "model_id": pa.array([model_id] * len(ids), pa.string()),
+            },
+            schema=embedding_schema(dim),
+        )
+        name = uploads_table_name(model_id)
+        if name in self.table_names():
+            tbl = self.db.open_table(name)
+        else:
+            tbl = self.db.create_table(name, schema=embedding_schema(dim), exist_ok=True)
+        tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+    def upload_ids(self, model_id: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` have an uploaded vector."""
+        if not ids or not self.has_uploads(model_id):
+            return set()
+        return set(self._lookup(self.db.open_table(uploads_table_name(model_id)), ids))
 
     def optimize(self, model_id: str) -> None:
         if self.exists(model_id):

@@ -171,10 +171,12 @@ def test_uploaded_exemplar_drives_expansion_trains_and_never_joins_a_split(corpu
     first = pending_items(env, "uploaded")
     _rate(env, "uploaded", first, lambda i: False)  # no positive in the first batch
     data = write_real_like_images(tmp_path / "mine", 1, seed=4242)[0].read_bytes()
+    corpus_version = env.vectors.version(env.model_id)
     res = add_uploaded_exemplar(env.store, env.vectors, encoder, env.paths.blobs, "uploaded", data,
                                 added_by="owner", filename="mine.png")
     up = res.image_id
     assert not res.in_corpus and res.stored
+    assert env.vectors.version(env.model_id) == corpus_version  # split caches stay valid
     splits = env.store.all_image_splits()
     assert up not in splits and env.store.image_rows([up])[0]["split"] == UPLOAD_SPLIT
 
@@ -213,5 +215,7 @@ def test_uploaded_exemplar_drives_expansion_trains_and_never_joins_a_split(corpu
     checks = [e for e in r.get_asset_check_evaluations() if e.check_name == "image_embeddings_complete"]
     assert checks and all(e.passed for e in checks)
     assert env.store.image_rows([up])[0]["split"] == UPLOAD_SPLIT
-    t = env.vectors.table(env.model_id).to_lance().to_table(columns=["id", "split"], filter=f"id = '{up}'")
-    assert t.column("split").to_pylist() == [UPLOAD_SPLIT]
+    # its vector lives outside the corpus table (whose version keys the split caches)
+    t = env.vectors.table(env.model_id).to_lance().to_table(columns=["id"], filter=f"id = '{up}'")
+    assert t.num_rows == 0 and env.vectors.upload_ids(env.model_id, [up]) == {up}
+    assert env.vectors.vectors_for(env.model_id, [up]).shape == (1, 32)
