@@ -265,11 +265,13 @@ class StateStore:
             raise StateError(f"the state database {self.path} stayed locked; try again")
         try:
             yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        else:
             con.execute("COMMIT")
+        except BaseException:
+            # SQLite may have rolled back already (e.g. SQLITE_FULL): a second ROLLBACK would
+            # raise "no transaction is active" and hide the real error
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return self._conn().execute(sql, params).fetchall()
