@@ -9,7 +9,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -412,27 +412,56 @@ def label(
                     "`agile concept expand`, or rate more images, before a round", fg=typer.colors.YELLOW)
 
 
+def _decode_csv(raw: bytes, path: Path) -> str:
+    """CSV bytes as text: UTF-8 (with or without BOM) or UTF-16 with a BOM (Excel's "Unicode
+    text"). Anything else — a legacy code page, or lines in different encodings — is refused
+    with the first offending line, rather than guessed (a wrong guess silently turns a path
+    into an unknown image)."""
+    import codecs
+
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            fail(f"{path} starts as UTF-16 but byte {exc.start} is not: save it again as "
+                 "'CSV UTF-8' and retry; nothing was recorded")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        bad = raw[exc.start : exc.start + 4]
+        fail(f"{path}: line {line} is not UTF-8 (bytes {bad!r}): the file was saved in a legacy "
+             "encoding or mixes encodings; save it as 'CSV UTF-8' and retry; nothing was recorded")
+    raise AssertionError("unreachable")
+
+
 def _read_label_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror}")
         raise
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        fail(f"{path} is not UTF-8 (byte {exc.start}): save it as UTF-8 CSV and retry; nothing was recorded")
-        raise
-    reader = csv.DictReader(io.StringIO(text))
-    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+    text = _decode_csv(raw, path)
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        fail(f"{path}: line {line} holds a NUL byte: this is not a text CSV; nothing was recorded")
+    try:  # Excel writes ';' (many locales) or tabs ("Unicode text") as often as ','
+        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+    cols = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
     if "image" not in cols or "label" not in cols:
         fail(f"{path} needs a header with columns image,label[,rater] (found: {', '.join(cols) or 'none'}); nothing was recorded")
     out = []
-    for lineno, row in enumerate(reader, start=2):
-        norm = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
-        if not norm.get("image", "").strip():
-            continue
-        out.append((lineno, norm))
+    try:
+        for lineno, row in enumerate(reader, start=2):
+            norm = {(k or "").strip().lower(): (v or "") for k, v in row.items() if isinstance(v, str)}
+            if not norm.get("image", "").strip():
+                continue
+            out.append((lineno, norm))
+    except csv.Error as exc:
+        fail(f"{path}: line {reader.line_num}: {exc}; nothing was recorded")
     if not out:
         fail(f"{path} has no label rows")
     return out
