@@ -131,6 +131,9 @@ class SimConfig:
     # few-label training (issue 9), see FEW_SHOT_VARIANTS; "plain" is the paper's recipe
     few_shot: str = "plain"
     few_shot_args: dict[str, Any] = field(default_factory=dict)
+    # share of a no-positive-yet recovery batch drawn uniformly from the unlabeled pool instead
+    # of the phrases' next-nearest images (0: the product's recovery, text neighbours only)
+    recovery_random: float = 0.0
 
 
 FEW_SHOT_VARIANTS: dict[str, str] = {
@@ -258,7 +261,12 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                 cand += [int(k) for k in top if eligible[k]]
             cand = list(dict.fromkeys(cand))
             rng = np.random.default_rng(cfg.seed + r)
-            nxt = np.array(rng.permutation(cand)[: cfg.batch] if cand else [], dtype=np.int64)
+            n_rand = round(cfg.batch * cfg.recovery_random)
+            nxt = np.array(rng.permutation(cand)[: cfg.batch - n_rand] if cand else [], dtype=np.int64)
+            if n_rand:
+                rest = np.flatnonzero(eligible & ~np.isin(np.arange(len(eligible)), nxt))
+                extra = rng.choice(rest, size=min(n_rand, rest.size), replace=False)
+                nxt = np.concatenate([nxt, np.sort(extra)]).astype(np.int64)
         entry["select_s"] = round(time.perf_counter() - t0, 4)
         rounds.append(entry)
         labeled[nxt] = True
