@@ -45,6 +45,7 @@ def run_bench(
     baseline_round_repeats: int = 2,
     committed_first_load_max_n: int = 2_000_000,
     baseline_round_max_n: int = 2_000_000,
+    ray: bool = False,
     log: Any = None,
     command: str = "",
 ) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def run_bench(
         random_negatives=random_negatives, ann=ann, baseline_round=baseline_round,
         baseline_round_repeats=baseline_round_repeats,
         committed_first_load_max_n=committed_first_load_max_n,
-        baseline_round_max_n=baseline_round_max_n,
+        baseline_round_max_n=baseline_round_max_n, ray=ray,
         log=log or typer.echo,
         command=command or "agile bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     )
@@ -93,6 +94,7 @@ def bench_command(
     ann: Annotated[bool, typer.Option(help="Build an IVF-PQ index and measure ANN expansion.")] = True,
     baseline_round: Annotated[bool, typer.Option(help="Also time whole rounds on the straightforward path.")] = True,
     baseline_round_max_n: Annotated[int, typer.Option(help="Largest size whose straightforward rounds are timed (they take minutes).")] = 2_000_000,
+    ray: Annotated[bool, typer.Option(help="Also time the AL round with its scan on a local Ray instance.")] = False,
 ) -> None:
     """Benchmark the loop at scale on synthetic corpora with a planted concept (see BENCHMARKS.md)."""
     import logging
@@ -105,7 +107,7 @@ def bench_command(
                     f"about {need:.0f} GiB", fg=typer.colors.YELLOW, err=True)
     doc = run_bench(_sizes(sizes), out, dim, repeats, workdir=workdir, keep=keep,
                     plain_epochs=plain_epochs, ann=ann, baseline_round=baseline_round,
-                    baseline_round_max_n=baseline_round_max_n)
+                    baseline_round_max_n=baseline_round_max_n, ray=ray)
     typer.echo(f"wrote {Path(out) / 'results.json'} ({len(doc['results'])} rows)")
 
 

@@ -13,7 +13,7 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     out = tmp_path / "out"
     lines: list[str] = []
     doc = run_bench([20_000], out, dim=32, repeats=1, workdir=tmp_path / "work", plain_epochs=1,
-                    random_negatives=2_000, baseline_round_repeats=1, log=lines.append)
+                    random_negatives=2_000, baseline_round_repeats=1, ray=True, log=lines.append)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(doc["results"]))
     assert isinstance(on_disk["machine"], str) and on_disk["machine"]
@@ -31,6 +31,9 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     # the fast paths give the straightforward paths' answers
     assert rows["al_round"]["same_selection_as_baseline"] is True
     assert rows["al_round"]["shortlist_proven"] is True
+    assert rows["al_round_ray"]["same_selection_as_local"] is True  # the Ray switch changes nothing
+    # the round counts until the next batch is written, within the whole run's time
+    assert 0 < rows["round_end_to_end"]["seconds"] <= max(rows["round_end_to_end"]["run_seconds"])
     assert rows["eval_set"]["same_eval_set_as_baseline"] is True
     assert rows["expansion_exact"]["baseline_recall_at_100"] >= 0.99
     assert 0.0 <= rows["expansion_ann"]["recall_at_100"] <= 1.0
