@@ -616,6 +616,7 @@ def simulate(
     workers: Annotated[int, typer.Option(help="Concepts simulated in parallel.")] = 1,
     min_test_pos: Annotated[int, typer.Option(help="Skip concepts with fewer test positives.")] = 20,
     few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
+    exemplar_when_stuck: Annotated[bool, typer.Option(help="After a batch with no positive, the simulated user gives one exemplar image (the app's recovery path).")] = False,
 ) -> None:
     """Play the user with ground truth (paper section 5) and report AUC-PR per round."""
     import json
@@ -657,7 +658,8 @@ def simulate(
     except ValueError as exc:
         fail(str(exc))
         return
-    cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed, few_shot=few_shot)
+    cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed, few_shot=few_shot,
+                    exemplar_when_stuck=exemplar_when_stuck)
     typer.echo(f"simulating {len(names)} concepts on {len(data.train_ids)} train / "
                f"{len(data.test_ids)} test images with {data.embedding_model}")
     per_concept = run_all(data, names, cfg, workers=workers)
@@ -665,7 +667,7 @@ def simulate(
     results = {
         "embedding_model": data.embedding_model, "dataset": str(dataset),
         "config": {"rounds": rounds, "batch": batch, "strategy": strategy, "seed": seed,
-                   "few_shot": few_shot},
+                   "few_shot": few_shot, "exemplar_when_stuck": exemplar_when_stuck},
         "concepts": per_concept, "summary": summary,
         "seconds": round(time.perf_counter() - t0, 1),
     }

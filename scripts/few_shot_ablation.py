@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--min-test-pos", type=int, default=20)
     ap.add_argument("--out", default="sim-out/few_shot")
+    ap.add_argument("--exemplar-when-stuck", action="store_true",
+                    help="the simulated user gives one exemplar image after a batch with no positive")
     ap.add_argument("--recovery-random", type=float, default=0.0,
                     help="share of a no-positive recovery batch drawn at random from the pool")
     a = ap.parse_args()
@@ -74,7 +76,8 @@ def main() -> None:
         per_seed, no_model, first = [], [], []
         for seed in seeds:
             cfg = SimConfig(rounds=a.rounds, seed=seed, few_shot=name, few_shot_args=args,
-                            recovery_random=a.recovery_random)
+                            recovery_random=a.recovery_random,
+                            exemplar_when_stuck=a.exemplar_when_stuck)
             res = run_all(data, names, cfg, workers=a.workers, progress=False)
             s = summarize(res)
             per_seed.append([r["auc_pr_mean"] for r in s["all"]["rounds"]])

@@ -134,6 +134,11 @@ class SimConfig:
     # share of a no-positive-yet recovery batch drawn uniformly from the unlabeled pool instead
     # of the phrases' next-nearest images (0: the product's recovery, text neighbours only)
     recovery_random: float = 0.0
+    # the app's recovery path: after a batch with no positive, the simulated user gives one
+    # exemplar image of the concept (found by search, or a picture of their own uploaded),
+    # which is a positive label and a query like a phrase; it is drawn at random from the
+    # concept's unlabeled train positives (the user knows the concept when they see it)
+    exemplar_when_stuck: bool = False
 
 
 FEW_SHOT_VARIANTS: dict[str, str] = {
@@ -218,7 +223,18 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     first_pos_round = 0 if y_train[picked].any() else None
     eval_scores: dict[str, np.ndarray] = {"zero-shot": zs_unit}
     widen = 1
+    exemplar: int | None = None
     for r in range(cfg.rounds + 1):
+        if cfg.exemplar_when_stuck and exemplar is None and not y_train[labeled].any():
+            # the batch just rated held no positive: the app offers search / upload / ★
+            pool = np.flatnonzero(y_train.astype(bool) & ~labeled)
+            if pool.size:
+                exemplar = int(np.random.default_rng(cfg.seed + 7919 * (r + 1)).choice(pool))
+                labeled[exemplar] = True
+                order.append(exemplar)
+                sims = np.concatenate([sims, (X_train @ X_train[exemplar])[:, None]], axis=1)
+                if first_pos_round is None:
+                    first_pos_round = r
         idx = np.flatnonzero(labeled)
         y = y_train[idx]
         entry: dict[str, Any] = {"round": r, "n_labels": int(labeled.sum()), "n_pos": int(y.sum())}
@@ -281,6 +297,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         "zero_shot": {"auc_pr": zs_pr, "auc_roc": zs_roc},
         "first_positive_round": first_pos_round,
         "model_trained": any(not math.isnan(e.get("auc_pr", float("nan"))) for e in rounds),
+        "exemplar": None if exemplar is None else data.train_ids[exemplar],
         "rounds": rounds,
     }
 

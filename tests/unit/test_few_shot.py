@@ -159,3 +159,25 @@ def test_unknown_variant_is_refused() -> None:
 
     with pytest.raises(ValueError, match="few_shot"):
         run_concept(_sim_data(), "planted", SimConfig(few_shot="magic"))
+
+
+def test_a_stuck_user_gives_an_exemplar_and_gets_a_model() -> None:
+    """A text-unfriendly concept (its phrase points away from it): the plain recipe finds no
+    positive and trains nothing; with the app's recovery path (one exemplar after a batch with
+    no positive) a model is trained from round 0 and finds more positives."""
+    from agile_pipeline.lib.simulate import SimConfig, run_concept
+
+    data = _sim_data()
+    data.text_vectors["planted"] = -data.text_vectors["planted"]  # the words mislead
+    data.negative_vectors.pop("planted")
+    data.negative_phrases.pop("planted")
+    base = dict(rounds=2, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5)
+    plain = run_concept(data, "planted", SimConfig(**base))
+    helped = run_concept(data, "planted", SimConfig(**base, exemplar_when_stuck=True))
+    assert plain["rounds"][0]["n_pos"] == 0 and plain["exemplar"] is None
+    assert helped["exemplar"] in data.positives["planted"]
+    assert helped["first_positive_round"] == 0 and helped["rounds"][0].get("model_kind") == "mlp"
+    assert helped["rounds"][0]["n_labels"] == plain["rounds"][0]["n_labels"] + 1
+    assert helped["rounds"][-1]["n_pos"] > 1  # the model found positives beyond the exemplar
+    again = run_concept(data, "planted", SimConfig(**base, exemplar_when_stuck=True))
+    assert again["exemplar"] == helped["exemplar"]  # seeded
