@@ -58,6 +58,20 @@ def embedding_schema(dim: int) -> pa.Schema:
     ])
 
 
+def _rows(model_id: str, ids: Sequence[str], splits: Sequence[str], vectors: np.ndarray) -> pa.Table:
+    dim = int(vectors.shape[1])
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.string()),
+            "split": pa.array(list(splits), pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+            "model_id": pa.array([model_id] * len(ids), pa.string()),
+        },
+        schema=embedding_schema(dim),
+    )
+
+
 @dataclass
 class SplitMatrix:
     """Vectors of one split, rows aligned with ``ids``."""
@@ -109,18 +123,8 @@ class VectorStore:
     def add(self, model_id: str, ids: Sequence[str], splits: Sequence[str], vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        dim = int(vectors.shape[1])
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
-        data = pa.table(
-            {
-                "id": pa.array(list(ids), pa.string()),
-                "split": pa.array(list(splits), pa.string()),
-                "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-                "model_id": pa.array([model_id] * len(ids), pa.string()),
-            },
-            schema=embedding_schema(dim),
-        )
-        tbl = self.table(model_id, dim)
+        data = _rows(model_id, ids, splits, vectors)
+        tbl = self.table(model_id, int(vectors.shape[1]))
         tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def update_splits(self, model_id: str, splits: dict[str, str]) -> int:
@@ -262,22 +266,12 @@ class VectorStore:
         """Store uploaded exemplars' vectors (table :func:`uploads_table_name`, split 'upload')."""
         if len(ids) == 0:
             return
-        dim = int(vectors.shape[1])
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
-        data = pa.table(
-            {
-                "id": pa.array(list(ids), pa.string()),
-                "split": pa.array(["upload"] * len(ids), pa.string()),
-                "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-                "model_id": pa.array([model_id] * len(ids), pa.string()),
-            },
-            schema=embedding_schema(dim),
-        )
+        data = _rows(model_id, ids, ["upload"] * len(ids), vectors)
         name = uploads_table_name(model_id)
         if name in self.table_names():
             tbl = self.db.open_table(name)
         else:
-            tbl = self.db.create_table(name, schema=embedding_schema(dim), exist_ok=True)
+            tbl = self.db.create_table(name, schema=data.schema, exist_ok=True)
         tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
     def upload_ids(self, model_id: str, ids: Sequence[str]) -> set[str]:
