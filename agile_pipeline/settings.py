@@ -148,6 +148,10 @@ def check_data_dir(p: Paths) -> Paths:
 # ---- the paper's defaults (section 3.2, 4.2, appendix C) -------------------------------
 EXPANSION_PER_PHRASE = 100
 EXPANSION_SAMPLE = 100
+# Share of a recovery batch (no positive yet) drawn uniformly from the unlabeled train images
+# instead of the phrases' next-nearest ones: when the words miss the concept, nearer neighbours
+# of the same words keep missing it. Measured with `agile simulate` (README, issue 9).
+RECOVERY_RANDOM_SHARE = 0.5
 AL_BATCH = 100
 AL_ROUNDS = 5
 EVAL_STRATA = 10

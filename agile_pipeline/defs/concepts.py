@@ -171,7 +171,7 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
         return dg.MaterializeResult(metadata={
             "batch_id": rec.batch_id, "candidates": len(rec.items), "strategy": "recovery",
             "round": rec.round_index, "images_scored": 0, "select_seconds": round(rec.seconds, 3),
-            "status": "no positive labels yet: next-nearest images of every phrase and exemplar",
+            "status": "no positive labels yet: half next-nearest images of every phrase and exemplar, half at random",
         })
     batch = _user_errors(lambda: select_candidates(
         env, context.partition_key, batch_size=config.batch_size, strategy=config.strategy,

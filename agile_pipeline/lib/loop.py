@@ -114,8 +114,10 @@ def build_expansion(
     sample ``sample`` of their union.
 
     Already-labelled images are skipped, so a second call reaches the *next* nearest images.
-    ``recovery=True`` (used when the labels hold no positive yet) samples round-robin across
-    the queries instead of uniformly, so every phrase and exemplar gets an equal share.
+    ``recovery=True`` (used when the labels hold no positive yet) takes
+    ``settings.RECOVERY_RANDOM_SHARE`` of the batch uniformly from the unlabeled train images
+    and the rest round-robin across the queries, so every phrase and exemplar gets an equal
+    share.
     """
     t0 = time.perf_counter()
     concept = env.store.get_concept(concept_name)
@@ -131,7 +133,14 @@ def build_expansion(
     for key, v in queries:
         hits = env.vectors.search(env.model_id, v, per_phrase + len(labeled), split="train")
         found[key] = [i for i, _s, _d in hits if i not in labeled][:per_phrase]
-    picked = _round_robin(found, sample, seed) if recovery else sample_expansion(found, sample, seed)
+    if recovery:  # diversity: a share at random, the rest round-robin across the queries
+        n_random = round(sample * settings.RECOVERY_RANDOM_SHARE)
+        picked = _round_robin(found, sample - n_random, seed)
+        taken = labeled | {i for i, _ in picked}
+        picked += [(i, "random:random unlabeled image")
+                   for i in _random_unlabeled(env, n_random, taken, seed)]
+    else:
+        picked = sample_expansion(found, sample, seed)
     items = [
         {"image_id": image_id, "source": "recovery" if recovery else "expansion",
          "detail": key.split(":", 1)[1], "polarity": key.split(":", 1)[0]}
@@ -151,6 +160,23 @@ def build_expansion(
     )
     return CandidateBatch(concept.name, "expansion", round_index, batch_id, items,
                           time.perf_counter() - t0, info)
+
+
+def _random_unlabeled(env: LoopEnv, n: int, exclude: set[str], seed: int) -> list[str]:
+    """``n`` train images drawn uniformly (seeded), none of ``exclude``."""
+    from agile_pipeline.lib import scale
+
+    if n <= 0:
+        return []
+    if scale.has_cache(env.vectors):
+        cache = scale.split_cache(env.vectors, env.model_id, "train")
+        total, id_at = len(cache), cache.id_at
+    else:
+        m = env.vectors.matrix(env.model_id, "train")
+        total, id_at = len(m.ids), (lambda rows: [str(m.ids[r]) for r in rows])
+    rng = np.random.default_rng(seed)
+    draw = rng.choice(total, size=min(total, 2 * n + len(exclude)), replace=False)
+    return [i for i in id_at(np.sort(draw)) if i not in exclude][:n]
 
 
 def _round_robin(found: dict[str, list[str]], n: int, seed: int) -> list[tuple[str, str]]:

@@ -132,8 +132,9 @@ class SimConfig:
     few_shot: str = "plain"
     few_shot_args: dict[str, Any] = field(default_factory=dict)
     # share of a no-positive-yet recovery batch drawn uniformly from the unlabeled pool instead
-    # of the phrases' next-nearest images (0: the product's recovery, text neighbours only)
-    recovery_random: float = 0.0
+    # of the phrases' next-nearest images (the product's: settings.RECOVERY_RANDOM_SHARE; 0 =
+    # text neighbours only)
+    recovery_random: float = settings.RECOVERY_RANDOM_SHARE
     # the app's recovery path: after a batch with no positive, the simulated user gives one
     # exemplar image of the concept (found by search, or a picture of their own uploaded),
     # which is a positive label and a query like a phrase; it is drawn at random from the

@@ -254,7 +254,7 @@
     if (opts.afterRound && st.lastRatingAt) {
       const secs = ((Date.now() - st.lastRatingAt) / 1000).toFixed(1);
       const r = st.round || {};
-      if (data.recovery) st.banner = `<b>No model yet: none of your ratings is a yes.</b> Here are ${st.items.length} more images (the next-nearest of every phrase and exemplar), <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.`;
+      if (data.recovery) st.banner = `<b>No model yet: none of your ratings is a yes.</b> Here are ${st.items.length} more images (half the next-nearest of every phrase and exemplar, half at random from the corpus), <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.`;
       else st.banner = `<b>Model ${r.round_index != null ? r.round_index + 1 : ""} is ready.</b> The next ${st.items.length} images arrived <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.` + (r.run_url ? ` <a href="${esc(r.run_url)}" target="_blank" rel="noopener">See the run ↗</a>` : "");
     }
     render();
@@ -400,7 +400,7 @@
     ui.recovery.dataset.built = "1";
     ui.recovery.innerHTML =
       `<div class="am-rec-title">No positive found yet${n ? "" : " — no model can be trained without one"}.</div>` +
-      `<p>${rec ? "These are <b>recovery images</b>: the app skipped training and queued the next-nearest images of every phrase and exemplar, taking turns between them." : "Training now queues a <b>recovery batch</b> instead of a model: the next-nearest images of every phrase and exemplar, taking turns between them."} To get to the first yes faster:</p>` +
+      `<p>${rec ? "These are <b>recovery images</b>: the app skipped training and queued a batch that is half the next-nearest images of every phrase and exemplar, taking turns between them, and half random images from the corpus (when the words miss, a random image finds a yes more often than a nearer miss)." : "Training now queues a <b>recovery batch</b> instead of a model: half the next-nearest images of every phrase and exemplar, taking turns between them, half random images from the corpus."} To get to the first yes faster:</p>` +
       `<ul class="am-rec-list"><li><button type="button" class="am-link" data-act="goto-concept">Add phrases</button> that describe the concept in other words (Concept tab, then <b>Save changes</b> and <b>Find images again</b>).</li>` +
       `<li>Mark any image that shows it as an <b>★ exemplar</b> (button or key <kbd>E</kbd>): it finds similar images like a phrase does, and counts as yes.</li>` +
       `<li>Search for one: <span class="am-search"><input type="search" class="am-sq" placeholder="e.g. a red fire truck" aria-label="Search images"> <button type="button" class="am-btn am-small-btn" data-act="search">Search</button></span></li>` +

@@ -146,8 +146,15 @@ def test_no_positive_yet_queues_a_recovery_batch_then_an_exemplar_trains(corpus)
     assert len(rec) == 100
     assert {it["source"] for it in rec} == {"recovery"}
     assert not {it["image_id"] for it in rec} & {it["image_id"] for it in first}
-    # every query contributes (round-robin): the name, two phrases and the negative phrase
-    assert len({it["detail"] for it in rec}) == 4
+    # half at random from the unlabeled train images, half round-robin over every query: the
+    # name, two phrases and the negative phrase
+    rand = [it for it in rec if it["detail"] == "random unlabeled image"]
+    assert len(rand) == 50
+    assert len({it["detail"] for it in rec} - {"random unlabeled image"}) == 4
+    splits = env.store.all_image_splits()
+    labeled_before = {it["image_id"] for it in first}
+    assert all(splits[it["image_id"]] == "train" and it["image_id"] not in labeled_before for it in rand)
+    assert len({it["image_id"] for it in rec}) == 100
     # an exemplar is a positive label and a new query
     ex = rec[0]["image_id"]
     env.store.add_exemplar("rare", ex, "positive", "owner")
