@@ -24,7 +24,9 @@ class SplitConfig(dg.Config):
 
 
 class EmbeddingConfig(dg.Config):
-    batch_size: int = 64
+    # 16: fastest on a 2-core AVX2 box (scripts/embed_throughput.py: ~51 img/s pipelined at 16
+    # vs ~30 at 64, see BENCHMARKS.md); larger batches only pay with more cores or a GPU
+    batch_size: int = 16
     workers: int = 2
 
 
