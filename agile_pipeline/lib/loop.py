@@ -128,6 +128,7 @@ def build_expansion(
         ex_vecs = env.vectors.vectors_for(env.model_id, [e["image_id"] for e in exemplars])
         queries += [(f"{e['polarity']}:exemplar {e['image_id'][:8]}", v)
                     for e, v in zip(exemplars, ex_vecs, strict=True)]
+    cutoff = env.store.label_cutoff(concept.name)  # first: every label up to it is skipped below
     labeled = env.store.labeled_image_ids(concept.name)
     found: dict[str, list[str]] = {}
     for key, v in queries:
@@ -146,7 +147,6 @@ def build_expansion(
          "detail": key.split(":", 1)[1], "polarity": key.split(":", 1)[0]}
         for image_id, key in picked
     ]
-    cutoff = env.store.label_cutoff(concept.name)
     info = {
         "phrases": [f"{p}: {t}" for p, t in phrases],
         "found_per_phrase": {k: len(v) for k, v in found.items()},
