@@ -18,7 +18,7 @@ from agile_pipeline.settings import Paths
 from labeling_ui.app import build_app
 from labeling_ui.config import UiSettings
 from labeling_ui.service import LabelingService
-from tests.browser.test_rating_flow import STAGE_IMG, _rate_one, _saved, _shot
+from tests.browser.test_rating_flow import _reject_first_batch, _shot
 from tests.hostile_images import write_real_like_images
 from tests.labeling_ui.conftest import live_server
 from tests.labeling_ui.fakes import FakeTrigger, ingest_images
@@ -50,16 +50,9 @@ def test_no_positive_offers_upload_and_an_uploaded_file_becomes_an_exemplar(
     not_image.write_bytes(b"<html>this is a web page saved with a .jpg name</html>\n" * 20)
     app = build_app(UiSettings(home=agile_home), service=service)
     with live_server(app) as url:
-        page.goto(url + "/?concept=rare%20bird")
-        page.evaluate("localStorage.setItem('agile.rater', 'Cy')")
-        page.reload()
-        page.wait_for_selector(STAGE_IMG, timeout=30000)
-        for k in range(6):
-            _rate_one(page, "n", k + 1)
-        _saved(page)
+        _reject_first_batch(page, url, "rare bird")
 
         # the recovery notice offers the upload next to search and ★
-        page.wait_for_selector("[data-testid=recovery]:not([hidden])", timeout=10000)
         text = page.inner_text("[data-testid=recovery]")
         assert "Search for one" in text and "exemplar" in text and "Upload an image" in text
         assert page.is_visible("[data-testid=recovery-upload]")

@@ -62,6 +62,19 @@ def _rate_one(page: Any, key: str, expect_done: int) -> None:
 
 
 @pytest.mark.slow
+def _reject_first_batch(page: Any, url: str, concept: str, rater: str = "Cy", n: int = 6) -> None:
+    """Open the rating tab as ``rater``, answer no to the ``n`` images of the first batch, wait
+    until the ratings are saved and the "no positive yet" recovery notice is shown."""
+    page.goto(url + "/?concept=" + concept.replace(" ", "%20"))
+    page.evaluate(f"localStorage.setItem('agile.rater', {json.dumps(rater)})")
+    page.reload()
+    page.wait_for_selector(STAGE_IMG, timeout=30000)
+    for k in range(n):
+        _rate_one(page, "n", k + 1)
+    _saved(page)
+    page.wait_for_selector("[data-testid=recovery]:not([hidden])", timeout=10000)
+
+
 def test_define_rate_reload_undo_train_next_batch(agile_home: Path, tmp_path: Path, page: Any, artifacts_dir: Path) -> None:
     from agile_pipeline.runner import run_corpus
 
@@ -287,14 +300,7 @@ def test_no_positive_offers_recovery_and_exemplar_in_one_key(agile_home: Path, t
     service.start_concept("rare thing", requested_by="Cy")
     app = build_app(UiSettings(home=agile_home), service=service)
     with live_server(app) as url:
-        page.goto(url + "/?concept=rare%20thing")
-        page.evaluate("localStorage.setItem('agile.rater', 'Cy')")
-        page.reload()
-        page.wait_for_selector(STAGE_IMG, timeout=30000)
-        for k in range(6):
-            _rate_one(page, "n", k + 1)
-        _saved(page)
-        page.wait_for_selector("[data-testid=recovery]:not([hidden])", timeout=10000)
+        _reject_first_batch(page, url, "rare thing")
         text = page.inner_text("[data-testid=recovery]")
         assert "No positive found yet" in text and "Add phrases" in text and "exemplar" in text
         _shot(page, artifacts_dir, "13-no-positive")
