@@ -28,9 +28,13 @@ def data_home() -> Path:
 
 @dataclass(frozen=True)
 class Paths:
-    """Layout of the data directory."""
+    """Layout of the data directory (``home`` is made absolute: MLflow artifact URIs and
+    subprocesses started elsewhere need it so)."""
 
     home: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "home", Path(self.home).expanduser().resolve())
 
     @property
     def lancedb(self) -> Path:

@@ -16,7 +16,7 @@ def _f(x: Any, spec: str = ".3f") -> str:
 NOTE_KEYS = (
     "same_selection_as_baseline", "same_eval_set_as_baseline", "shortlist_proven", "auc_pr",
     "auc_pr_baseline", "auc_pr_seed_mean", "auc_pr_seed_sd", "auc_pr_zero_shot", "recall_at_100",
-    "recall_at_100_vs_exact", "build_seconds", "rows_scored", "bf16_scan_seconds",
+    "recall_at_100_vs_exact", "build_seconds", "rows_scored", "bf16_scan_seconds", "scan_mode", "scan_seconds",
     "first_round_seconds", "steps", "manifest_seconds", "hash_order_first_seconds", "loadavg_1m",
 )
 

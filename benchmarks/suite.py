@@ -431,15 +431,15 @@ def bench_al_round(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
     same_set = set(o.value.ids) == set(bm.value[0])
     same_order = list(o.value.ids) == list(bm.value[0])
     t0 = time.perf_counter()
-    scale.score_bf16(model, b.train)
+    scale.score_approx(model, b.train)
     scan = time.perf_counter() - t0
     return _row("al_round", b.n, o, bm, rows_scored=len(b.train), batch=100,
-                method="bfloat16 scan of the train split cache + exact float32 re-score of a "
+                method=f"{scale.scan_mode()} scan of the train split cache + exact float32 re-score of a "
                        "proven shortlist + argpartition; labeled ids masked via sorted ids",
                 baseline="VectorStore.matrix + float32 predict_proba + per-id Python membership + full argsort",
                 same_selection_as_baseline=same_set, same_order_as_baseline=same_order,
                 shortlist=o.value.info.get("shortlist"), shortlist_proven=o.value.info.get("shortlist_proven"),
-                bf16_scan_seconds=round(scan, 4))
+                scan_mode=scale.scan_mode(), scan_seconds=round(scan, 4))
 
 
 def bench_al_round_ray(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
@@ -560,7 +560,7 @@ def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[s
     first = time.perf_counter() - t0
     fresh: dict[str, Any] = {}
 
-    def reset() -> None:  # each run starts from the unrefined bfloat16 scores
+    def reset() -> None:  # each run starts from the unrefined scan scores
         fresh.clear()
         fresh.update({k: copy.copy(v) if isinstance(v, np.ndarray) else
                       scale.SplitScores(v.values.copy(), v.exact.copy(), v.bound, v.refine)
@@ -588,7 +588,7 @@ def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[s
                 rows_refined=refined, hash_order_first_seconds=round(first, 4),
                 scoring_seconds_per_model=round(t_approx / n_models, 3),
                 baseline_scoring_seconds_per_model=round(t_exact / n_models, 3),
-                method="stratified_eval_set_cached on bfloat16 scores, refining only rows that "
+                method=f"stratified_eval_set_cached on {scale.scan_mode()} scan scores, refining only rows that "
                        "could change a pick; SipHash order cached per table version (scoring "
                        "not timed: scoring_seconds_per_model)",
                 baseline="stratified_eval_set over a list of the test ids (hashing every id) on "

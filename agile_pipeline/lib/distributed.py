@@ -10,7 +10,7 @@ Switched on by configuration, off by default:
 
 What runs where:
 
-* :func:`score_bf16_ray` — the bfloat16 scan of a split cache (the per-round hot path of
+* :func:`score_plan_ray` — the approximate scan of a split cache (the per-round hot path of
   :mod:`agile_pipeline.lib.scale`) as one Ray task per contiguous row range; the driver
   concatenates the shards' scores in row order and runs the same exact re-score and selection
   as the local path, so candidates and eval sets are the same as without Ray.
@@ -84,41 +84,24 @@ def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 # ---- scoring ------------------------------------------------------------------------------
-def _score_range(module: Any, bf16_path: str, norms: np.ndarray, start: int, stop: int,
-                 threads: int) -> np.ndarray:
-    """Ray task body: bfloat16 scores of rows ``[start, stop)`` of a split cache."""
-    import torch
-
-    from agile_pipeline.lib.scale import BF16Scorer, iter_npy_rows
-
-    torch.set_num_threads(max(1, threads))
-    scorer = BF16Scorer(module)
-    out = np.empty(stop - start, np.float32)
-    norms_t = torch.from_numpy(np.ascontiguousarray(norms, np.float32))
-    with torch.inference_mode():
-        for s, rows in iter_npy_rows(Path(bf16_path), 1 << 14, start=start, stop=stop):
-            x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
-            out[s - start : s - start + rows.shape[0]] = scorer(
-                x, norms_t[s - start : s - start + rows.shape[0]]).numpy()
-    return out
+def _score_range(plan: Any, start: int, stop: int, threads: int) -> np.ndarray:
+    """Ray task body: approximate scores of rows ``[start, stop)`` of a split cache."""
+    return plan.score(start, stop, threads=max(1, threads))
 
 
-def score_bf16_ray(model: Any, cache: Any, *, shards: int | None = None) -> np.ndarray:
-    """:func:`agile_pipeline.lib.scale.score_bf16` fanned out over Ray: one task per
-    contiguous row range, results concatenated in row order."""
+def score_plan_ray(plan: Any, n: int, *, shards: int | None = None) -> np.ndarray:
+    """A scan plan (:func:`agile_pipeline.lib.scale.scan_plan`) over ``n`` rows fanned out
+    over Ray: one task per contiguous row range, results concatenated in row order."""
     ray = ensure_ray()
-    n = len(cache)
     if n == 0:
         return np.empty(0, np.float32)
     bounds = _shard_bounds(n, n_shards(shards))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     threads = max(1, cpus // len(bounds))
     task = ray.remote(num_cpus=1)(_score_range)
-    module_ref = ray.put(model.module)
-    norms = np.asarray(cache.norms, np.float32)
+    plan_ref = ray.put(plan)
     t0 = time.perf_counter()
-    refs = [task.remote(module_ref, str(cache.bf16_path), norms[a:b], a, b, threads)
-            for a, b in bounds]
+    refs = [task.remote(plan_ref, a, b, threads) for a, b in bounds]
     out = np.concatenate(ray.get(refs))
     log.info("ray: scored %d rows in %d shards in %.2fs", n, len(bounds), time.perf_counter() - t0)
     return out

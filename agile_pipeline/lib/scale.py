@@ -8,9 +8,10 @@ cached per LanceDB table version, so a round touches only arrays and memory maps
 * :class:`SplitCache` — one split of one embedding table: ids as fixed-width bytes (``S``),
   a sorted index for id → row lookups (``searchsorted``, no dict), the float16 matrix (same
   file :meth:`VectorStore.matrix` uses), a bfloat16 copy for scoring scans, and row norms.
-* :func:`score_bf16` — the classifier over a whole split in bfloat16 (about 4x faster than
-  float32 on AVX512-BF16 CPUs), streamed in large chunks.
-* :func:`select_margin_exact` — margin selection that scans in bfloat16, then re-scores a
+* :func:`score_approx` — the classifier over a whole split in bfloat16 (about 4x faster than
+  float32 on AVX512-BF16 CPUs) or, on AVX2-only CPUs, in int8 (:mod:`int8_scan`, ~2-3x
+  float32), streamed in large chunks.
+* :func:`select_margin_exact` — margin selection that scans approximately, then re-scores a
   generous shortlist exactly (float32, same as :meth:`TrainedClassifier.predict_proba` on the
   float16 matrix) and proves the shortlist large enough, so the picked rows are the ones the
   float32 path picks.
@@ -175,7 +176,7 @@ class _NpyWriter:
 
 
 def iter_npy_rows(path: Path, chunk: int, *, prefetch: int = 2, start: int = 0,  # type: ignore[no-untyped-def]
-                  stop: int | None = None):
+                  stop: int | None = None, buffers: Sequence[np.ndarray] | None = None):
     """Yield ``(start, rows)`` over rows ``[start, stop)`` of a 2-D ``.npy`` in chunks of
     ``chunk`` rows.
 
@@ -183,7 +184,8 @@ def iter_npy_rows(path: Path, chunk: int, *, prefetch: int = 2, start: int = 0, 
     ``prefetch`` chunks ahead (so disk reads overlap the caller's compute), never through a
     memory map: a scan of a 10 GB file keeps RSS at a few chunks, while the OS page cache still
     keeps the file hot between rounds. A yielded array is reused once the caller asks for the
-    next chunk.
+    next chunk. ``buffers`` (at least two C-contiguous arrays of ``chunk`` rows, the file's
+    dtype and width) replaces the reader's own, e.g. views of preallocated quantized tensors.
     """
     import queue
     import threading
@@ -197,8 +199,15 @@ def iter_npy_rows(path: Path, chunk: int, *, prefetch: int = 2, start: int = 0, 
     row_bytes = d * dtype.itemsize
     rows = min(chunk, n - first)
     free: queue.Queue[np.ndarray] = queue.Queue()
-    for _ in range(max(1, prefetch) + 1):
-        free.put(np.empty((rows, d), dtype))
+    if buffers is not None:
+        if len(buffers) < 2 or any(b.dtype != dtype or b.shape[1:] != (d,) or b.shape[0] < rows
+                                   or not b.flags.c_contiguous for b in buffers):
+            raise ValueError(f"buffers must be >= 2 C-contiguous ({rows}, {d}) {dtype} arrays")
+        for b in buffers:
+            free.put(b)
+    else:
+        for _ in range(max(1, prefetch) + 1):
+            free.put(np.empty((rows, d), dtype))
     full: queue.Queue[tuple[int, np.ndarray | None, BaseException | None]] = queue.Queue()
     halt = threading.Event()
 
@@ -273,6 +282,7 @@ class SplitCache:
     * ``sorted_keys`` / ``order``: ``keys[order] == sorted_keys`` (id → row by binary search);
     * ``f16_path``: the float16 matrix — the same file :meth:`VectorStore.matrix` caches;
     * ``bf16_path``: the same vectors in bfloat16 (``uint16`` bit patterns), for scoring scans;
+      in ``int8`` scan mode a uint8 copy sits beside it (:func:`int8_scan.u8_rows`);
     * ``norms``: float32 L2 norm of every float16 row.
     """
 
@@ -400,6 +410,10 @@ def split_cache(vectors: Any, model_id: str, split: str | None, *, chunk: int = 
     paths = {n: cache_dir / f"{tag}.{n}.npy" for n in ("keys", "sorted", "order", "norms", "bf16")}
     if not all(p.exists() for p in [f16_path, ids_path, *paths.values()]):
         _build(tbl, split, cache_dir, tag, f16_path, ids_path, paths, chunk=chunk)
+    if scan_mode() == "int8":  # the uint8 copy the int8 scans read, once per table version
+        from agile_pipeline.lib import int8_scan
+
+        int8_scan.u8_rows(paths["bf16"])
     keys = np.load(paths["keys"], mmap_mode="r")
     dim = int(_npy_header(f16_path)[1][1])
     sc = SplitCache(
@@ -478,49 +492,73 @@ def _build(tbl: Any, split: str | None, cache_dir: Path, tag: str, f16_path: Pat
     log.info("split cache %s: %d rows in %.1fs", tag, n, time.perf_counter() - t0)
 
 
-# ---- scoring in bfloat16 -------------------------------------------------------------------
-_SCAN_DTYPE: list[Any] = []
+# ---- approximate scans: bfloat16, int8 or float32 -----------------------------------------
+_SCAN_MODE: list[str] = []
+SCAN_MODES = ("bf16", "int8", "fp32")
 
 
-def scan_compute_dtype() -> Any:
-    """The dtype scans compute in: ``torch.bfloat16`` where this CPU multiplies bfloat16
-    natively (AVX512-BF16 / AMX: several times float32's speed), else ``torch.float32`` — on
-    e.g. an AVX2-only CPU, bfloat16 matmuls are emulated and ~100x *slower* than float32.
+def scan_mode() -> str:
+    """How scans of whole splits compute on this CPU: ``"bf16"`` where it multiplies bfloat16
+    natively (AVX512-BF16 / AMX: several times float32's speed), else ``"int8"`` where PyTorch's
+    FBGEMM uint8 × int8 kernels are clearly faster than float32 (AVX2: ~2–3x), else ``"fp32"``
+    (bfloat16-stored rows widened; on an AVX2-only CPU bfloat16 matmuls are emulated and ~100x
+    *slower* than float32).
 
-    Decided once per process by timing a small product of each kind (the rows stay stored in
-    bfloat16 either way); ``AGILE_SCAN_DTYPE=bf16|fp32`` overrides."""
+    Decided once per process by timing a small product of each kind; ``AGILE_SCAN_DTYPE=
+    bf16|int8|fp32`` overrides. Whatever the mode, callers that need float32 answers re-score
+    what could change them (:func:`select_margin_exact`, :class:`SplitScores`)."""
     import torch
 
-    if _SCAN_DTYPE:
-        return _SCAN_DTYPE[0]
+    if _SCAN_MODE:
+        return _SCAN_MODE[0]
+    from agile_pipeline.lib import int8_scan
+
     forced = os.environ.get("AGILE_SCAN_DTYPE", "").strip().lower()
-    if forced in ("bf16", "bfloat16"):
-        choice = torch.bfloat16
-    elif forced in ("fp32", "float32"):
-        choice = torch.float32
+    forced = {"bfloat16": "bf16", "float32": "fp32"}.get(forced, forced)
+    if forced == "int8" and not int8_scan.supported():
+        log.warning("AGILE_SCAN_DTYPE=int8 but this PyTorch has no x86/FBGEMM quantized engine")
+        forced = ""
+    if forced in SCAN_MODES:
+        choice = forced
     else:
         if forced:
-            log.warning("AGILE_SCAN_DTYPE=%r is not bf16 or fp32; choosing by measurement", forced)
+            log.warning("AGILE_SCAN_DTYPE=%r is not one of %s; choosing by measurement", forced, SCAN_MODES)
         gen = torch.Generator().manual_seed(0)
-        a, b = torch.randn(512, 512, generator=gen), torch.randn(512, 128, generator=gen)
+        # a scan-sized chunk for float32 and int8; bfloat16 on an eighth of it (where it is
+        # emulated, a full chunk takes a second), timed per row
+        a, b = torch.randn(16384, 512, generator=gen), torch.randn(512, 128, generator=gen)
 
-        def best(x: Any, y: Any) -> float:
-            x @ y  # warm up
+        def best(f: Any, rows: int) -> float:
+            f()  # warm up
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                x @ y
+                f()
                 times.append(time.perf_counter() - t0)
-            return min(times)
+            return min(times) / rows
 
         with torch.inference_mode():
-            fp32 = best(a, b)
-            bf16 = best(a.to(torch.bfloat16), b.to(torch.bfloat16))
-        choice = torch.bfloat16 if bf16 < 0.8 * fp32 else torch.float32
-        log.info("scan dtype %s (512x512x128 product: bf16 %.2f ms, fp32 %.2f ms)",
-                 choice, bf16 * 1e3, fp32 * 1e3)
-    _SCAN_DTYPE.append(choice)
+            t = {"fp32": best(lambda: a @ b, len(a))}
+            a16, b16 = a[:2048].to(torch.bfloat16), b.to(torch.bfloat16)
+            t["bf16"] = best(lambda: a16 @ b16, len(a16))
+            if int8_scan.supported():
+                t["int8"] = best(int8_scan.probe_product(a, b), len(a))
+        choice = "fp32"
+        if t["bf16"] < 0.8 * t["fp32"]:
+            choice = "bf16"
+        if "int8" in t and t["int8"] < 0.6 * t[choice]:  # worth its coarser first pass
+            choice = "int8"
+        log.info("scan mode %s (rows x 512 @ 512x128 per 1k rows: %s)", choice,
+                 ", ".join(f"{k} {v * 1e6:.2f} ms" for k, v in t.items()))
+    _SCAN_MODE.append(choice)
     return choice
+
+
+def scan_compute_dtype() -> Any:
+    """The float dtype of float scans: ``torch.bfloat16`` in ``"bf16"`` mode, else float32."""
+    import torch
+
+    return torch.bfloat16 if scan_mode() == "bf16" else torch.float32
 
 
 class BF16Scorer:
@@ -574,32 +612,64 @@ class BF16Scorer:
         return h.squeeze(1).float().sigmoid_()
 
 
-def score_bf16(model: Any, cache: SplitCache, *, chunk: int = 1 << 14,
-               threads: int | None = None) -> np.ndarray:
-    """Approximate P(positive) for every row of a split (bfloat16 scan), float32."""
-    import torch
+@dataclass
+class FloatPlan:
+    """The bfloat16/float32 scan of one model over one split (picklable, for Ray tasks)."""
 
+    module: Any
+    bf16_path: str
+    norms: np.ndarray
+
+    def score(self, start: int = 0, stop: int | None = None, *, chunk: int = 1 << 14,
+              threads: int | None = None) -> np.ndarray:
+        """Approximate P(positive) of rows ``[start, stop)``."""
+        import torch
+
+        n = _npy_header(Path(self.bf16_path))[1][0]
+        stop = n if stop is None else min(stop, n)
+        out = np.empty(max(0, stop - start), np.float32)
+        if stop <= start:
+            return out
+        scorer = BF16Scorer(self.module)
+        prev = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                norms = torch.from_numpy(np.ascontiguousarray(self.norms, np.float32))
+                for at, rows in iter_npy_rows(Path(self.bf16_path), chunk, start=start, stop=stop):
+                    x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+                    p = scorer(x, norms[at : at + rows.shape[0]])
+                    out[at - start : at - start + rows.shape[0]] = p.numpy()
+        finally:
+            if threads:
+                torch.set_num_threads(prev)
+        return out
+
+
+def scan_plan(model: Any, cache: SplitCache, mode: str | None = None) -> Any:
+    """How to scan ``cache`` with ``model``: an :class:`~agile_pipeline.lib.int8_scan.Int8Plan`
+    in ``"int8"`` mode where the model allows it (:func:`int8_scan.applicable`), else a
+    :class:`FloatPlan`. Both have ``score(start, stop, *, chunk, threads)``."""
+    from agile_pipeline.lib import int8_scan
+
+    mode = mode or scan_mode()
+    if mode == "int8" and int8_scan.applicable(model.module, cache.norms):
+        return int8_scan.plan_for(model.module, cache.bf16_path)
+    return FloatPlan(model.module, str(cache.bf16_path), np.asarray(cache.norms, np.float32))
+
+
+def score_approx(model: Any, cache: SplitCache, *, chunk: int = 1 << 14,
+                 threads: int | None = None, mode: str | None = None) -> np.ndarray:
+    """Approximate P(positive) for every row of a split, float32: one streamed scan in
+    :func:`scan_mode` (bfloat16, int8 or float32 over the bfloat16 rows); on Ray when
+    ``AGILE_RAY_ADDRESS`` is set (the same scan as tasks over row ranges)."""
     from agile_pipeline.lib import distributed
 
-    if distributed.enabled():  # AGILE_RAY_ADDRESS: the same scan as Ray tasks over row ranges
-        return distributed.score_bf16_ray(model, cache)
-    scorer = BF16Scorer(model.module)
-    n = len(cache)
-    out = np.empty(n, np.float32)
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            norms = torch.from_numpy(np.ascontiguousarray(cache.norms, np.float32))
-            for start, rows in iter_npy_rows(cache.bf16_path, chunk):
-                x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
-                p = scorer(x, norms[start : start + rows.shape[0]])
-                out[start : start + rows.shape[0]] = p.numpy()
-    finally:
-        if threads:
-            torch.set_num_threads(prev)
-    return out
+    plan = scan_plan(model, cache, mode)
+    if distributed.enabled():
+        return distributed.score_plan_ray(plan, len(cache))
+    return plan.score(0, len(cache), chunk=chunk, threads=threads)
 
 
 def exact_scores(model: Any, cache: SplitCache, rows: np.ndarray) -> np.ndarray:
@@ -642,12 +712,13 @@ def select_margin_exact(
     shortlist: int | None = None,
 ) -> Selection:
     """The rows :func:`select_margin` (or ``select_margin_positive``) picks from the float32
-    scores of the whole split, computed from a bfloat16 scan plus an exact re-score.
+    scores of the whole split, computed from an approximate scan (:func:`score_approx`) plus an
+    exact re-score.
 
-    Every row is scored in bfloat16; the ``shortlist`` rows with the smallest approximate
+    Every row is scored approximately; the ``shortlist`` rows with the smallest approximate
     margin (and, for margin + positive mining, the highest approximate scores) are re-scored in
     float32 and the selection runs on those. The shortlist provably holds the float32 answer
-    when every row outside it is, even with the largest bfloat16 error seen (doubled), worse
+    when every row outside it is, even with the largest scan error seen (doubled), worse
     than the last row picked; otherwise it grows (``info['shortlist']``,
     ``info['shortlist_proven']``).
     """
@@ -656,7 +727,7 @@ def select_margin_exact(
     t0 = time.perf_counter()
     n = len(cache)
     if approx is None:
-        approx = score_bf16(model, cache)
+        approx = score_approx(model, cache)
     t_scan = time.perf_counter() - t0
     if eligible is not None and eligible.shape != (n,):
         raise ValueError(f"eligible must have shape ({n},)")
@@ -746,20 +817,29 @@ class SplitScores:
         new = np.asarray(self.refine(rows), np.float32)
         worst = float(np.max(np.abs(new - self.values[rows])))
         if worst > self.bound:  # the bound was too optimistic: widen it and say so
-            log.warning("bfloat16 error %.2g above its bound %.2g; widening", worst, self.bound)
+            log.warning("scan error %.2g above its bound %.2g; widening", worst, self.bound)
             self.bound = 2 * worst
         self.values[rows] = new
         self.exact[rows] = True
         self.dirty = True
 
 
+def float_scan_mode() -> str:
+    """The scan mode for eval-set scores: :func:`scan_mode` unless that is ``"int8"``, then
+    ``"fp32"``. Eval-set strata need every score within a few 1e-3 (int8's ~1e-2 would send a
+    third of a split to exact re-scoring, costing more than it saves), and this scan runs after
+    the next batch is already on screen."""
+    mode = scan_mode()
+    return "fp32" if mode == "int8" else mode
+
+
 def approx_split_scores(model: Any, cache: SplitCache, *, sample_per_band: int = 128,
-                        bands: int = 20) -> SplitScores:
-    """bfloat16 scores of a whole split and a bound on their error: 3x the largest error over a
-    probe of up to ``sample_per_band`` rows from each of ``bands`` equal-width score bands (so
-    every part of the sigmoid is measured, not just where most rows sit); probed rows are
-    stored exact."""
-    approx = score_bf16(model, cache)
+                        bands: int = 20, mode: str | None = None) -> SplitScores:
+    """Approximate scores of a whole split (:func:`float_scan_mode` unless ``mode``) and a
+    bound on their error: 3x the largest error over a probe of up to ``sample_per_band`` rows
+    from each of ``bands`` equal-width score bands (so every part of the sigmoid is measured,
+    not just where most rows sit); probed rows are stored exact."""
+    approx = score_approx(model, cache, mode=mode or float_scan_mode())
     exact = np.zeros(len(cache), np.bool_)
     rng = np.random.default_rng(0)
     band = np.minimum((approx * bands).astype(np.int64), bands - 1)

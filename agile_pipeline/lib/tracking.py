@@ -64,7 +64,7 @@ def log_model_version(
     if exp is None:
         try:
             exp_id = client.create_experiment(
-                exp_name, artifact_location=(artifact_root / re.sub(r"\W+", "_", concept)).as_uri()
+                exp_name, artifact_location=(Path(artifact_root).resolve() / re.sub(r"\W+", "_", concept)).as_uri()
             )
         except MlflowException:  # created concurrently
             exp_id = client.get_experiment_by_name(exp_name).experiment_id  # type: ignore[union-attr]

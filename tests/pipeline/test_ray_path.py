@@ -51,12 +51,12 @@ def test_scoring_fans_out_and_selects_the_same(tmp_path, monkeypatch, local_ray)
     model = train_classifier(Xl, y, train.vectors, round_index=1, exclude_from_pool=lab)
     labeled = {str(train.ids[i]) for i in lab}
     cache = scale.split_cache(vs, MODEL, "train")
-    local_scores = scale.score_bf16(model, cache)
+    local_scores = scale.score_approx(model, cache)
     local = {s: scale.select_for_round(vs, MODEL, model, labeled, 50, s)
              for s in ("margin", "margin-positive")}
     monkeypatch.setenv(distributed.ENV_ADDRESS, "local")
     monkeypatch.setenv(distributed.ENV_SHARDS, "3")
-    ray_scores = scale.score_bf16(model, cache)
+    ray_scores = scale.score_approx(model, cache)
     assert ray_scores.shape == local_scores.shape
     assert np.abs(ray_scores - local_scores).max() < 1e-2
     for s, want in local.items():

@@ -75,9 +75,16 @@ def test_split_cache_matches_matrix_and_finds_ids(store):
     assert len(store.matrix(MODEL, "train").ids) == len(c2)
 
 
+@pytest.fixture(params=scale.SCAN_MODES)
+def mode(request, monkeypatch):
+    """Every scan mode, whatever this CPU would pick (bfloat16 is slow but exact enough here)."""
+    monkeypatch.setattr(scale, "_SCAN_MODE", [request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("strategy", ["margin", "margin-positive"])
 @pytest.mark.parametrize("shortlist", [None, 120])
-def test_select_margin_exact_equals_float32_selection(store, strategy, shortlist):
+def test_select_margin_exact_equals_float32_selection(store, strategy, shortlist, mode):
     model, labeled = _model(store)
     m = store.matrix(MODEL, "train")
     c = scale.split_cache(store, MODEL, "train")
@@ -95,7 +102,7 @@ def test_select_margin_exact_equals_float32_selection(store, strategy, shortlist
 
 
 @pytest.mark.parametrize("variant", ["default", "round0", "no_l2", "standardize"])
-def test_bf16_scores_close_and_strata_exact(store, variant):
+def test_approx_scores_close_and_strata_exact(store, variant, mode):
     train = store.matrix(MODEL, "train")
     lab = np.arange(0, 400, 2)
     X = np.asarray(train.vectors[lab], np.float32) * (3.0 if variant == "no_l2" else 1.0)
@@ -107,13 +114,15 @@ def test_bf16_scores_close_and_strata_exact(store, variant):
                              exclude_from_pool=lab, config=config)
     c = scale.split_cache(store, MODEL, "test")
     exact = model.predict_proba(store.matrix(MODEL, "test").vectors)
-    approx = scale.score_bf16(model, c, chunk=1000)
+    plan = scale.scan_plan(model, c)
+    assert type(plan).__name__ == ("Int8Plan" if mode == "int8" else "FloatPlan")
+    approx = scale.score_approx(model, c, chunk=1000)
     assert np.abs(approx - exact).max() < 0.02
-    sc = scale.approx_split_scores(model, c)
+    sc = scale.approx_split_scores(model, c, mode=mode)
     assert np.abs(sc.values - exact).max() <= sc.bound
-    # the eval set from lazily refined bfloat16 scores picks what the float32 scores pick
+    # the eval set from lazily refined approximate scores picks what the float32 scores pick
     for per_stratum in (20, 2000):
-        sc = scale.approx_split_scores(model, c)
+        sc = scale.approx_split_scores(model, c, mode=mode)
         sc.bound = max(sc.bound, 0.02)  # force many ambiguous rows
         got = scale.stratified_eval_set_cached(c, {"m": sc}, key=settings.EVAL_KEY,
                                                per_stratum=per_stratum)
