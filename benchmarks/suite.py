@@ -855,6 +855,10 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     """Run every size; write ``cfg.out / results.json`` after each step; return the document."""
     import logging
 
+    # absolute paths: DAGSTER_HOME and MLflow's file URIs refuse relative ones
+    cfg.out = Path(cfg.out).resolve()
+    cfg.workdir = Path(cfg.workdir).resolve() if cfg.workdir else None
+
     for name in ("lance", "lancedb", "alembic", "mlflow", "dagster"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("LANCE_LOG", "error")

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 from agile_pipeline.bench import run_bench
 
@@ -10,9 +11,10 @@ REQUIRED = {"expansion_exact", "expansion_ann", "al_round", "train", "eval_set",
 
 def test_bench_writes_results_json(tmp_path, monkeypatch):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # relative folders, as `agile bench --out bench-out` gives them
     out = tmp_path / "out"
     lines: list[str] = []
-    doc = run_bench([20_000], out, dim=32, repeats=1, workdir=tmp_path / "work", plain_epochs=1,
+    doc = run_bench([20_000], Path("out"), dim=32, repeats=1, workdir=Path("work"), plain_epochs=1,
                     random_negatives=2_000, baseline_round_repeats=1, ray=True, log=lines.append)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(doc["results"]))
