@@ -20,6 +20,7 @@ functions only, so importing this module stays cheap.
 """
 
 import abc
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -28,6 +29,7 @@ import math
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,22 @@ def configure_torch_threads(n: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op threads set to ``n`` (``None``/0: unchanged), then
+    restore the previous setting."""
+    import torch
+
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(prev)
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,17 @@ def _empty_quint8(rows: int, dim: int, scale: float) -> Any:
                                              dtype=torch.quint8)
 
 
+def _prepack(W: Any, b: Any) -> Any:
+    """FBGEMM's prepacked form of ``Linear(W, b)``: ``W`` per output channel symmetric int8."""
+    import torch
+
+    scales = (W.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(W, scales, torch.zeros(W.shape[0], dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qw, b)
+
+
 def _numpy_view(q: Any) -> np.ndarray:
     """A writable uint8 NumPy view of a contiguous quint8 tensor's memory (no copy)."""
     rows, dim = q.shape
@@ -185,15 +196,8 @@ class Int8Plan:
         import torch
 
         _engine()
-        packed = []
-        for W, b, out_scale in self.hidden:
-            wt = torch.from_numpy(W)
-            w_scale = (wt.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                qw = torch.quantize_per_channel(wt, w_scale, torch.zeros(wt.shape[0], dtype=torch.long),
-                                                0, torch.qint8)
-            packed.append((torch.ops.quantized.linear_prepack(qw, torch.from_numpy(b)), out_scale))
+        packed = [(_prepack(torch.from_numpy(W), torch.from_numpy(b)), out_scale)
+                  for W, b, out_scale in self.hidden]
         w_last = torch.from_numpy(self.last[0]).reshape(-1)
         b_last = torch.from_numpy(self.last[1]).reshape(())
 
@@ -210,6 +214,7 @@ class Int8Plan:
         """P(positive) of rows ``[start, stop)``, read straight into quantized tensors."""
         import torch
 
+        from agile_pipeline.lib.encoders import torch_threads
         from agile_pipeline.lib.scale import _npy_header, iter_npy_rows
 
         _, (n, dim), _ = _npy_header(Path(self.u8_path))
@@ -221,18 +226,11 @@ class Int8Plan:
         rows = min(chunk, stop - start)
         tensors = [_empty_quint8(rows, dim, self.x_scale) for _ in range(3)]
         by_addr = {t.data_ptr(): t for t in tensors}
-        prev = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                for at, buf in iter_npy_rows(Path(self.u8_path), chunk, start=start, stop=stop,
-                                             buffers=[_numpy_view(t) for t in tensors]):
-                    q = by_addr[buf.ctypes.data][: buf.shape[0]]
-                    out[at - start : at - start + buf.shape[0]] = score(q).numpy()
-        finally:
-            if threads:
-                torch.set_num_threads(prev)
+        with torch_threads(threads), torch.inference_mode():
+            for at, buf in iter_npy_rows(Path(self.u8_path), chunk, start=start, stop=stop,
+                                         buffers=[_numpy_view(t) for t in tensors]):
+                q = by_addr[buf.ctypes.data][: buf.shape[0]]
+                out[at - start : at - start + buf.shape[0]] = score(q).numpy()
         return out
 
 
@@ -260,10 +258,5 @@ def probe_product(a: Any, b: Any) -> Callable[[], Any]:
     a_unit = a / a.norm(dim=1, keepdim=True)
     x_scale = float(a_unit.abs().max()) / X_LEVELS
     qa = _quantize(a_unit, x_scale, X_ZERO_POINT, torch.quint8)
-    wt = b.t().contiguous()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qw = torch.quantize_per_channel(wt, (wt.abs().amax(dim=1) / 127).clamp_min(1e-12).double(),
-                                        torch.zeros(wt.shape[0], dtype=torch.long), 0, torch.qint8)
-    packed = torch.ops.quantized.linear_prepack(qw, torch.zeros(wt.shape[0]))
+    packed = _prepack(b.t().contiguous(), torch.zeros(b.shape[1]))
     return lambda: torch.ops.quantized.linear_relu(qa, packed, 0.05, 0)

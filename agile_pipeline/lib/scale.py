@@ -410,10 +410,10 @@ def split_cache(vectors: Any, model_id: str, split: str | None, *, chunk: int = 
     paths = {n: cache_dir / f"{tag}.{n}.npy" for n in ("keys", "sorted", "order", "norms", "bf16")}
     if not all(p.exists() for p in [f16_path, ids_path, *paths.values()]):
         _build(tbl, split, cache_dir, tag, f16_path, ids_path, paths, chunk=chunk)
-    if scan_mode() == "int8":  # the uint8 copy the int8 scans read, once per table version
-        from agile_pipeline.lib import int8_scan
+        if scan_mode() == "int8":  # the uint8 copy the int8 scans read (else on first scan)
+            from agile_pipeline.lib import int8_scan
 
-        int8_scan.u8_rows(paths["bf16"])
+            int8_scan.u8_rows(paths["bf16"])
     keys = np.load(paths["keys"], mmap_mode="r")
     dim = int(_npy_header(f16_path)[1][1])
     sc = SplitCache(
@@ -625,25 +625,20 @@ class FloatPlan:
         """Approximate P(positive) of rows ``[start, stop)``."""
         import torch
 
+        from agile_pipeline.lib.encoders import torch_threads
+
         n = _npy_header(Path(self.bf16_path))[1][0]
         stop = n if stop is None else min(stop, n)
         out = np.empty(max(0, stop - start), np.float32)
         if stop <= start:
             return out
         scorer = BF16Scorer(self.module)
-        prev = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                norms = torch.from_numpy(np.ascontiguousarray(self.norms, np.float32))
-                for at, rows in iter_npy_rows(Path(self.bf16_path), chunk, start=start, stop=stop):
-                    x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
-                    p = scorer(x, norms[at : at + rows.shape[0]])
-                    out[at - start : at - start + rows.shape[0]] = p.numpy()
-        finally:
-            if threads:
-                torch.set_num_threads(prev)
+        with torch_threads(threads), torch.inference_mode():
+            norms = torch.from_numpy(np.ascontiguousarray(self.norms, np.float32))
+            for at, rows in iter_npy_rows(Path(self.bf16_path), chunk, start=start, stop=stop):
+                x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+                p = scorer(x, norms[at : at + rows.shape[0]])
+                out[at - start : at - start + rows.shape[0]] = p.numpy()
         return out
 
 

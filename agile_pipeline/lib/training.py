@@ -69,6 +69,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from agile_pipeline.lib.encoders import torch_threads
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.pt"
@@ -535,16 +537,10 @@ def train_classifier(
     )
     batch_y = torch.cat([torch.ones(b_pos), torch.zeros(b_neg + b_rand)]).unsqueeze(1)
 
-    prev_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    try:
+    with torch_threads(config.num_threads):
         module, final_loss = _fit(
             table, batch_rows, batch_y, hidden=hidden, config=config, last_steps=steps
         )
-    finally:
-        if config.num_threads:
-            torch.set_num_threads(prev_threads)
     module.eval()
     if mean is not None and inv_std is not None:
         _fold_standardization(module, mean, inv_std)
