@@ -18,6 +18,7 @@ def defs() -> dg.Definitions:
             concepts.zero_shot_scores,
             concepts.classifier,
             concepts.al_candidates,
+            concepts.registered_model,
             concepts.eval_set,
             concepts.model_metrics,
         ],

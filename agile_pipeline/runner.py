@@ -5,6 +5,7 @@ Dagster UI next to runs launched there; otherwise an ephemeral instance is used.
 """
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,9 +19,11 @@ CORPUS_ASSETS = [
     corpus.image_embeddings_complete, corpus.image_manifest_unique_ids,
 ]
 CONCEPT_ASSETS = [
-    concepts.expansion_candidates, concepts.zero_shot_scores, concepts.classifier,
-    concepts.al_candidates, concepts.eval_set, concepts.model_metrics,
+    concepts.expansion_candidates, concepts.zero_shot_scores, *concepts.ROUND_ASSETS,
 ]
+START_JOB = concepts.concept_start_job.name
+ROUND_JOB = concepts.concept_round_job.name
+CORPUS_JOB = corpus.corpus_refresh_job.name
 
 
 class RunFailed(RuntimeError):
@@ -38,30 +41,55 @@ def ensure_partition(inst: dg.DagsterInstance, concept: str) -> None:
         inst.add_dynamic_partitions(concepts.concept_partitions.name, [concept])  # type: ignore[arg-type]
 
 
+_DEFS: dict[int, tuple[AgileHome, dg.Definitions]] = {}
+_DEFS_LOCK = threading.Lock()
+
+
+def definitions(agile: AgileHome) -> dg.Definitions:
+    """The code location's assets and named jobs, bound to ``agile`` (cached per resource)."""
+    with _DEFS_LOCK:
+        hit = _DEFS.get(id(agile))
+        if hit is not None and hit[0] is agile:
+            return hit[1]
+        defs = dg.Definitions(
+            assets=[concepts.concept_labels, *CORPUS_ASSETS[:3], *CONCEPT_ASSETS],
+            asset_checks=CORPUS_ASSETS[3:],
+            jobs=[corpus.corpus_refresh_job, concepts.concept_start_job, concepts.concept_round_job],
+            resources={"agile": agile},
+        )
+        _DEFS[id(agile)] = (agile, defs)
+        return defs
+
+
 def _run(
-    assets: Sequence[Any],
+    job: str,
     *,
-    selection: Sequence[Any] | None = None,
+    selection: Sequence[str] | None = None,
     partition_key: str | None = None,
     run_config: Mapping[str, Any] | None = None,
     agile: AgileHome | None = None,
     inst: dg.DagsterInstance | None = None,
     tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
 ) -> dg.ExecuteInProcessResult:
+    """Execute the named job (or ``selection``, asset names, of it) in this process, recorded
+    in the Dagster instance (so the run shows under its job name in the Dagster UI)."""
     inst = inst or instance()
     run_config = dict(run_config or {})
+    if selection is not None and "ops" in run_config:  # config only for the selected steps
+        run_config["ops"] = {k: v for k, v in run_config["ops"].items() if k in selection}
     # Step events go to the run's event log (Dagster UI); the caller reports failures itself.
     run_config.setdefault("loggers", {"console": {"config": {"log_level": "CRITICAL"}}})
     if partition_key is not None:
         ensure_partition(inst, partition_key)
-    result = dg.materialize(
-        list(assets),
-        selection=list(selection) if selection is not None else None,
-        partition_key=partition_key,
+    job_def = definitions(agile or AgileHome()).resolve_job_def(job)
+    result = job_def.execute_in_process(
         run_config=run_config,
-        resources={"agile": agile or AgileHome()},
         instance=inst,
+        partition_key=partition_key,
         raise_on_error=False,
+        asset_selection=[dg.AssetKey(a) for a in selection] if selection is not None else None,
+        run_id=run_id,
         tags=dict(tags or {}),
     )
     if not result.success:
@@ -94,20 +122,26 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: Any) -> dict[str, Any]
 
 def run_corpus(sources: Sequence[str], *, workers: int = 4, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
     return _run(
-        CORPUS_ASSETS,
+        CORPUS_JOB,
         run_config={"ops": {"image_manifest": {"config": {"sources": list(sources), "workers": workers}}}},
         agile=agile,
         tags={"agile/corpus": "refresh"},
     )
 
 
-def run_concept_start(concept: str, *, seed: int = 0, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
+def run_concept_start(
+    concept: str,
+    *,
+    seed: int = 0,
+    agile: AgileHome | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> dg.ExecuteInProcessResult:
     return _run(
-        CONCEPT_ASSETS,
-        selection=[concepts.expansion_candidates, concepts.zero_shot_scores],
+        START_JOB,
         partition_key=concept,
         run_config={"ops": {"expansion_candidates": {"config": {"seed": seed}}}},
-        agile=agile,
+        agile=agile, tags=tags, run_id=run_id,
     )
 
 
@@ -117,28 +151,34 @@ def run_concept_round(
     training: Mapping[str, Any] | None = None,
     sampling: Mapping[str, Any] | None = None,
     agile: AgileHome | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    selection: Sequence[str] | None = None,
 ) -> dg.ExecuteInProcessResult:
+    """One round: train, select the next batch, MLflow, eval set, metrics. ``selection``
+    (asset names of the round job, e.g. :data:`concepts.FOLLOWUP_ASSETS`) runs part of it."""
     return _run(
-        CONCEPT_ASSETS,
-        selection=[concepts.classifier, concepts.al_candidates, concepts.eval_set,
-                   concepts.model_metrics],
+        ROUND_JOB,
+        selection=selection,
         partition_key=concept,
         run_config={"ops": {
             "classifier": {"config": dict(training or {})},
             "al_candidates": {"config": dict(sampling or {})},
         }},
-        agile=agile,
+        agile=agile, tags=tags, run_id=run_id,
     )
 
 
-def run_concept_eval(concept: str, *, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
+def run_concept_eval(
+    concept: str,
+    *,
+    agile: AgileHome | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> dg.ExecuteInProcessResult:
     """Rebuild the eval set and re-score every model on the eval labels rated so far."""
-    return _run(
-        CONCEPT_ASSETS,
-        selection=[concepts.eval_set, concepts.model_metrics],
-        partition_key=concept,
-        agile=agile,
-    )
+    return _run(ROUND_JOB, selection=concepts.EVAL_ASSETS, partition_key=concept, agile=agile,
+                tags=tags, run_id=run_id)
 
 
 def prepare_simulation(dataset_path: str, *, min_test_pos: int = 20, agile: AgileHome | None = None):  # type: ignore[no-untyped-def]

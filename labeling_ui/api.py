@@ -82,6 +82,17 @@ def render_thumbnail(service: LabelingService, image_id: str, max_side: int) -> 
     return buf.getvalue()
 
 
+def _phrases(value: Any) -> list[str]:
+    """Phrases from JSON: a list of strings, or one string with a phrase per line."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise HTTPException(status_code=400, detail="phrases must be a list of strings")
+    return list(value)
+
+
 def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings) -> APIRouter:
     router = APIRouter()
     thumbs = ThumbnailCache()
@@ -276,6 +287,74 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         except Exception as exc:  # no embeddings yet, model files missing ...
             log.warning("search for %r failed: %s", concept, exc)
             raise HTTPException(status_code=503, detail="search is not available yet (no image embeddings)") from exc
+
+    # ---- concepts and rounds as JSON (scripts, benchmarks, other front ends) -------------
+    @router.get("/api/health", include_in_schema=False)
+    def health(request: Request) -> dict[str, Any]:
+        """Whether the round worker is warm (everything a round needs is loaded)."""
+        signed_in(request)
+        return service.health()
+
+    @router.post("/api/concepts", include_in_schema=False)
+    async def create_concept(request: Request) -> JSONResponse:
+        """Create a concept and start finding its first images (as the Concept tab does)."""
+        body = await json_body(request)
+        who = rater_for(request, body.get("rater"))
+        from starlette.concurrency import run_in_threadpool
+
+        def create() -> dict[str, Any]:
+            c = service.create_concept(
+                str(body.get("name", "")), _phrases(body.get("positives")),
+                _phrases(body.get("negatives")), str(body.get("instructions") or ""), owner=who,
+            )
+            view = service.start_concept(c.name, requested_by=who)
+            return {"concept": service.concept_view(c.name), "round": view.to_dict()}
+
+        try:
+            return JSONResponse(await run_in_threadpool(create))
+        except StateError as exc:
+            raise user_error(exc) from exc
+
+    @router.post("/api/rounds", include_in_schema=False)
+    async def request_round(request: Request) -> JSONResponse:
+        """Ask for a round (``job``: ``round``), the evaluation (``eval``) or a new search
+        for the first images (``start``); returns the concept's round state."""
+        body = await json_body(request)
+        who = rater_for(request, body.get("rater"))
+        job = body.get("job", "round")
+        if job not in ("round", "eval", "start"):
+            raise HTTPException(status_code=400, detail="job is round, eval or start")
+        concept = str(body.get("concept", ""))
+        from starlette.concurrency import run_in_threadpool
+
+        ask = {"round": service.request_round, "eval": service.request_eval,
+               "start": service.start_concept}[job]
+        try:
+            view = await run_in_threadpool(lambda: ask(concept, requested_by=who))
+        except StateError as exc:
+            raise user_error(exc) from exc
+        return JSONResponse(view.to_dict())
+
+    @router.get("/api/round", include_in_schema=False)
+    def round_state(request: Request, concept: str) -> dict[str, Any]:
+        """The concept's latest round request: state, run, whether a new batch is there."""
+        signed_in(request)
+        try:
+            name = service.concept(concept).name
+        except StateError as exc:
+            raise user_error(exc) from exc
+        return service.round_view(name).to_dict()
+
+    @router.get("/api/models", include_in_schema=False)
+    def models(request: Request, concept: str) -> dict[str, Any]:
+        """Every round's model, and the metrics of the latest evaluation (``null`` before)."""
+        signed_in(request)
+        try:
+            name = service.concept(concept).name
+            metrics, mtime = service.metrics_report(name)
+            return {"rounds": service.rounds_table(name), "metrics": metrics, "metrics_mtime": mtime}
+        except StateError as exc:
+            raise user_error(exc) from exc
 
     @router.get("/export/{concept}/round-{round_index}.zip", include_in_schema=False)
     def export(concept: str, round_index: int, request: Request) -> Response:

@@ -24,7 +24,7 @@ from labeling_ui.api import build_router
 from labeling_ui.config import UiSettings
 from labeling_ui.handlers import NO_CHANGE, View
 from labeling_ui.security import AuthGate, GuardMiddleware, LoginThrottle
-from labeling_ui.service import LabelingService
+from labeling_ui.service import LabelingService, RoundPolicy
 from labeling_ui.session import LabelingSession
 from labeling_ui.trigger import DagsterGraphQLTrigger, InProcessTrigger, PipelineTrigger
 
@@ -221,12 +221,18 @@ def make_service(settings: UiSettings, *, store: Any = None, trigger: PipelineTr
         if not paths.state_db.exists():
             log.warning("no state database at %s yet: ingest a corpus first (`agile ingest FOLDER`)", paths.state_db)
         store = StateStore(paths.state_db)
-    in_process = fallback or InProcessTrigger(home=str(home))
+    # runs are recorded in $DAGSTER_HOME (the webserver shows them) when it is set
+    runs_url = settings.dagster_url if os.environ.get("DAGSTER_HOME") else None
+    in_process = fallback or InProcessTrigger(
+        home=str(home), dagster_url=runs_url,
+        warm=settings.warm and settings.trigger == "in-process" and trigger is None,
+    )
     if trigger is None:
         trigger = in_process if settings.trigger == "in-process" else DagsterGraphQLTrigger(settings.dagster_url)
     return LabelingService(
         store, trigger, home=home, fallback=None if trigger is in_process else in_process,
         encoder_spec=os.environ.get("AGILE_ENCODER", "bundled"),
+        policy=RoundPolicy(auto=settings.auto_round, lookahead=settings.lookahead),
     )
 
 

@@ -57,12 +57,20 @@ class UiSettings:
     under the signed-in name only.
     ``upload_max_bytes``: the largest exemplar image file a rater may upload (Gradio's own upload
     routes stay closed; uploads go through ``POST /api/exemplars/upload`` only).
+    ``trigger``: ``"in-process"`` (default) runs every round inside this long-lived, warmed app
+    process as a run of the named Dagster job, recorded in ``$DAGSTER_HOME`` (the Dagster UI
+    shows it); ``"dagster"`` submits it to the Dagster webserver, whose daemon launches it in a
+    fresh process (a queue wait and a cold start each round).
+    ``auto_round`` / ``lookahead``: the :class:`~labeling_ui.service.RoundPolicy` (rounds start
+    by themselves as ratings arrive; with ``lookahead`` L the next round starts when L images
+    of the batch are left, so the next batch is ready when the rater finishes). ``warm``:
+    load everything a round needs when the app starts (in-process trigger only).
     """
 
     host: str = "127.0.0.1"
     port: int = 7860
     dagster_url: str = "http://127.0.0.1:3000"
-    trigger: TriggerKind = "dagster"
+    trigger: TriggerKind = "in-process"
     auth: list[tuple[str, str]] | None = None
     home: Path | None = None
     thumb_side: int = 512
@@ -70,6 +78,9 @@ class UiSettings:
     login_max_failures: int = 5
     upload_max_bytes: int = 20 * 1024 * 1024  # an uploaded exemplar image file
     poll_seconds: float = 1.0
+    auto_round: bool = True
+    lookahead: int = 10
+    warm: bool = True
     title: str = "Agile Modeling"
     extra_blocked_paths: tuple[str, ...] = field(default_factory=tuple)
 
@@ -79,8 +90,9 @@ class UiSettings:
 
     @classmethod
     def from_env(cls, **overrides: object) -> "UiSettings":
-        """Defaults, then ``AGILE_APP_AUTH`` / ``AGILE_DAGSTER_URL`` / ``AGILE_APP_TRIGGER``,
-        then explicit ``overrides`` (``None`` values are ignored)."""
+        """Defaults, then ``AGILE_APP_AUTH`` / ``AGILE_DAGSTER_URL`` / ``AGILE_APP_TRIGGER`` /
+        ``AGILE_APP_AUTO_ROUND`` / ``AGILE_APP_LOOKAHEAD``, then explicit ``overrides``
+        (``None`` values are ignored)."""
         values: dict[str, object] = {}
         auth = parse_auth(os.environ.get("AGILE_APP_AUTH"))
         if auth:
@@ -92,5 +104,18 @@ class UiSettings:
             if trig not in ("dagster", "in-process"):
                 raise ConfigError(f"AGILE_APP_TRIGGER={trig!r}: use 'dagster' or 'in-process'")
             values["trigger"] = trig
+        auto = os.environ.get("AGILE_APP_AUTO_ROUND")
+        if auto:
+            if auto.strip().lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise ConfigError(f"AGILE_APP_AUTO_ROUND={auto!r}: use 1 or 0")
+            values["auto_round"] = auto.strip().lower() in ("1", "true", "yes")
+        look = os.environ.get("AGILE_APP_LOOKAHEAD")
+        if look:
+            try:
+                values["lookahead"] = int(look)
+            except ValueError:
+                raise ConfigError(f"AGILE_APP_LOOKAHEAD={look!r}: a whole number of images (0 = off)") from None
+            if not 0 <= int(look) <= 1000:
+                raise ConfigError(f"AGILE_APP_LOOKAHEAD={look!r}: between 0 (off) and 1000")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

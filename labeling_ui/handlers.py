@@ -53,6 +53,8 @@ def widget_value(
         "nonce": session.nonce,
         "prefetch": settings.prefetch,
         "upload_max_bytes": settings.upload_max_bytes,
+        "auto": settings.auto_round,
+        "lookahead": settings.lookahead,
         "round": round_view.to_dict() if round_view is not None else None,
     })
 
@@ -146,12 +148,13 @@ def concept_status(service: LabelingService, concept: str, view: RoundView) -> s
 
 
 JOB_PHRASES = {"start": "Finding images", "round": "Training the next model",
-               "eval": "Scoring every model on the evaluation ratings"}
+               "eval": "Scoring every model on the evaluation ratings",
+               "followup": "Updating the model with the batch's last ratings"}
 
 
 def run_phrase(view: RoundView) -> str:
     what = JOB_PHRASES.get(view.job or "", "Running")
-    where = "in Dagster" if view.kind == "dagster" else "inside the app"
+    where = "in Dagster" if view.kind == "dagster" or view.run_url else "inside the app"
     link = f" ([run {view.run_id[:8]}]({view.run_url}))" if view.run_url and view.run_id else ""
     return f"{what} {where}…{link}"
 
@@ -221,7 +224,7 @@ def round_sentence(view: RoundView) -> str:
     if view.state == "error":
         return f"The pipeline refused: {view.message}"
     what = "Finding images for it" if view.job == "start" else JOB_PHRASES.get(view.job or "", "Running")
-    where = "in Dagster" if view.kind == "dagster" else "inside the app"
+    where = "in Dagster" if view.kind == "dagster" or view.run_url else "inside the app"
     return f"{what} {where} (run {str(view.run_id)[:8]})."
 
 

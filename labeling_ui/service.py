@@ -50,7 +50,29 @@ EVENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 MAX_EVENTS_PER_POST = 500
 MAX_INSTRUCTIONS = 4000
 Purpose = Literal["train", "eval"]
-JobKind = Literal["start", "round", "eval"]
+JobKind = Literal["start", "round", "eval", "followup"]
+# the round job's assets for the follow-up round (train on the batch's full labels, register,
+# eval) after a lookahead round already queued the next batch; see RoundPolicy
+FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When the app starts rounds by itself (``auto``), so that a rater never presses a button
+    and, with ``lookahead``, never waits.
+
+    * ``lookahead = L > 0``: when only L images of the batch being rated are left unrated, a
+      round starts on the labels so far, with those L images kept out of its selection; when
+      the batch ends, the next one is usually there already. A *follow-up* round then trains
+      on the batch's full labels in the background (MLflow version, eval set, metrics) while
+      the rater works on the new batch.
+    * ``lookahead = 0`` (the paper's protocol): the round starts when the batch is fully rated.
+
+    Nothing starts while the labels hold no positive (the app offers search and exemplars).
+    """
+
+    auto: bool = False
+    lookahead: int = 0
 
 
 def split_phrases(text: str | Sequence[str] | None) -> list[str]:
@@ -81,6 +103,8 @@ class RoundRequest:
     finished_at: float | None = None
     unreachable: str | None = None
     error: str | None = None
+    lookahead: bool = False
+    auto: bool = False
 
 
 @dataclass
@@ -102,6 +126,8 @@ class RoundView:
     fallback_offered: bool = False
     seconds_to_batch: float | None = None
     round_index: int | None = None
+    lookahead: bool = False
+    auto: bool = False
 
     @property
     def in_flight(self) -> bool:
@@ -138,6 +164,7 @@ class LabelingService:
         fallback: PipelineTrigger | None = None,
         encoder_spec: str = "bundled",
         status_cache_s: float = 0.75,
+        policy: RoundPolicy | None = None,
     ) -> None:
         self.store = store
         self.trigger = trigger
@@ -149,6 +176,9 @@ class LabelingService:
         self._lock = threading.RLock()
         self._batches: OrderedDict[int, BatchRef] = OrderedDict()
         self._upload_slots = threading.BoundedSemaphore(2)
+        self.policy = policy or RoundPolicy()
+        # concept -> {"lookahead"|"round"|"followup": batch id it was started for}
+        self._auto: dict[str, dict[str, int]] = {}
 
     # ---- concepts --------------------------------------------------------------------------
     def concept_names(self) -> list[str]:
@@ -402,7 +432,47 @@ class LabelingService:
                 round=ref.round, event_id=event_id, ts=ts_f,
             ))
         new = self.store.add_labels(out)
+        if self.policy.auto:
+            for concept, batch_id in dict.fromkeys(
+                    (e.concept, int(raw["batch_id"])) for e, raw in zip(out, events, strict=True)
+                    if e.purpose == "train"):
+                try:
+                    self.auto_round(concept, batch_id, requested_by=rater)
+                except Exception:  # the labels are stored: a round that cannot start is
+                    log.exception("automatic round for %r did not start", concept)  # retried on the next label
         return {"received": len(out), "new": new}
+
+    def auto_round(self, concept: str, batch_id: int, *, requested_by: str) -> RoundView | None:
+        """Start the round the :class:`RoundPolicy` calls for after a rating of ``batch_id``
+        (see there); ``None`` when none is due."""
+        ref = self.batch_by_id(batch_id)
+        if ref is None or ref.kind not in ("expansion", "al"):
+            return None
+        latest = self.store.latest_batch(concept, ("expansion", "al"))
+        if latest is None:
+            return None
+        labeled = self.store.labeled_image_ids(concept)
+        left = sum(1 for i in ref.order if i not in labeled)
+        is_latest = int(latest["batch_id"]) == batch_id
+        with self._lock:
+            marks = self._auto.setdefault(concept, {})
+            if is_latest and left == 0 and marks.get("lookahead") != batch_id:
+                action = "round" if marks.get("round") != batch_id else None
+            elif left == 0 and marks.get("lookahead") == batch_id:
+                action = "followup" if marks.get("followup") != batch_id else None
+            elif is_latest and 0 < left <= self.policy.lookahead:
+                action = "lookahead" if batch_id not in (marks.get("lookahead"), marks.get("round")) else None
+            else:
+                action = None
+            if action is None:
+                return None
+            if action != "followup" and self.label_counts(concept)["positive"] == 0:
+                return None  # nothing to learn from yet: the app's recovery notice applies
+            marks[action] = batch_id
+        if action == "followup":
+            return self._request(concept, "followup", requested_by, False, auto=True)
+        return self._request(concept, "round", requested_by, False, lookahead=action == "lookahead",
+                             auto=True)
 
     def label_counts(self, concept: str, purpose: Purpose = "train") -> dict[str, int]:
         labels = self.store.effective_labels(concept, purpose=purpose)
@@ -465,7 +535,8 @@ class LabelingService:
             raise StateError("no evaluation ratings yet: rate the evaluation set first")
         return self._request(c.name, "eval", requested_by, in_process)
 
-    def _request(self, concept: str, job: JobKind, requested_by: str, in_process: bool) -> RoundView:
+    def _request(self, concept: str, job: JobKind, requested_by: str, in_process: bool, *,
+                 lookahead: bool = False, auto: bool = False) -> RoundView:
         requested_by = (requested_by or "").strip() or "unknown"
         job_name = START_JOB if job == "start" else ROUND_JOB
         trigger = self._trigger_for(in_process)
@@ -473,7 +544,11 @@ class LabelingService:
             current = self._requests.get(concept)
             if current is not None:
                 self._poll(current, force=True)
-            if current is not None and current.handle is not None and not self._finished(current):
+            busy = current is not None and current.handle is not None and not self._finished(current)
+            # a follow-up queues behind the lookahead round it completes, and anything queues
+            # behind a follow-up: the pipeline runs a concept's rounds one after another
+            queue_behind = busy and current is not None and "followup" in (job, current.job)
+            if busy and current is not None and not queue_behind:
                 view = self._view(current)
                 what = {"round": "round", "start": "search", "eval": "evaluation"}[current.job]
                 view.message = (
@@ -485,23 +560,34 @@ class LabelingService:
             req = RoundRequest(
                 concept=concept, job=job, handle=None, requested_by=requested_by,
                 requested_at=time.time(), batch_before=latest["batch_id"] if latest else None,
-                label_cutoff=self.store.label_cutoff(concept),
+                label_cutoff=self.store.label_cutoff(concept), lookahead=lookahead, auto=auto,
             )
             try:
-                active = trigger.active_run(concept, job_name)
+                active = None if queue_behind else trigger.active_run(concept, job_name)
                 if active is not None:
                     req.handle = active
                     req.error = None
                 else:
                     tags = {"agile/requested_by": requested_by, "agile/label_cutoff": str(req.label_cutoff),
-                            "agile/source": "labeling-app"}
+                            "agile/source": "labeling-app", "agile/requested_at": f"{req.requested_at:.3f}",
+                            "agile/auto": "1" if auto else "0"}
                     if job == "start":
                         req.handle = trigger.start_concept(concept, tags=tags)
                     elif job == "eval":
                         req.handle = trigger.run_eval(concept, tags={**tags, "agile/evaluation": "1"})
+                    elif job == "followup":
+                        req.handle = trigger.run_round(
+                            concept, tags={**tags, "agile/followup": "1"}, selection=FOLLOWUP_ASSETS)
                     else:
-                        req.handle = trigger.run_round(concept, tags={
-                            **tags, "agile/round": str(self.store.next_round_index(concept))})
+                        run_config = None
+                        if lookahead:
+                            run_config = {"ops": {
+                                "classifier": {"config": {"lookahead": True}},
+                                "al_candidates": {"config": {"exclude_pending": True}},
+                            }}
+                        req.handle = trigger.run_round(concept, run_config=run_config, tags={
+                            **tags, "agile/round": str(self.store.next_round_index(concept)),
+                            "agile/lookahead": "1" if lookahead else "0"})
             except TriggerUnavailable as exc:
                 req.unreachable = str(exc)
             except TriggerError as exc:
@@ -548,7 +634,7 @@ class LabelingService:
         view = RoundView(
             concept=req.concept, job=req.job, requested_by=req.requested_by,
             requested_at=req.requested_at, finished_at=req.finished_at,
-            round_index=self._last_round_index(req.concept),
+            round_index=self._last_round_index(req.concept), lookahead=req.lookahead, auto=req.auto,
         )
         if req.unreachable:
             return replace(view, state="unreachable", message=req.unreachable,
@@ -565,9 +651,9 @@ class LabelingService:
             view.new_batch = req.batch_before is None or view.batch_id > req.batch_before
             if view.new_batch and status.state == "success":
                 last_ts = self._last_label_ts(req.concept)
-                if last_ts is not None and req.job == "round":
+                if last_ts is not None and req.job == "round" and not req.lookahead:
                     view.seconds_to_batch = round(float(latest["created_at"]) - last_ts, 2)
-        if status.state == "success" and not view.new_batch:
+        if status.state == "success" and not view.new_batch and req.job == "round":
             view.message = view.message or "the run finished but selected no new images"
         return view
 
@@ -629,6 +715,24 @@ class LabelingService:
                 "negative_labels": row["negative"],
             }, indent=2))
         return f"{base}.zip", buf.getvalue()
+
+    def metrics_report(self, concept: str) -> tuple[dict[str, Any] | None, float | None]:
+        """The latest evaluation's ``metrics.json`` (written by ``model_metrics``) and its
+        modification time, or ``(None, None)`` before the first evaluation."""
+        c = self.store.get_concept(concept)
+        p = self.home / "concepts" / concept_dir_name(c.name) / "metrics.json"
+        try:
+            return json.loads(p.read_text()), p.stat().st_mtime
+        except (OSError, json.JSONDecodeError):
+            return None, None
+
+    def health(self) -> dict[str, Any]:
+        """The round worker's warm-up (see :class:`labeling_ui.trigger.InProcessTrigger`)."""
+        warm_state = getattr(self.trigger, "warm_state", None)
+        state = warm_state() if callable(warm_state) else {"warm": True, "preload": {}}
+        return {"warm": bool(state.get("warm")), "trigger": self.trigger.describe(),
+                "preload": state.get("preload", {}),
+                "policy": {"auto": self.policy.auto, "lookahead": self.policy.lookahead}}
 
     def metrics_png(self, concept: str) -> Path | None:
         """The evaluation plot another part of the pipeline writes, if it exists."""

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 START_JOB = "concept_start_job"
 ROUND_JOB = "concept_round_job"
 EVAL_ASSETS = ("eval_set", "model_metrics")  # re-scored after the eval set is rated
+# the round on the batch's full labels after a lookahead round already queued the next batch
+FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
 PARTITIONS_DEF = "concepts"
 PARTITION_TAG = "dagster/partition"
 
@@ -83,6 +85,7 @@ class PipelineTrigger(Protocol):
         *,
         tags: Mapping[str, str] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        selection: Sequence[str] | None = None,
     ) -> RunHandle: ...
 
     def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle: ...
@@ -290,8 +293,13 @@ class DagsterGraphQLTrigger:
         *,
         tags: Mapping[str, str] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        selection: Sequence[str] | None = None,
     ) -> RunHandle:
-        return self._submit(ROUND_JOB, concept, tags, run_config)
+        cfg = dict(run_config or {})
+        if selection is not None and "ops" in cfg:
+            cfg["ops"] = {k: v for k, v in cfg["ops"].items() if k in selection}
+        return self._submit(ROUND_JOB, concept, tags, cfg,
+                            asset_selection=list(selection) if selection is not None else None)
 
     def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
         """The round job's evaluation assets only: the eval set and every model's metrics."""
@@ -338,7 +346,7 @@ class DagsterGraphQLTrigger:
         return RunHandle(run_id, job, concept, "dagster", self.run_url(run_id))
 
 
-# ---- in this process ------------------------------------------------------------------------
+# ---- in this process ----------------------------------------------------------------------
 @dataclass
 class _Job:
     handle: RunHandle
@@ -346,10 +354,19 @@ class _Job:
 
 
 class InProcessTrigger:
-    """Materializes the concept jobs inside the app process, one run at a time.
+    """Runs the concept jobs inside this long-lived app process, one at a time, as real runs
+    of the named Dagster jobs (``concept_start_job``, ``concept_round_job``) recorded in the
+    Dagster instance of ``$DAGSTER_HOME``: the Dagster UI shows each run with its steps,
+    asset materializations, metadata, partition and tags, like a run its daemon launched.
 
-    ``run_start`` / ``run_round`` default to :mod:`agile_pipeline.runner`; tests may pass
-    their own callables (``concept -> dagster run id``).
+    What it saves the rater: the run queue (the daemon's dequeue loop) and a fresh process per
+    run that imports Dagster, torch and MLflow and loads the embedding model again (the
+    "cold start", most of a round's wait). With ``warm=True`` the process pays that once, in
+    the background, when the app starts (:func:`agile_pipeline.warm.warm_up`).
+
+    The run id is chosen before the run starts, so the app can link to the run at once
+    (``dagster_url``). ``run_start`` / ``run_round`` / ``run_eval`` default to
+    :mod:`agile_pipeline.runner`; tests may pass their own callables (``concept -> run id``).
     """
 
     kind: Literal["dagster", "in-process"] = "in-process"
@@ -361,52 +378,86 @@ class InProcessTrigger:
         run_start: Callable[[str], str] | None = None,
         run_round: Callable[[str, Mapping[str, Any]], str] | None = None,
         run_eval: Callable[[str], str] | None = None,
+        dagster_url: str | None = None,
+        warm: bool = False,
     ) -> None:
         self._home = home
-        self._run_start = run_start or self._default_start
-        self._run_round = run_round or self._default_round
-        self._run_eval = run_eval or self._default_eval
+        self._custom_start = run_start
+        self._custom_round = run_round
+        self._custom_eval = run_eval
+        self._dagster_url = dagster_url.rstrip("/") if dagster_url else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agile-round")
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
+        self._agile_obj: Any = None
+        self._warm: dict[str, Any] = {"warm": not warm, "started_at": time.time(), "preload": {}}
+        if warm:
+            threading.Thread(target=self._warm_up, name="agile-warm-up", daemon=True).start()
 
     def describe(self) -> str:
-        return "this app process"
+        return "this app process (warm; runs recorded in Dagster)" if self._dagster_url else "this app process"
+
+    # -- warm-up
+    def _warm_up(self) -> None:
+        try:
+            from agile_pipeline.warm import warm_up
+
+            parts = warm_up(self._agile())
+        except Exception as exc:  # never fatal: the first round pays instead
+            log.warning("warm-up failed: %s", exc)
+            parts = {"error": str(exc)}
+        with self._lock:
+            self._warm.update(warm=True, preload=parts, finished_at=time.time())
+        log.info("round worker warm: %s", parts)
+
+    def warm_state(self) -> dict[str, Any]:
+        """``{"warm": bool, "preload": {part: seconds}, ...}`` for the app's health route."""
+        with self._lock:
+            return dict(self._warm)
+
+    def wait_warm(self, timeout_s: float = 300.0) -> bool:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.warm_state()["warm"]:
+                return True
+            time.sleep(0.05)
+        return False
 
     def _agile(self) -> Any:
-        from agile_pipeline.defs.resources import AgileHome
-
-        return AgileHome(home=self._home or "")
-
-    def _default_start(self, concept: str) -> str:
-        from agile_pipeline.runner import run_concept_start
-
-        return str(run_concept_start(concept, agile=self._agile()).run_id)
-
-    def _default_round(self, concept: str, run_config: Mapping[str, Any]) -> str:
-        from agile_pipeline.runner import run_concept_round
-
-        ops = dict(run_config.get("ops", {}))
-        return str(run_concept_round(
-            concept,
-            training=dict(ops.get("classifier", {}).get("config", {})),
-            sampling=dict(ops.get("al_candidates", {}).get("config", {})),
-            agile=self._agile(),
-        ).run_id)
-
-    def _default_eval(self, concept: str) -> str:
-        from agile_pipeline.runner import run_concept_eval
-
-        return str(run_concept_eval(concept, agile=self._agile()).run_id)
-
-    def _submit(self, job: str, concept: str, fn: Callable[[], str]) -> RunHandle:
-        handle = RunHandle(f"local-{uuid.uuid4().hex[:12]}", job, concept, "in-process")
         with self._lock:
-            self._jobs[handle.run_id] = _Job(handle, self._pool.submit(fn))
+            if self._agile_obj is None:
+                from agile_pipeline.defs.resources import AgileHome
+
+                self._agile_obj = AgileHome(home=self._home or "")
+            return self._agile_obj
+
+    # -- runs
+    def _run_url(self, run_id: str) -> str | None:
+        return f"{self._dagster_url}/runs/{run_id}" if self._dagster_url else None
+
+    def _submit(self, job: str, concept: str, fn: Callable[[str], str]) -> RunHandle:
+        run_id = str(uuid.uuid4())
+        handle = RunHandle(run_id, job, concept, "in-process", self._run_url(run_id))
+        with self._lock:
+            self._jobs[handle.run_id] = _Job(handle, self._pool.submit(fn, run_id))
         return handle
 
+    @staticmethod
+    def _tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+        return {"agile/trigger": "app-in-process", **{str(k): str(v) for k, v in dict(tags or {}).items()}}
+
     def start_concept(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
-        return self._submit(START_JOB, concept, lambda: self._run_start(concept))
+        if self._custom_start is not None:
+            custom = self._custom_start
+            return self._submit(START_JOB, concept, lambda _rid: custom(concept))
+
+        def run(run_id: str) -> str:
+            from agile_pipeline.runner import run_concept_start
+
+            return str(run_concept_start(concept, agile=self._agile(), tags=self._tags(tags),
+                                         run_id=run_id).run_id)
+
+        return self._submit(START_JOB, concept, run)
 
     def run_round(
         self,
@@ -414,12 +465,39 @@ class InProcessTrigger:
         *,
         tags: Mapping[str, str] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        selection: Sequence[str] | None = None,
     ) -> RunHandle:
         cfg = dict(run_config or {})
-        return self._submit(ROUND_JOB, concept, lambda: self._run_round(concept, cfg))
+        if self._custom_round is not None:
+            custom = self._custom_round
+            return self._submit(ROUND_JOB, concept, lambda _rid: custom(concept, cfg))
+
+        def run(run_id: str) -> str:
+            from agile_pipeline.runner import run_concept_round
+
+            ops = dict(cfg.get("ops", {}))
+            return str(run_concept_round(
+                concept,
+                training=dict(ops.get("classifier", {}).get("config", {})),
+                sampling=dict(ops.get("al_candidates", {}).get("config", {})),
+                agile=self._agile(), tags=self._tags(tags), run_id=run_id,
+                selection=list(selection) if selection is not None else None,
+            ).run_id)
+
+        return self._submit(ROUND_JOB, concept, run)
 
     def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
-        return self._submit(ROUND_JOB, concept, lambda: self._run_eval(concept))
+        if self._custom_eval is not None:
+            custom = self._custom_eval
+            return self._submit(ROUND_JOB, concept, lambda _rid: custom(concept))
+
+        def run(run_id: str) -> str:
+            from agile_pipeline.runner import run_concept_eval
+
+            return str(run_concept_eval(concept, agile=self._agile(), tags=self._tags(tags),
+                                        run_id=run_id).run_id)
+
+        return self._submit(ROUND_JOB, concept, run)
 
     def status(self, run_id: str) -> RunStatus:
         with self._lock:

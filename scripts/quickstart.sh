@@ -30,9 +30,19 @@ for _ in $(seq 1 120); do
   curl -sf "http://127.0.0.1:$DAGSTER_PORT/server_info" >/dev/null 2>&1 && break
   sleep 1
 done
+if [ ${#pids[@]} -gt 2 ]; then
+  # the app loads everything a round needs once, at start (torch, the model, MLflow, caches)
+  printf "==> warming the app's round worker"
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$APP_PORT/api/health" 2>/dev/null | grep -q '"warm":true' && break
+    printf "."; sleep 1
+  done
+  echo " ready"
+fi
 echo
 echo "Dagster UI:    http://127.0.0.1:$DAGSTER_PORT   (logs: $AGILE_HOME/dagster-*.log)"
-[ ${#pids[@]} -gt 2 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log)"
-echo "Try:           agile search 'dog' -k 5      (after: source .venv/bin/activate; export AGILE_HOME=$AGILE_HOME)"
+[ ${#pids[@]} -gt 2 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log; rounds run in the app and show as Dagster runs)"
+echo "Try:           agile search 'dog' -k 5"
+echo "               (in another shell, first: source .venv/bin/activate; export AGILE_HOME=$AGILE_HOME DAGSTER_HOME=$DAGSTER_HOME)"
 echo "Ctrl-C stops everything."
 wait

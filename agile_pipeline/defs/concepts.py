@@ -33,11 +33,16 @@ class TrainingConfig(dg.Config):
     force: bool = False
     owner_wins: bool = True
     tie: Literal["drop", "positive", "negative"] = "drop"
+    # started while the rater still had a few images of the batch left (see the app's
+    # lookahead setting); the model is trained the same way, this only marks it
+    lookahead: bool = False
 
 
 class MarginSamplingConfig(dg.Config):
     batch_size: int = settings.AL_BATCH
     strategy: Literal["margin", "margin-positive"] = "margin"
+    # leave out the current batch's images nobody has rated yet (a lookahead round)
+    exclude_pending: bool = False
 
 
 concept_labels = dg.AssetSpec(
@@ -104,12 +109,12 @@ def zero_shot_scores(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.
     group_name="training",
     partitions_def=concept_partitions,
     deps=[concept_labels],
-    kinds={"pytorch", "mlflow"},
+    kinds={"pytorch"},
     code_version="1",
     description=(
         "The concept's classifier: the paper's MLP (1x16 first, then 3x128) on frozen "
-        "embeddings, trained on every train label plus random negatives. One MLflow run and "
-        "one registered-model version per round."
+        "embeddings, trained on every train label plus random negatives (one model per round; "
+        "its MLflow run and model version are `registered_model`)."
     ),
 )
 def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile: AgileHome) -> dg.MaterializeResult:
@@ -131,7 +136,8 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
     result = _user_errors(lambda: train_round(
         env, context.partition_key,
         config=TrainConfig(seed=config.seed, epochs=config.epochs, random_negatives=config.random_negatives),
-        rule=rule, force=config.force, run_id=context.run.run_id,
+        rule=rule, force=config.force, run_id=context.run.run_id, tracking=False,
+        lookahead=config.lookahead,
     ))
     if result.reused:
         context.log.info(f"no new labels since round {result.round_index}: kept that model")
@@ -141,9 +147,9 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
         "trained": True,
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
+        "lookahead": config.lookahead,
         "train_seconds": round(result.train_seconds, 3),
         "seconds_total": round(time.perf_counter() - t0, 3),
-        "mlflow_run_id": result.mlflow_run_id or "", "model_version": result.model_version or "",
         "model_dir": str(result.model_dir),
     })
 
@@ -175,14 +181,42 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
         })
     batch = _user_errors(lambda: select_candidates(
         env, context.partition_key, batch_size=config.batch_size, strategy=config.strategy,
-        run_id=context.run.run_id,
+        run_id=context.run.run_id, exclude_pending=config.exclude_pending,
     ))
     scores = [it["score"] for it in batch.items]
     return dg.MaterializeResult(metadata={
         "batch_id": batch.batch_id, "round": batch.round_index, "candidates": len(batch.items),
         "strategy": config.strategy, "images_scored": batch.info["scored"],
         "select_seconds": round(batch.seconds, 3),
+        "excluded_pending": batch.info.get("excluded_pending", 0),
         "score_min": min(scores) if scores else 0.0, "score_max": max(scores) if scores else 0.0,
+    })
+
+
+@dg.asset(
+    group_name="training",
+    partitions_def=concept_partitions,
+    deps=[classifier, al_candidates],
+    kinds={"mlflow"},
+    description=(
+        "The round's MLflow run (params, metrics, model files, tags) and a new version of the "
+        "registered model `<concept>-classifier`. Runs after the next batch is committed, so "
+        "the rater never waits on it."
+    ),
+)
+def registered_model(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import register_round
+
+    quiet_third_party_logs()
+    env = loop_env(agile)
+    t0 = time.perf_counter()
+    run_id, version, logged = _user_errors(lambda: register_round(
+        env, context.partition_key, run_id=context.run.run_id))
+    rounds = env.store.rounds(context.partition_key)
+    return dg.MaterializeResult(metadata={
+        "round": int(rounds[-1]["round"]) if rounds else -1,
+        "mlflow_run_id": run_id or "", "model_version": version or "",
+        "logged_now": logged, "mlflow_seconds": round(time.perf_counter() - t0, 3),
     })
 
 
@@ -198,7 +232,7 @@ class MetricsConfig(dg.Config):
 @dg.asset(
     group_name="evaluation",
     partitions_def=concept_partitions,
-    deps=[classifier, zero_shot_scores],
+    deps=[registered_model, zero_shot_scores],
     kinds={"numpy"},
     description=(
         "The eval set (test split only): for every model and zero-shot, 10 score strata, the "
@@ -273,9 +307,14 @@ concept_start_job = dg.define_asset_job(
     description="Start a concept: expansion candidates for the first batch and zero-shot scores.",
 )
 
+ROUND_ASSETS = (classifier, al_candidates, registered_model, eval_set, model_metrics)
+# what the round job runs when only part of it is wanted (``asset_selection`` of a run)
+FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
+EVAL_ASSETS = ("eval_set", "model_metrics")
+
 concept_round_job = dg.define_asset_job(
     "concept_round_job",
-    selection=dg.AssetSelection.assets(classifier, al_candidates, eval_set, model_metrics),
+    selection=dg.AssetSelection.assets(*ROUND_ASSETS),
     executor_def=dg.in_process_executor,
     description=(
         "One active-learning round: retrain on all labels, select the next batch, extend the "

@@ -47,9 +47,9 @@ class AgileHome(dg.ConfigurableResource):
 
     def model_id(self) -> str:
         """The embedding model id without loading weights where the spec allows it."""
-        from agile_pipeline.lib.encoders import load_encoder
+        from agile_pipeline.lib.encoders import load_encoder, model_id_for_spec
 
-        return str(load_encoder(self.encoder_spec).model_id)
+        return model_id_for_spec(self.encoder_spec) or str(load_encoder(self.encoder_spec).model_id)
 
 
 def quiet_third_party_logs() -> None:

@@ -721,6 +721,17 @@ def parse_spec(spec: str) -> tuple[str, tuple[Any, ...]]:
     )
 
 
+def model_id_for_spec(spec: str) -> str | None:
+    """The embedding model id of ``spec`` without loading any weights, where the spec alone
+    says it (``bundled``, ``random:DIM``); ``None`` where only the loaded model knows."""
+    kind, args = parse_spec(spec)
+    if kind == "random":
+        return f"random-{args[0]}"
+    if kind == "bundled":
+        return BUNDLED_MODEL_ID
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def load_encoder(spec: str = "bundled") -> ImageTextEncoder:
     """The encoder for ``spec``, loaded once per process (cached per spec string).

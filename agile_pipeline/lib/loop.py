@@ -258,8 +258,13 @@ def train_round(
     force: bool = False,
     tracking: bool = True,
     run_id: str | None = None,
+    lookahead: bool = False,
 ) -> RoundResult:
     """Train the next model on every train label so far; log it to MLflow.
+
+    ``tracking=False`` leaves the MLflow run and model version to :func:`register_round`
+    (the round job does that after the next batch is committed). ``lookahead`` only marks
+    a round started while the rater still had a few images of the batch left.
 
     A round is keyed by its label cutoff (the last label event it saw). If nothing was rated
     since the last round, the last round is returned (``reused=True``) unless ``force``, which
@@ -268,7 +273,7 @@ def train_round(
     concept = env.store.get_concept(concept_name)
     with concept_lock(env, concept.name, "training"):
         return _train_round(env, concept.name, config=config, rule=rule, force=force,
-                            tracking=tracking, run_id=run_id)
+                            tracking=tracking, run_id=run_id, lookahead=lookahead)
 
 
 def _train_round(
@@ -280,6 +285,7 @@ def _train_round(
     force: bool,
     tracking: bool,
     run_id: str | None,
+    lookahead: bool = False,
 ) -> RoundResult:
     from agile_pipeline.lib.training import NotEnoughLabels, TrainConfig, train_classifier
 
@@ -310,9 +316,11 @@ def _train_round(
     from agile_pipeline.lib.scale import training_inputs
 
     X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids)
+    events = store.label_events(concept.name, purpose="train", upto=cutoff)
     try:
         model = train_classifier(
-            X_lab, y, X_pool, round_index=round_index, config=config,
+            X_lab, y, X_pool, round_index=architecture_round(round_index, [e["round"] for e in events]),
+            config=config,
             exclude_from_pool=exclude, concept=concept.name,
         )
     except NotEnoughLabels as exc:
@@ -323,7 +331,7 @@ def _train_round(
     (tmp_dir / "training_labels.json").write_text(json.dumps({
         "label_cutoff": cutoff, "rule": rule.describe(), "embedding_model": env.model_id,
         "labels": dict(zip(ids, y.tolist(), strict=True)),
-        "event_seqs": [r["seq"] for r in store.label_events(concept.name, purpose="train", upto=cutoff)],
+        "event_seqs": [r["seq"] for r in events],
     }))
     if model_dir.exists():
         import shutil
@@ -334,31 +342,69 @@ def _train_round(
         concept.name, round_index, cutoff, n_pos, n_neg, model_dir,
         float(model.meta.train_seconds), warnings=list(model.meta.warnings),
     )
-    if tracking:
-        from agile_pipeline.lib.tracking import log_model_version
-
-        logged = log_model_version(
-            tracking_uri=env.paths.mlflow_uri(),
-            artifact_root=env.paths.mlflow_artifacts,
-            concept=concept.name,
-            round_index=round_index,
-            model_dir=model_dir,
-            params={**config.to_dict(), "hidden": list(model.meta.hidden),
-                    "label_rule": rule.describe(), "label_cutoff": cutoff},
-            metrics={"n_pos": n_pos, "n_neg": n_neg, "n_labels": n_pos + n_neg,
-                     "n_random_neg": model.meta.n_random_neg,
-                     "train_seconds": model.meta.train_seconds},
-            tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or "",
-                  "agile/label_cutoff": str(cutoff)},
-        )
-        result.mlflow_run_id, result.model_version = logged.run_id, logged.version
     store.record_round(
         concept.name, round_index, label_cutoff=cutoff, run_id=run_id, model_uri=str(model_dir),
         model_version=result.model_version, mlflow_run_id=result.mlflow_run_id, n_pos=n_pos,
         n_neg=n_neg, train_seconds=result.train_seconds,
-        info={"warnings": result.warnings, "hidden": list(model.meta.hidden)},
+        info={"warnings": result.warnings, "hidden": list(model.meta.hidden),
+              "params": {**config.to_dict(), "hidden": list(model.meta.hidden),
+                         "label_rule": rule.describe(), "label_cutoff": cutoff},
+              "n_random_neg": int(model.meta.n_random_neg), "lookahead": lookahead},
     )
+    if tracking:
+        result.mlflow_run_id, result.model_version, _ = register_round(
+            env, concept.name, round_index, run_id=run_id)
     return result
+
+
+def register_round(env: LoopEnv, concept_name: str, round_index: int | None = None, *,
+                   run_id: str | None = None) -> tuple[str | None, str | None, bool]:
+    """Log a trained round to MLflow (run + registered-model version) unless it already is.
+
+    Kept apart from training so that a round's next batch is committed before this
+    bookkeeping runs (the rater sees the batch; MLflow catches up a second later).
+    Returns ``(mlflow_run_id, model_version, logged_now)``.
+    """
+    from agile_pipeline.lib.tracking import log_model_version
+
+    rounds = env.store.rounds(concept_name)
+    if not rounds:
+        return None, None, False
+    r = rounds[-1] if round_index is None else next((x for x in rounds if x["round"] == round_index), None)
+    if r is None:
+        raise LoopError(f"{concept_name!r} has no round {round_index}")
+    if r.get("model_version"):
+        return r["mlflow_run_id"], r["model_version"], False
+    info = r.get("info") or {}
+    logged = log_model_version(
+        tracking_uri=env.paths.mlflow_uri(),
+        artifact_root=env.paths.mlflow_artifacts,
+        concept=concept_name,
+        round_index=int(r["round"]),
+        model_dir=Path(r["model_uri"]),
+        params=dict(info.get("params") or {}),
+        metrics={"n_pos": r["n_pos"], "n_neg": r["n_neg"], "n_labels": r["n_pos"] + r["n_neg"],
+                 "n_random_neg": float(info.get("n_random_neg", 0)),
+                 "train_seconds": r["train_seconds"] or 0.0},
+        tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or r.get("run_id") or "",
+              "agile/label_cutoff": str(r["label_cutoff"]),
+              "agile/lookahead": "1" if info.get("lookahead") else "0"},
+    )
+    env.store.update_round(concept_name, int(r["round"]), mlflow_run_id=logged.run_id,
+                           model_version=logged.version)
+    return logged.run_id, logged.version, True
+
+
+def architecture_round(round_index: int, label_rounds: list[int | None]) -> int:
+    """Which model of the recipe to train (``0``: the first model, 1x16; else 3x128).
+
+    The paper's first model is the one trained on the expansion batch. A round is therefore
+    "first" when it is round 0, or when every one of its labels was rated in a round-0 batch
+    (a lookahead round and its follow-up on the first batch, or an early "train now").
+    """
+    if round_index == 0 or (label_rounds and all(r == 0 for r in label_rounds)):
+        return 0
+    return round_index
 
 
 def load_model(env: LoopEnv, concept_name: str, round_index: int | None = None) -> tuple[int, Any]:
@@ -381,16 +427,22 @@ def select_candidates(
     batch_size: int = settings.AL_BATCH,
     strategy: Strategy = "margin",
     run_id: str | None = None,
+    exclude_pending: bool = False,
 ) -> CandidateBatch:
-    """Score every unlabeled train image with the latest model and queue the next batch."""
+    """Score every unlabeled train image with the latest model and queue the next batch.
+
+    ``exclude_pending``: also leave out the images of the current batch that nobody has
+    rated yet (a lookahead round runs while the rater is still on them).
+    """
     concept = env.store.get_concept(concept_name)
     with concept_lock(env, concept.name, "selecting candidates"):
         return _select_candidates(env, concept.name, batch_size=batch_size, strategy=strategy,
-                                  run_id=run_id)
+                                  run_id=run_id, exclude_pending=exclude_pending)
 
 
 def _select_candidates(
-    env: LoopEnv, concept_name: str, *, batch_size: int, strategy: Strategy, run_id: str | None
+    env: LoopEnv, concept_name: str, *, batch_size: int, strategy: Strategy, run_id: str | None,
+    exclude_pending: bool = False,
 ) -> CandidateBatch:
     t0 = time.perf_counter()
     concept = env.store.get_concept(concept_name)
@@ -401,7 +453,8 @@ def _select_candidates(
     from agile_pipeline.lib.scale import select_for_round
 
     labeled = env.store.labeled_image_ids(concept.name)
-    sel = select_for_round(env.vectors, env.model_id, model, labeled, batch_size, strategy)
+    pending = {it["image_id"] for it in pending_items(env, concept.name)} if exclude_pending else set()
+    sel = select_for_round(env.vectors, env.model_id, model, labeled | pending, batch_size, strategy)
     items = [
         {"image_id": image_id, "source": f"al:{strategy}",
          "detail": f"selected by the round-{round_index} model", "score": score}
@@ -409,7 +462,8 @@ def _select_candidates(
     ]
     seconds = time.perf_counter() - t0
     info = {"strategy": strategy, "scored": sel.n_scored, "eligible": sel.n_eligible,
-            "select_seconds": seconds, "model_round": round_index, **sel.info}
+            "select_seconds": seconds, "model_round": round_index, "excluded_pending": len(pending),
+            **sel.info}
     # labels of this batch train the next round
     batch_id = env.store.write_batch(
         concept.name, "al", round_index + 1, items, label_cutoff=cutoff, run_id=run_id, info=info
@@ -420,18 +474,6 @@ def _select_candidates(
 def pending_items(
     env: LoopEnv, concept_name: str, rater: str | None = None, *, purpose: str = "train"
 ) -> list[dict[str, Any]]:
-    """The latest batch's items not yet labelled (by ``rater``, or by anyone).
-
-    ``purpose='train'``: the latest expansion or AL batch; ``'eval'``: the eval set.
-    """
-    kinds = ("eval",) if purpose == "eval" else ("expansion", "al")
-    batch = env.store.latest_batch(concept_name, kinds)
-    if batch is None:
-        return []
-    if rater:
-        done = set(env.store.rater_labels(concept_name, rater, purpose))
-    elif purpose == "eval":
-        done = set(env.store.effective_labels(concept_name, purpose="eval"))
-    else:
-        done = env.store.labeled_image_ids(concept_name)
-    return [it for it in batch["items"] if it["image_id"] not in done]
+    """The latest batch's items not yet labelled (by ``rater``, or by anyone); see
+    :meth:`StateStore.pending_items`."""
+    return env.store.pending_items(concept_name, rater, purpose=purpose)

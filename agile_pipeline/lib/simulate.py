@@ -140,6 +140,11 @@ class SimConfig:
     # which is a positive label and a query like a phrase; it is drawn at random from the
     # concept's unlabeled train positives (the user knows the concept when they see it)
     exemplar_when_stuck: bool = False
+    # the app's pipelined rounds (labeling_ui.service.RoundPolicy): the next batch is selected
+    # by a model trained while the last `lookahead` images of the batch were still unrated
+    # (they are kept out of that selection); every model measured is the follow-up trained on
+    # the batch's full labels, as in the app. 0 = the paper's protocol.
+    lookahead: int = 0
 
 
 FEW_SHOT_VARIANTS: dict[str, str] = {
@@ -220,6 +225,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     labeled = np.zeros(len(data.train_ids), dtype=bool)
     labeled[picked] = True
     order: list[int] = list(picked)
+    last_batch: list[int] = list(picked)  # the batch just rated, in the order it was shown
     rounds: list[dict[str, Any]] = []
     first_pos_round = 0 if y_train[picked].any() else None
     eval_scores: dict[str, np.ndarray] = {"zero-shot": zs_unit}
@@ -264,8 +270,19 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
             break
         t0 = time.perf_counter()
         eligible = ~labeled
-        if model is not None:
-            p_train = model.predict(X_train, zs_train_unit)
+        selector = model
+        if model is not None and cfg.lookahead > 0:
+            # the lookahead round started with the batch's last images unrated (app: only
+            # when its labels already held a positive; else the round waits for the batch)
+            held = np.array(last_batch[-cfg.lookahead:], dtype=np.int64)
+            early = labeled.copy()
+            early[held] = False
+            idx_early = np.flatnonzero(early)
+            if y_train[idx_early].sum() > 0:
+                selector = _fit_round(X_train, idx_early, y_train[idx_early], r, cfg, concept, text, neg_text)
+            entry["lookahead_labels"] = int(early.sum()) if selector is not model else int(labeled.sum())
+        if selector is not None:
+            p_train = selector.predict(X_train, zs_train_unit)
             if cfg.strategy == "margin-positive":
                 nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
             else:
@@ -288,6 +305,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         rounds.append(entry)
         labeled[nxt] = True
         order += [int(k) for k in nxt]
+        last_batch = [int(k) for k in nxt]
         if first_pos_round is None and y_train[nxt].any():
             first_pos_round = r + 1
     return {

@@ -627,6 +627,25 @@ class StateStore:
         ]
         return b
 
+    def pending_items(
+        self, concept: str, rater: str | None = None, *, purpose: str = "train"
+    ) -> list[dict[str, Any]]:
+        """The latest batch's items not yet labelled (by ``rater``, or by anyone).
+
+        ``purpose='train'``: the latest expansion or AL batch; ``'eval'``: the eval set.
+        """
+        kinds = ("eval",) if purpose == "eval" else ("expansion", "al")
+        batch = self.latest_batch(concept, kinds)
+        if batch is None:
+            return []
+        if rater:
+            done = set(self.rater_labels(concept, rater, purpose))
+        elif purpose == "eval":
+            done = set(self.effective_labels(concept, purpose="eval"))
+        else:
+            done = self.labeled_image_ids(concept)
+        return [it for it in batch["items"] if it["image_id"] not in done]
+
     # ---- rounds -----------------------------------------------------------------------
     def record_round(self, concept: str, round_index: int, **fields: Any) -> None:
         info = json.dumps(fields.pop("info", {}))
@@ -636,6 +655,21 @@ class StateStore:
             con.execute(
                 f"INSERT OR REPLACE INTO rounds ({', '.join(cols)}) VALUES ({','.join('?' * len(cols))})",
                 vals,
+            )
+
+    def update_round(self, concept: str, round_index: int, **fields: Any) -> None:
+        """Set some columns of an existing round (e.g. its MLflow ids, logged after the batch)."""
+        if not fields:
+            return
+        allowed = {"model_version", "mlflow_run_id", "select_seconds", "run_id"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"update_round cannot set {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._write() as con:
+            con.execute(
+                f"UPDATE rounds SET {sets} WHERE concept = ? AND round = ?",
+                [*fields.values(), concept, round_index],
             )
 
     def rounds(self, concept: str) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@
 // - The next images are fetched and decoded ahead of time; a key press swaps in an already
 //   decoded <img>, so the next image appears in the same frame.
 // - Rounds are asked of Python with trigger('submit', {...}); Python pushes the run's progress
-//   back through `props.value` (watched below).
+//   back through `props.value` (watched below). With automatic rounds (cfg.auto) the server
+//   starts them as ratings arrive and this widget polls /api/round while one is due: a
+//   lookahead round's batch waits until the rater finishes the current one, then appears at once.
 (function () {
   "use strict";
   const root = element;
@@ -22,8 +24,9 @@
     history: [], mode: localStorage.getItem(LS_MODE) === "grid" ? "grid" : "single",
     cache: new Map(), lastRatingAt: null, flushing: false, retryMs: 1000, flushTimer: null,
     round: null, roundAskedAt: null, loading: false, banner: null, loadSeq: 0,
-    tick: null, error: null,
+    tick: null, error: null, nextReady: null, pollTimer: null, polling: false,
   };
+  const LS_DURATIONS = "agile.round-seconds.v1";
   window.agileLatency = window.agileLatency || [];
 
   // ---- DOM --------------------------------------------------------------------------------
@@ -238,7 +241,7 @@
     if (seq !== st.loadSeq) return;
     st.loading = false;
     const sameBatch = st.batch && data.batch && st.batch.batch_id === data.batch.batch_id;
-    if (!sameBatch) { st.cache = new Map(); st.history = []; }
+    if (!sameBatch) { st.cache = new Map(); st.history = []; st.nextReady = null; }
     st.batch = data.batch;
     st.conceptView = data.concept;
     st.counts = data.counts || null;
@@ -255,9 +258,10 @@
       const secs = ((Date.now() - st.lastRatingAt) / 1000).toFixed(1);
       const r = st.round || {};
       if (data.recovery) st.banner = `<b>No model yet: none of your ratings is a yes.</b> Here are ${st.items.length} more images (half the next-nearest of every phrase and exemplar, half at random from the corpus), <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.`;
-      else st.banner = `<b>Model ${r.round_index != null ? r.round_index + 1 : ""} is ready.</b> The next ${st.items.length} images arrived <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.` + (r.run_url ? ` <a href="${esc(r.run_url)}" target="_blank" rel="noopener">See the run ↗</a>` : "");
+      else st.banner = `<b>Next batch.</b> ${st.items.length} images the model is least sure about, shown <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.` + (r.run_url ? ` <a href="${esc(r.run_url)}" target="_blank" rel="noopener">See the run ↗</a>` : "");
     }
     render();
+    syncPolling();
   }
   function firstUnrated(from) {
     for (let i = from; i < st.items.length; i++) if (!st.items[i].label) return i;
@@ -281,9 +285,11 @@
     st.banner = null;
     st.cursor = firstUnrated(st.cursor + 1);
     flashPrev(label);
-    render();                 // the next image is on screen now (already decoded)
+    if (st.cursor < 0 && st.nextReady && st.purpose === "train") loadBatch({ afterRound: true });
+    else render();            // the next image is on screen now (already decoded)
     measure(t0);
     enqueue(ev);              // localStorage first, then POST
+    syncPolling();
   }
   function setLabel(i, label) {   // grid: change any image's label
     const rater = who();
@@ -533,27 +539,53 @@
     ui.train.innerHTML = "Train the next model <kbd>Enter</kbd>";
     ui.train.dataset.act = "round";
     ui.doneTitle.textContent = "Batch done — well rated!";
-    ui.doneSub.textContent = `${n.positive} yes · ${n.negative} no · ${n.skip} not sure. Train the next model on every rating so far; it picks the images it is least sure about for you next.`;
-    ui.train.hidden = !!busy;
+    const autoDue = st.cfg.auto && n.positive > 0 && st.lastRatingAt && Date.now() - st.lastRatingAt < 8000;
+    ui.doneSub.textContent = st.cfg.auto && (busy || autoDue)
+      ? `${n.positive} yes · ${n.negative} no · ${n.skip} not sure. The next model is training on every rating so far; the images it is least sure about appear here by themselves.`
+      : `${n.positive} yes · ${n.negative} no · ${n.skip} not sure. Train the next model on every rating so far; it picks the images it is least sure about for you next.`;
+    ui.train.hidden = !!busy || !!autoDue;
     ui.train.disabled = !!st.roundPending;
   }
   function runLink(r) {
     if (!r || !r.run_id) return "";
-    if (r.kind !== "dagster") return `<span class="am-muted">(run inside the app)</span>`;
+    if (r.kind !== "dagster" && !r.run_url) return `<span class="am-muted">(run inside the app)</span>`;
     const label = `Dagster run ${esc(r.run_id.slice(0, 8))}`;
     return r.run_url ? `<a href="${esc(r.run_url)}" target="_blank" rel="noopener" data-testid="run-link">${label} ↗</a>` : label;
   }
+  function durations() { try { return JSON.parse(localStorage.getItem(LS_DURATIONS) || "{}") || {}; } catch (e) { return {}; } }
+  function noteDuration(r) {    // how long finished runs took, per kind: the estimate shown next time
+    if (!r || r.state !== "success" || !r.requested_at || !r.finished_at) return;
+    const d = durations();
+    const key = r.job + (r.lookahead ? "-lookahead" : "");
+    d[key] = ((d[key] || []).concat([Math.max(0, r.finished_at - r.requested_at)])).slice(-5);
+    try { localStorage.setItem(LS_DURATIONS, JSON.stringify(d)); } catch (e) { /* full */ }
+  }
+  function estimate(r) {
+    const xs = durations()[r.job + (r.lookahead ? "-lookahead" : "")] || [];
+    if (!xs.length) return "";
+    const m = xs.slice().sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    return ` (usually about ${m < 10 ? m.toFixed(1) : m.toFixed(0)} s)`;
+  }
   function roundHtml(r) {
+    if (st.nextReady && st.batch && st.cursor >= 0 && st.purpose === "train") {
+      return `<div class="am-round am-good" data-state="next-ready">✓ Your next batch is ready: it follows the last image of this one. ${runLink(r)}</div>`;
+    }
     if (!r || r.state === "idle") return "";
     const secs = r.requested_at ? Math.max(0, Date.now() / 1000 - r.requested_at) : 0;
-    const what = { start: "Finding images", round: "Training the next model", eval: "Scoring every model on the evaluation ratings" }[r.job] || "Running";
+    const what = { start: "Finding images", round: "Training the next model", eval: "Scoring every model on the evaluation ratings", followup: "Updating the model with the last ratings of the previous batch (in the background)" }[r.job] || "Running";
+    if ((r.state === "queued" || r.state === "running") && r.lookahead && st.cursor >= 0) {
+      return `<div class="am-round am-busy" data-state="lookahead"><span class="am-spinner am-small"></span> Preparing your next batch while you rate: a model is training on your ratings so far… <span class="am-elapsed">${secs.toFixed(0)} s</span>${estimate(r)} · ${runLink(r)}</div>`;
+    }
+    if ((r.state === "queued" || r.state === "running") && r.job === "followup") {
+      return `<div class="am-round am-busy am-quiet" data-state="followup"><span class="am-spinner am-small"></span> ${what}… · ${runLink(r)}</div>`;
+    }
     if ((r.state === "queued" || r.state === "running") && r.job === "round" && r.new_batch) {
       return `<div class="am-round am-busy" data-state="finishing"><span class="am-spinner am-small"></span> Model ready; the run is finishing its last steps (evaluation) · ${runLink(r)}</div>`;
     }
     if (r.state === "queued" || r.state === "running") {
-      return `<div class="am-round am-busy" data-state="${r.state}"><span class="am-spinner am-small"></span> ${what}${r.state === "queued" ? " (waiting in the queue)" : ""}… <span class="am-elapsed">${secs.toFixed(0)} s</span> · ${runLink(r)}${r.message ? `<div class="am-muted">${esc(r.message)}</div>` : ""}</div>`;
+      return `<div class="am-round am-busy" data-state="${r.state}"><span class="am-spinner am-small"></span> ${what}${r.state === "queued" ? " (waiting in the queue)" : ""}… <span class="am-elapsed">${secs.toFixed(0)} s</span>${estimate(r)} · ${runLink(r)}${r.message ? `<div class="am-muted">${esc(r.message)}</div>` : ""}</div>`;
     }
-    if (r.state === "success" && r.job === "start") return "";  // the images are on screen: nothing to say
+    if (r.state === "success" && (r.job === "start" || r.job === "followup" || r.lookahead)) return "";  // the images are on screen: nothing to say
     if (r.state === "success" && r.job === "round" && st.batch && st.batch.recovery && st.batch.batch_id === r.batch_id) return `<div class="am-round am-warnbox" data-state="success">No positive yet: a recovery batch was queued instead of a model. ${runLink(r)}</div>`;
     if (r.state === "success") return `<div class="am-round am-good" data-state="success">✓ ${{ start: "Images found", round: "Model trained", eval: "Evaluation updated: see the Model tab" }[r.job] || "Done"}. ${runLink(r)}</div>`;
     if (r.state === "unreachable") {
@@ -596,20 +628,57 @@
     const prev = st.cfg;
     st.cfg = cfg;
     const prevRound = st.round;
-    st.round = cfg.round || null;
-    if (st.roundPending && JSON.stringify(prevRound) !== JSON.stringify(st.round)) {
+    const changed = cfg.concept !== prev.concept || cfg.purpose !== prev.purpose || cfg.nonce !== prev.nonce || cfg.user !== prev.user;
+    // the newest of what Python pushed and what polling saw
+    if (changed || !st.round || !cfg.round || (cfg.round.requested_at || 0) >= (st.round.requested_at || 0)) st.round = cfg.round || null;
+    if (changed) { st.banner = null; st.nextReady = null; loadBatch(); return; }
+    onRound(prevRound);
+  }
+  function onRound(prevRound) {
+    const r = st.round;
+    if (st.roundPending && JSON.stringify(prevRound) !== JSON.stringify(r)) {
       st.roundPending = false;
       clearTimeout(st.pendingTimer);
     }
-    const changed = cfg.concept !== prev.concept || cfg.purpose !== prev.purpose || cfg.nonce !== prev.nonce || cfg.user !== prev.user;
-    const r = st.round;
+    if (prevRound && r && prevRound.run_id === r.run_id && prevRound.state !== "success") noteDuration(r);
     // a new batch is usable as soon as it is written (the run may still be finishing other steps)
-    const newBatch = r && r.new_batch && r.batch_id && (!st.batch || r.batch_id !== st.batch.batch_id) && st.purpose === "train";
-    if (changed) { st.banner = null; loadBatch(); }
-    else if (newBatch) loadBatch({ afterRound: r.job === "round" && (!prevRound || prevRound.batch_id !== r.batch_id) });
+    const newBatch = r && r.new_batch && r.batch_id && (!st.batch || r.batch_id > st.batch.batch_id) && st.purpose === "train";
+    const fromRound = r && (r.job === "round" || r.job === "followup");
+    if (newBatch && st.batch && st.cursor >= 0 && st.items.length) {
+      // a lookahead round: the rater finishes this batch first; the next is shown at its end
+      if (st.nextReady !== r.batch_id) { st.nextReady = r.batch_id; render(); }
+    } else if (newBatch) loadBatch({ afterRound: fromRound && (!prevRound || prevRound.batch_id !== r.batch_id) });
     // a finished round or evaluation may have (re)built the evaluation set
     else if (st.purpose === "eval" && r && r.state === "success" && prevRound && prevRound.state !== "success") loadBatch();
     else render();
+    syncPolling();
+  }
+  // ---- automatic rounds: poll the round state while one is running or due --------------------
+  function wantPoll() {
+    if (!st.concept || !st.cfg.auto || !st.batch) return false;
+    const r = st.round;
+    if (r && (r.state === "queued" || r.state === "running")) return true;
+    if (st.purpose !== "train") return false;
+    const left = st.items.filter((i) => !i.label).length;
+    const recent = st.lastRatingAt && Date.now() - st.lastRatingAt < 15000;
+    return !!recent && left <= (st.cfg.lookahead || 0) + 1;
+  }
+  function syncPolling() {
+    if (wantPoll()) { if (!st.pollTimer) st.pollTimer = setInterval(pollRound, 250); }
+    else if (st.pollTimer) { clearInterval(st.pollTimer); st.pollTimer = null; }
+  }
+  async function pollRound() {
+    if (st.polling || !st.concept) return;
+    st.polling = true;
+    try {
+      const r = await fetch("/api/round?" + new URLSearchParams({ concept: st.concept }).toString(), { credentials: "same-origin" });
+      if (r.ok) {
+        const data = await r.json();
+        const prev = st.round;
+        if (JSON.stringify(prev) !== JSON.stringify(data)) { st.round = data; onRound(prev); }
+        else syncPolling();
+      }
+    } catch (e) { /* offline: the next tick tries again */ } finally { st.polling = false; }
   }
 
   // ---- input ------------------------------------------------------------------------------
@@ -661,7 +730,9 @@
       const cur = st.items[i].label;
       setLabel(i, cur === "positive" ? "negative" : "positive");
       st.cursor = firstUnrated(0);
-      render();
+      if (st.cursor < 0 && st.nextReady && st.purpose === "train") loadBatch({ afterRound: true });
+      else render();
+      syncPolling();
       return;
     }
     const act = b.dataset.act;
@@ -698,6 +769,7 @@
     const el = root.querySelector(".am-elapsed");
     if (el && st.round && st.round.requested_at) el.textContent = Math.max(0, Date.now() / 1000 - st.round.requested_at).toFixed(0) + " s";
     if (outbox().length && !st.flushing && !st.flushTimer) scheduleFlush(0);
+    syncPolling();
   }, 1000);
   window.__agileRater = {
     state: st,
@@ -708,6 +780,7 @@
       window.removeEventListener("online", onOnline);
       window.removeEventListener("pagehide", onHide);
       clearInterval(st.tick);
+      if (st.pollTimer) clearInterval(st.pollTimer);
     },
   };
   watch("value", onValue);

@@ -5,7 +5,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +59,9 @@ class FakeTrigger:
         self.unreachable = unreachable
         self.fail_with = fail_with
         self.calls: list[tuple[str, str, dict[str, str]]] = []
+        self.run_configs: list[dict[str, Any]] = []  # per call: run config and asset selection
         self._runs: dict[str, tuple[RunHandle, float, RunStatus | None]] = {}
+        self._selection: dict[str, list[str] | None] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -74,15 +76,19 @@ class FakeTrigger:
         free = [i for i in self.image_ids if i not in labeled and i not in queued]
         return [{"image_id": i, "source": source, "detail": detail} for i in free[: self.batch_size]]
 
-    def _submit(self, job: str, concept: str, tags: Mapping[str, str] | None) -> RunHandle:
+    def _submit(self, job: str, concept: str, tags: Mapping[str, str] | None,
+                run_config: Mapping[str, Any] | None = None,
+                selection: list[str] | None = None) -> RunHandle:
         if self.unreachable:
             raise TriggerUnavailable("Dagster is not reachable at http://127.0.0.1:9 (connection refused)")
         self.calls.append((job, concept, dict(tags or {})))
+        self.run_configs.append({"run_config": dict(run_config or {}), "selection": selection})
         run_id = uuid.uuid4().hex
         handle = RunHandle(run_id, job, concept, self.kind,
                            f"http://dagster.test/runs/{run_id}" if self.kind == "dagster" else None)
         with self._lock:
             self._runs[run_id] = (handle, time.time(), None)
+            self._selection[run_id] = selection
         if self.delay_s == 0:
             self._finish(run_id)
         return handle
@@ -111,8 +117,10 @@ class FakeTrigger:
                     model_version=str(r + 1), mlflow_run_id=f"mlf{r}", n_pos=sum(labels.values()),
                     n_neg=len(labels) - sum(labels.values()), train_seconds=0.5,
                 )
-                items = self._next_items(concept, "al:margin", f"round {r}")
-                self.store.write_batch(concept, "al", r + 1, items, label_cutoff=cutoff, run_id=run_id)
+                selection = self._selection.get(run_id)
+                if selection is None or "al_candidates" in selection:  # a follow-up selects nothing
+                    items = self._next_items(concept, "al:margin", f"round {r}")
+                    self.store.write_batch(concept, "al", r + 1, items, label_cutoff=cutoff, run_id=run_id)
                 status = RunStatus("success", "", run_id)
             self._runs[run_id] = (handle, _t0, status)
             return status
@@ -121,8 +129,10 @@ class FakeTrigger:
         return self._submit(START_JOB, concept, tags)
 
     def run_round(self, concept: str, *, tags: Mapping[str, str] | None = None,
-                  run_config: Mapping[str, Any] | None = None) -> RunHandle:
-        return self._submit(ROUND_JOB, concept, tags)
+                  run_config: Mapping[str, Any] | None = None,
+                  selection: Sequence[str] | None = None) -> RunHandle:
+        return self._submit(ROUND_JOB, concept, tags, run_config,
+                            list(selection) if selection is not None else None)
 
     def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
         return self._submit("concept_round_job[eval]", concept, tags)

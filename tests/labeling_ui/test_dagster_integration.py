@@ -99,7 +99,7 @@ def _wait_round(service, concept: str, timeout: float = 300):  # type: ignore[no
 
 
 def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home: Path) -> None:
-    settings = UiSettings(home=agile_home, trigger="dagster", dagster_url=dagster_dev)
+    settings = UiSettings(home=agile_home, trigger="dagster", dagster_url=dagster_dev, auto_round=False)
     app = build_app(settings)
     service = app.state.service
     assert isinstance(service.trigger, DagsterGraphQLTrigger)
@@ -142,3 +142,60 @@ def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home:
     assert tags["status"] == "SUCCESS" and tags["jobName"] == "concept_round_job"
     kv = {t["key"]: t["value"] for t in tags["tags"]}
     assert kv["dagster/partition"] == "sunny colours" and kv["agile/requested_by"] == "dana"
+
+
+def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev: str, agile_home: Path) -> None:
+    """The default: rounds run in the warmed app process, start by themselves as ratings
+    arrive (lookahead), and are recorded in the webserver's instance as runs of the named jobs."""
+    settings = UiSettings(home=agile_home, dagster_url=dagster_dev, lookahead=10)
+    app = build_app(settings)
+    service = app.state.service
+    assert service.trigger.kind == "in-process"
+    assert service.trigger.wait_warm(240), "the round worker did not warm up"
+    with TestClient(app) as client:
+        assert client.get("/api/health").json()["warm"] is True
+        r = client.post("/api/concepts", json={"name": "sunny colours", "positives": ["yellow"],
+                                               "negatives": ["grey"], "rater": "dana"})
+        assert r.status_code == 200, r.text
+        started = r.json()["round"]
+        assert started["run_url"] == f"{dagster_dev}/runs/{started['run_id']}"
+        first = _wait_round(service, "sunny colours")
+        assert first.state == "success" and first.new_batch, first.message
+        batch = service.latest_batch("sunny colours")
+        assert batch is not None and len(batch.order) == 100
+        events = [{"concept": "sunny colours", "image_id": i, "label": "positive" if k % 4 == 0 else "negative",
+                   "event_id": f"dana-{k:05d}", "batch_id": batch.batch_id} for k, i in enumerate(batch.order)]
+        # 90 ratings: the lookahead round starts by itself and queues the next batch
+        assert client.post("/api/labels", json={"rater": "dana", "events": events[:90]}).status_code == 200
+        look = client.get("/api/round", params={"concept": "sunny colours"}).json()
+        assert look["job"] == "round" and look["lookahead"] is True and look["auto"] is True
+        done = _wait_round(service, "sunny colours")
+        assert done.state == "success" and done.new_batch, done.message
+        nxt = service.latest_batch("sunny colours")
+        assert nxt is not None and nxt.kind == "al" and not set(nxt.order) & set(batch.order)
+        # the last 10: a follow-up round trains on all 100 labels, in the background
+        assert client.post("/api/labels", json={"rater": "dana", "events": events[90:]}).status_code == 200
+        follow = _wait_round(service, "sunny colours")
+        assert follow.job == "followup" and follow.state == "success", follow.message
+        models = client.get("/api/models", params={"concept": "sunny colours"}).json()
+    rounds = service.store.rounds("sunny colours")
+    assert [(r["n_pos"] + r["n_neg"]) for r in rounds] == [90, 100]
+    assert all(r["model_version"] for r in rounds)  # both registered in MLflow
+    assert models["metrics"] is not None and len(models["rounds"]) == 2
+    assert service.latest_batch("sunny colours").batch_id == nxt.batch_id  # type: ignore[union-attr]
+
+    # the webserver's instance has every run, under the named jobs, with partition and tags
+    runs = _graphql(dagster_dev, """query { runsOrError(filter: {tags: [{key: "dagster/partition", value: "sunny colours"}]}) {
+        ... on Runs { results { runId jobName status tags { key value } assetMaterializations { assetKey { path } } } } } }""")
+    results = runs["runsOrError"]["results"]
+    assert {r["jobName"] for r in results} == {"concept_start_job", "concept_round_job"}
+    assert all(r["status"] == "SUCCESS" for r in results) and len(results) == 3
+    by_id = {r["runId"]: r for r in results}
+    look_run = by_id[look["run_id"]]
+    kv = {t["key"]: t["value"] for t in look_run["tags"]}
+    assert kv["agile/lookahead"] == "1" and kv["agile/requested_by"] == "dana"
+    assert kv["agile/trigger"] == "app-in-process"
+    assets = [m["assetKey"]["path"][-1] for m in look_run["assetMaterializations"]]
+    assert assets == ["classifier", "al_candidates", "registered_model", "eval_set", "model_metrics"]
+    follow_assets = [m["assetKey"]["path"][-1] for m in by_id[follow.run_id]["assetMaterializations"]]  # type: ignore[index]
+    assert follow_assets == ["classifier", "registered_model", "eval_set", "model_metrics"]

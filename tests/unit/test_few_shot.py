@@ -1,5 +1,7 @@
 """Pure logic of agile_pipeline.lib.few_shot (fast: small synthetic data)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -181,3 +183,22 @@ def test_a_stuck_user_gives_an_exemplar_and_gets_a_model() -> None:
     assert helped["rounds"][-1]["n_pos"] > 1  # the model found positives beyond the exemplar
     again = run_concept(data, "planted", SimConfig(**base, exemplar_when_stuck=True))
     assert again["exemplar"] == helped["exemplar"]  # seeded
+
+
+def test_simulated_lookahead_selects_with_the_early_model_and_measures_the_full_one() -> None:
+    from agile_pipeline.lib.simulate import SimConfig, run_concept
+
+    data = _sim_data()
+    base = SimConfig(rounds=2, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5)
+    plain = run_concept(data, "planted", base)
+    look = run_concept(data, "planted", replace(base, lookahead=5))
+    # the models measured are trained on the same number of labels ...
+    assert [e["n_labels"] for e in look["rounds"]] == [e["n_labels"] for e in plain["rounds"]]
+    # ... but each next batch was chosen by a model that had 5 fewer (when it had a positive)
+    for e in look["rounds"][:-1]:
+        assert e["lookahead_labels"] in (e["n_labels"] - 5, e["n_labels"])
+    assert any(e["lookahead_labels"] == e["n_labels"] - 5 for e in look["rounds"][:-1])
+    assert all("lookahead_labels" not in e for e in plain["rounds"])
+    # the paper's protocol is unchanged by the option's existence (seeded: same models)
+    again = run_concept(data, "planted", base)
+    assert [e["auc_pr"] for e in again["rounds"]] == [e["auc_pr"] for e in plain["rounds"]]

@@ -1,0 +1,99 @@
+"""Warm a long-lived process for concept rounds, so that no rater waits on a cold start.
+
+A fresh process pays, before a round can do any real work: importing Dagster's execution
+machinery, torch, MLflow, LanceDB, scikit-learn and matplotlib; loading the embedding model;
+opening the vector table and building (or memory-mapping) the split caches; MLflow's first
+connection to its store. Measured on the 2-core development box that is 6-10 s of a 9 s
+first round, against ~2 s for the same round once warm (BENCHMARKS.md, "Session").
+
+:func:`warm_up` pays all of it once, when the app starts, and reports what each part took.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agile_pipeline.defs.resources import AgileHome
+
+log = logging.getLogger(__name__)
+
+
+def _timed(out: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        out[key] = round(time.perf_counter() - t0, 3)
+
+
+def _import_round_modules() -> None:
+    import importlib
+
+    for name in (
+        "torch", "sklearn.metrics", "matplotlib.pyplot", "lancedb", "pyarrow",
+        "mlflow.tracking", "mlflow.entities",
+        "agile_pipeline.lib.training", "agile_pipeline.lib.selection", "agile_pipeline.lib.scale",
+        "agile_pipeline.lib.int8_scan", "agile_pipeline.lib.evalset", "agile_pipeline.lib.metrics",
+        "agile_pipeline.lib.evaluation", "agile_pipeline.lib.tracking", "agile_pipeline.lib.loop",
+        "agile_pipeline.runner",
+    ):
+        importlib.import_module(name)
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def _dagster_dry_run() -> None:
+    """One tiny in-process run on an ephemeral instance: Dagster imports and caches its
+    execution machinery lazily, on the first run."""
+    import dagster as dg
+
+    @dg.asset
+    def agile_warm_up() -> None:
+        return None
+
+    dg.materialize([agile_warm_up], instance=dg.DagsterInstance.ephemeral(), raise_on_error=True)
+
+
+def _split_caches(agile: AgileHome) -> None:
+    from agile_pipeline.lib import scale
+
+    vectors = agile.vectors()
+    model_id = agile.model_id()
+    try:
+        for split in ("train", "test"):
+            scale.split_cache(vectors, model_id, split)
+    except (LookupError, ValueError, FileNotFoundError) as exc:  # no corpus yet: nothing to warm
+        log.info("split caches not warmed: %s", exc)
+
+
+def _mlflow_client(agile: AgileHome) -> None:
+    from agile_pipeline.lib.tracking import _client
+
+    _client(agile.paths.mlflow_uri()).search_experiments(max_results=1)
+
+
+def warm_up(agile: AgileHome | None = None) -> dict[str, float]:
+    """Import, load and open everything a round needs; returns seconds per part.
+
+    Never raises for a missing corpus or model: what cannot be warmed yet is warmed by the
+    first round instead (and logged).
+    """
+    agile = agile or AgileHome()
+    parts: dict[str, float] = {}
+    t0 = time.perf_counter()
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("imports", _import_round_modules),
+        ("dagster_execution", _dagster_dry_run),
+        ("encoder_load", agile.load_encoder),
+        ("split_caches", lambda: _split_caches(agile)),
+        ("mlflow_client", lambda: _mlflow_client(agile)),
+    ]
+    for key, fn in steps:
+        try:
+            _timed(parts, key, fn)
+        except Exception as exc:  # a warm-up failure must never stop the app
+            log.warning("warm-up step %s failed (the first round pays for it): %s", key, exc)
+    parts["seconds"] = round(time.perf_counter() - t0, 3)
+    return parts
