@@ -75,15 +75,44 @@ def _env():  # type: ignore[no-untyped-def]
     return loop_env(AgileHome())
 
 
+def _with_progress(what: str, fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` under a spinner that says what is happening and for how long (stderr)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        typer.echo(f"{what}…", err=True)
+        return fn()
+    with console.status(f"{what}…", spinner="dots"):
+        return fn()
+
+
+def _print_steps(result) -> None:  # type: ignore[no-untyped-def]
+    from agile_pipeline.runner import step_seconds
+
+    steps = step_seconds(result)
+    if steps:
+        typer.echo("Dagster run " + str(result.run_id)[:8] + ": " + ", ".join(
+            f"{k} {v:.1f}s" for k, v in steps.items()), err=True)
+
+
 def _guard(fn):  # type: ignore[no-untyped-def]
     """Run ``fn`` and turn user-facing errors into one red line and exit code 1."""
     from agile_pipeline.lib.loop import LoopError
     from agile_pipeline.lib.state import StateError
-    from agile_pipeline.runner import RunFailed
+
+    def run_failed(exc: BaseException) -> bool:
+        # Dagster is imported only by the commands that run a job (a table read stays fast)
+        runner = sys.modules.get("agile_pipeline.runner")
+        return runner is not None and isinstance(exc, runner.RunFailed)
 
     try:
         return fn()
-    except (StateError, LoopError, RunFailed, LookupError) as exc:
+    except (StateError, LoopError, LookupError) as exc:
+        fail(str(exc).strip("'\""))
+    except RuntimeError as exc:
+        if not run_failed(exc):
+            raise
         fail(str(exc).strip("'\""))
     except settings.DataDirError as exc:
         fail(str(exc))
@@ -231,7 +260,10 @@ def _start(name: str, seed: int) -> None:
     from agile_pipeline.defs.concepts import expansion_candidates
     from agile_pipeline.runner import metadata_of, run_concept_start
 
-    result = _guard(lambda: run_concept_start(name, seed=seed))
+    result = _with_progress(
+        f"finding the first images for {name!r}: nearest images of every phrase, zero-shot scores",
+        lambda: _guard(lambda: run_concept_start(name, seed=seed)))
+    _print_steps(result)
     m = metadata_of(result, expansion_candidates)
     typer.echo(f"first batch ready: {m.get('candidates', 0)} images from {m.get('union_of_neighbours', 0)} "
                f"nearest neighbours of the phrases; list them with `agile candidates {name!r}`")
@@ -515,19 +547,24 @@ def round_(
     force: Annotated[bool, typer.Option(help="Retrain even if no label changed since the last round.")] = False,
 ) -> None:
     """Train on all labels so far, then select the next batch (margin sampling)."""
-    from agile_pipeline.defs.concepts import al_candidates, classifier, eval_set
+    from agile_pipeline.defs.concepts import al_candidates, classifier, eval_set, registered_model
     from agile_pipeline.runner import metadata_of, run_concept_round
 
     _setup_logging()
     if strategy not in ("margin", "margin-positive"):
         fail(f"unknown strategy {strategy!r}: use margin or margin-positive")
-    result = _guard(lambda: run_concept_round(
-        name, training={"seed": seed, "force": force},
-        sampling={"batch_size": batch, "strategy": strategy},
-    ))
+    result = _with_progress(
+        f"round for {name!r}: loading the model and vectors, training, selecting the next "
+        "batch, registering in MLflow, updating the eval set",
+        lambda: _guard(lambda: run_concept_round(
+            name, training={"seed": seed, "force": force},
+            sampling={"batch_size": batch, "strategy": strategy},
+        )))
+    _print_steps(result)
     c = metadata_of(result, classifier)
     a = metadata_of(result, al_candidates)
     ev = metadata_of(result, eval_set)
+    mv = metadata_of(result, registered_model)
     if c.get("trained") is False:
         from agile_pipeline.lib.loop import NO_POSITIVES_ADVICE
 
@@ -537,7 +574,7 @@ def round_(
     if c.get("reused_previous_round"):
         typer.echo(f"no new labels since round {c.get('round')}: kept that model (use --force to retrain)")
     typer.echo(f"round {c.get('round')}: trained on {c.get('n_pos')} positive / {c.get('n_neg')} negative "
-               f"labels in {c.get('train_seconds')}s; MLflow model version {c.get('model_version')}")
+               f"labels in {c.get('train_seconds')}s; MLflow model version {mv.get('model_version')}")
     typer.echo(f"next batch: {a.get('candidates')} images selected by {a.get('strategy')} from "
                f"{a.get('images_scored')} in {a.get('select_seconds')}s; `agile candidates {name!r}` lists them")
     typer.echo(f"eval set: {ev.get('eval_images')} test images, {ev.get('to_rate')} still to rate "
@@ -568,7 +605,9 @@ def evaluate(name: Annotated[str, typer.Argument(help="Concept name.")]) -> None
     from agile_pipeline.runner import run_concept_eval
 
     _setup_logging()
-    _guard(lambda: run_concept_eval(name))
+    result = _with_progress(f"scoring every model of {name!r} on its eval ratings",
+                            lambda: _guard(lambda: run_concept_eval(name)))
+    _print_steps(result)
     _print_metrics(name)
 
 
@@ -580,12 +619,9 @@ def candidates(
     eval_: Annotated[bool, typer.Option("--eval", help="The eval set's unrated images instead.")] = False,
 ) -> None:
     """Print the images to rate next, one path per line (rate them with `agile label`)."""
-    from agile_pipeline.lib.loop import pending_items
-
-    store = _store()
+    store = _store()  # a table read: no model, vector store or Dagster needed
     concept = _guard(lambda: store.get_concept(name))
-    env = _env()
-    items = pending_items(env, concept.name, rater, purpose="eval" if eval_ else "train")
+    items = store.pending_items(concept.name, rater, purpose="eval" if eval_ else "train")
     paths = {r["id"]: r["path"] for r in store.image_rows([it["image_id"] for it in items])}
     for it in items:
         p = paths.get(it["image_id"], "")
@@ -684,6 +720,18 @@ def _register_bench() -> None:
 
 
 _register_bench()
+
+
+@app.command("bench-session", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_session(ctx: typer.Context) -> None:
+    """What a rater waits for in the real deployment (options: `agile bench-session --help`)."""
+    from agile_pipeline.bench import _import_suite
+
+    _import_suite()  # puts the source checkout's benchmarks/ on the path, as `agile bench` does
+    from benchmarks import session
+
+    raise typer.Exit(session.main(ctx.args))
 
 
 @app.command("app")

@@ -113,6 +113,16 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "the run failed (see the Dagster logs)"
 
 
+def step_seconds(result: dg.ExecuteInProcessResult) -> dict[str, float]:
+    """How long each step of the run took (Dagster's own step durations), in run order."""
+    out: dict[str, float] = {}
+    for ev in result.get_step_success_events():
+        ms = getattr(ev.event_specific_data, "duration_ms", None)
+        if ev.step_key and ms is not None:
+            out[ev.step_key] = round(float(ms) / 1000, 3)
+    return out
+
+
 def metadata_of(result: dg.ExecuteInProcessResult, asset: Any) -> dict[str, Any]:
     mats = result.asset_materializations_for_node(asset.op.name)
     if not mats:

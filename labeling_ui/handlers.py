@@ -296,15 +296,20 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
              f'<p class="am-muted">Ratings so far: <b>{counts["positive"]}</b> yes, '
              f'<b>{counts["negative"]}</b> no.</p>']
     if not rows:
-        parts.append('<p>No model yet. Rate the first batch, then press <b>Train the next model</b>.</p>')
+        parts.append('<p>No model yet. Rate the first batch: the first model trains by itself as you '
+                     'finish it.</p>' if service.policy.auto else
+                     '<p>No model yet. Rate the first batch, then press <b>Train the next model</b>.</p>')
     else:
         parts.append('<table class="am-table"><thead><tr><th>Model</th><th>Trained on</th>'
                      '<th>MLflow version</th><th>Training time</th><th>Finished</th><th>Download</th>'
                      '</tr></thead><tbody>')
         for r in reversed(rows):
             href = f"/export/{esc(concept, quote=True)}/round-{r['round']}.zip"
+            note = (' <span class="am-muted" title="trained while the last images of a batch were '
+                    'still being rated, to have the next batch ready in time">(early: picked the next '
+                    'batch)</span>') if r.get("lookahead") else ""
             parts.append(
-                f"<tr><td>{r['round'] + 1}</td><td>{r['positive']} yes / {r['negative']} no</td>"
+                f"<tr><td>{r['round'] + 1}{note}</td><td>{r['positive']} yes / {r['negative']} no</td>"
                 f"<td>{esc(str(r['model_version'] or '—'))}</td>"
                 f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
                 f'<td><a class="am-download" href="{href}" download>⬇ model {r["round"] + 1} (.zip)</a></td></tr>'

@@ -470,9 +470,15 @@ class LabelingService:
                 return None  # nothing to learn from yet: the app's recovery notice applies
             marks[action] = batch_id
         if action == "followup":
-            return self._request(concept, "followup", requested_by, False, auto=True)
-        return self._request(concept, "round", requested_by, False, lookahead=action == "lookahead",
-                             auto=True)
+            view = self._request(concept, "followup", requested_by, False, auto=True)
+        else:
+            view = self._request(concept, "round", requested_by, False,
+                                 lookahead=action == "lookahead", auto=True)
+        if view.state in ("error", "unreachable"):  # not started: a later rating may try again
+            with self._lock:
+                if self._auto.get(concept, {}).get(action) == batch_id:
+                    del self._auto[concept][action]
+        return view
 
     def label_counts(self, concept: str, purpose: Purpose = "train") -> dict[str, int]:
         labels = self.store.effective_labels(concept, purpose=purpose)
@@ -545,9 +551,10 @@ class LabelingService:
             if current is not None:
                 self._poll(current, force=True)
             busy = current is not None and current.handle is not None and not self._finished(current)
-            # a follow-up queues behind the lookahead round it completes, and anything queues
-            # behind a follow-up: the pipeline runs a concept's rounds one after another
-            queue_behind = busy and current is not None and "followup" in (job, current.job)
+            # automatic rounds queue behind whatever runs (the pipeline runs a concept's rounds
+            # one after another; the policy's marks keep them from repeating), and anything
+            # queues behind a follow-up; a rater's own request while one runs is told so
+            queue_behind = busy and current is not None and (auto or current.job == "followup")
             if busy and current is not None and not queue_behind:
                 view = self._view(current)
                 what = {"round": "round", "start": "search", "eval": "evaluation"}[current.job]
@@ -675,6 +682,7 @@ class LabelingService:
                 "dagster_run_id": r["run_id"],
                 "finished_at": r["finished_at"],
                 "hidden": (r.get("info") or {}).get("hidden"),
+                "lookahead": bool((r.get("info") or {}).get("lookahead")),
             }
             for r in self.store.rounds(concept)
         ]

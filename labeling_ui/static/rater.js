@@ -655,10 +655,10 @@
   }
   // ---- automatic rounds: poll the round state while one is running or due --------------------
   function wantPoll() {
-    if (!st.concept || !st.cfg.auto || !st.batch) return false;
+    if (!st.concept) return false;
     const r = st.round;
-    if (r && (r.state === "queued" || r.state === "running")) return true;
-    if (st.purpose !== "train") return false;
+    if (r && (r.state === "queued" || r.state === "running")) return true;  // e.g. finding the first images
+    if (!st.cfg.auto || !st.batch || st.purpose !== "train") return false;
     const left = st.items.filter((i) => !i.label).length;
     const recent = st.lastRatingAt && Date.now() - st.lastRatingAt < 15000;
     return !!recent && left <= (st.cfg.lookahead || 0) + 1;

@@ -111,3 +111,22 @@ def test_two_raters_one_batch_start_one_round(world: World) -> None:
     rounds = _rounds(world)
     assert len(rounds) == 2  # one lookahead round and its follow-up, whoever rated
     assert rounds[0][0]["agile/lookahead"] == "1" and rounds[1][0].get("agile/followup") == "1"
+
+
+def test_an_automatic_round_queues_behind_a_run_still_in_flight(world: World) -> None:
+    """A fast rater finishes the batch while an earlier run still works: the round is queued
+    behind it, never dropped (else no next batch would ever come)."""
+    service = _service(world, lookahead=0)
+    _start(service)
+    first = service.latest_batch("red things")
+    assert first is not None
+    order = list(first.order)
+    _rate(service, order[:5], ["positive"] * 5, first.batch_id)
+    world.trigger.delay_s = 30.0
+    early = service.request_round("red things", requested_by="alice")  # "train now", still running
+    assert early.in_flight
+    _rate(service, order[5:], ["negative"] * 5, first.batch_id)
+    rounds = _rounds(world)
+    assert len(rounds) == 2 and rounds[1][0]["agile/auto"] == "1"
+    view = service.round_view("red things")
+    assert view.run_id != early.run_id and view.auto
