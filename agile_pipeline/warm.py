@@ -53,7 +53,8 @@ def _dagster_dry_run() -> None:
     def agile_warm_up() -> None:
         return None
 
-    dg.materialize([agile_warm_up], instance=dg.DagsterInstance.ephemeral(), raise_on_error=True)
+    dg.materialize([agile_warm_up], instance=dg.DagsterInstance.ephemeral(), raise_on_error=True,
+                   run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
 
 
 def _split_caches(agile: AgileHome) -> None:

@@ -362,7 +362,8 @@ class InProcessTrigger:
     What it saves the rater: the run queue (the daemon's dequeue loop) and a fresh process per
     run that imports Dagster, torch and MLflow and loads the embedding model again (the
     "cold start", most of a round's wait). With ``warm=True`` the process pays that once, in
-    the background, when the app starts (:func:`agile_pipeline.warm.warm_up`).
+    the background, when the app starts (:func:`agile_pipeline.warm.warm_up`), as the round
+    worker's first task (rounds asked for meanwhile queue behind it).
 
     The run id is chosen before the run starts, so the app can link to the run at once
     (``dagster_url``). ``run_start`` / ``run_round`` / ``run_eval`` default to
@@ -391,8 +392,8 @@ class InProcessTrigger:
         self._lock = threading.Lock()
         self._agile_obj: Any = None
         self._warm: dict[str, Any] = {"warm": not warm, "started_at": time.time(), "preload": {}}
-        if warm:
-            threading.Thread(target=self._warm_up, name="agile-warm-up", daemon=True).start()
+        if warm:  # on the round worker itself: what it opens (MLflow's store, ...) stays its own
+            self._pool.submit(self._warm_up)
 
     def describe(self) -> str:
         return "this app process (warm; runs recorded in Dagster)" if self._dagster_url else "this app process"

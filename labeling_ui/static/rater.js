@@ -598,7 +598,7 @@
     const h = roundHtml(st.round);
     ui.roundbox.innerHTML = h;
     const r = st.round;
-    const worth = r && r.state !== "idle" && r.state !== "success";
+    const worth = (r && r.state !== "idle" && r.state !== "success") || (st.nextReady && st.purpose === "train");
     ui.sideround.innerHTML = worth && st.cursor >= 0 ? h : "";
   }
 

@@ -82,7 +82,8 @@ def test_define_rate_reload_undo_train_next_batch(agile_home: Path, tmp_path: Pa
     corpus = tmp_path / "pictures"
     write_real_like_images(corpus, 520, seed=7)
     run_corpus([str(corpus)], workers=2)
-    settings = UiSettings(home=agile_home, trigger="in-process")
+    # the rater trains by pressing the button (automatic rounds: the next test)
+    settings = UiSettings(home=agile_home, trigger="in-process", auto_round=False)
     app = build_app(settings)
     store: StateStore = app.state.service.store
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t_start}
@@ -232,6 +233,68 @@ def test_define_rate_reload_undo_train_next_batch(agile_home: Path, tmp_path: Pa
     }
     (artifacts_dir / "rating_latency.json").write_text(json.dumps(report, indent=2))
     print("rating latency:", json.dumps(report))
+
+
+def test_automatic_rounds_have_the_next_batch_ready_when_the_batch_ends(
+    agile_home: Path, tmp_path: Path, page: Any, artifacts_dir: Path
+) -> None:
+    """The default app: no button to press; while the last 10 images are rated the next model
+    trains, and the next batch is on screen with the rater's very next key press."""
+    from agile_pipeline.runner import run_corpus
+
+    corpus = tmp_path / "pictures"
+    write_real_like_images(corpus, 420, seed=5)
+    run_corpus([str(corpus)], workers=2)
+    settings = UiSettings(home=agile_home, trigger="in-process", lookahead=10)
+    app = build_app(settings)
+    service: LabelingService = app.state.service
+    assert service.trigger.wait_warm(240)  # type: ignore[attr-defined]
+    with live_server(app) as url:
+        page.goto(url + "/")
+        page.wait_for_selector("[data-testid=rater-input]", timeout=30000)
+        page.fill("[data-testid=rater-input]", "Bea")
+        page.press("[data-testid=rater-input]", "Enter")
+        page.wait_for_selector("[data-testid=rater-name]")
+        page.fill("#am-name input, #am-name textarea", "cool tones")
+        page.fill("#am-pos textarea", "blue and green")
+        t0 = time.perf_counter()
+        page.click("#am-create")
+        page.wait_for_selector(STAGE_IMG, timeout=60000)
+        first_image_s = time.perf_counter() - t0
+        first = service.latest_batch("cool tones")
+        assert first is not None and len(first.order) == 100
+        for k in range(90):
+            _rate_one(page, "y" if k % 4 == 0 else "n", k + 1)
+        # 10 left: the lookahead round prepares the next batch while the rater goes on
+        page.wait_for_selector(".am-sideround [data-state=next-ready]", timeout=120000)
+        _shot(page, artifacts_dir, "12-next-batch-ready")
+        assert _progress(page) == (90, 100)  # the rater is not moved off the batch
+        for k in range(90, 99):
+            _rate_one(page, "n", k + 1)
+        page.keyboard.press("n")  # the last image of the batch
+        # the last key press shows the next batch at once: no "train" button, no wait
+        _wait_progress(page, 0, 100, timeout=5000)
+        page.wait_for_selector("[data-testid=seconds-to-batch]", timeout=5000)
+        shown = float(page.inner_text("[data-testid=seconds-to-batch]").split()[0])
+        _shot(page, artifacts_dir, "13-next-batch-at-once")
+        nxt = service.latest_batch("cool tones")
+        assert nxt is not None and nxt.kind == "al" and nxt.batch_id > first.batch_id
+        assert not set(nxt.order) & set(first.order)
+        # the follow-up round trains on all 100 ratings in the background
+        page.wait_for_function("() => window.__agileRater.state.round?.job === 'followup' && "
+                               "window.__agileRater.state.round?.state === 'success'", timeout=120000)
+        rounds = service.store.rounds("cool tones")
+        assert [r["n_pos"] + r["n_neg"] for r in rounds] == [90, 100]
+        assert rounds[0]["info"]["lookahead"] and not rounds[1]["info"]["lookahead"]
+        assert page.errors == []  # type: ignore[attr-defined]
+    report_path = artifacts_dir / "rating_latency.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report["automatic_rounds"] = {
+        "what": "test harness (in-process app, random:32 plumbing encoder), not the deployment",
+        "create_to_first_image_s": round(first_image_s, 2),
+        "seconds_to_batch_shown_after_last_rating": shown,
+    }
+    report_path.write_text(json.dumps(report, indent=2))
 
 
 def test_unreachable_dagster_keeps_ratings_and_runs_the_round_in_the_app(
