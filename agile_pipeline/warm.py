@@ -88,6 +88,8 @@ def warm_up(agile: AgileHome | None = None) -> dict[str, float]:
         ("imports", _import_round_modules),
         ("dagster_execution", _dagster_dry_run),
         ("encoder_load", agile.load_encoder),
+        # the text tower loads lazily on the first phrase: a concept's first images wait on it
+        ("text_tower", lambda: agile.load_encoder().embed_texts(["a photo"])),
         ("split_caches", lambda: _split_caches(agile)),
         ("mlflow_client", lambda: _mlflow_client(agile)),
     ]
@@ -98,3 +100,51 @@ def warm_up(agile: AgileHome | None = None) -> dict[str, float]:
             log.warning("warm-up step %s failed (the first round pays for it): %s", key, exc)
     parts["seconds"] = round(time.perf_counter() - t0, 3)
     return parts
+
+
+WORKER_TAG = "agile/worker"
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, the tag its in-process runs carry."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_orphaned_runs(instance: Any = None) -> list[str]:
+    """Mark as failed the in-process runs of app processes on this host that are gone.
+
+    A run executed inside the app is STARTED until the app finishes it; if the app was killed
+    mid-run (``kill -9``, a crash, a reboot) nothing else would ever end it, and the Dagster UI
+    would show it running forever. Called when the app starts. Returns the run ids it ended.
+    """
+    import os
+    import socket
+
+    import dagster as dg
+
+    from agile_pipeline.runner import instance as default_instance
+
+    inst = instance or default_instance()
+    host = socket.gethostname()
+    ended: list[str] = []
+    runs = inst.get_runs(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+        tags={"agile/trigger": "app-in-process"}))
+    for run in runs:
+        worker = run.tags.get(WORKER_TAG, "")
+        w_host, _, w_pid = worker.rpartition(":")
+        if w_host != host or not w_pid.isdigit() or int(w_pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(w_pid), 0)
+            continue  # that app is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        inst.report_run_failed(run, f"the app process that ran it ({worker}) stopped before it finished")
+        ended.append(run.run_id)
+    return ended

@@ -34,6 +34,7 @@ from agile_pipeline.lib.state import (
 )
 from labeling_ui.config import valid_rater_name
 from labeling_ui.trigger import (
+    FOLLOWUP_ASSETS,
     ROUND_JOB,
     START_JOB,
     PipelineTrigger,
@@ -51,9 +52,6 @@ MAX_EVENTS_PER_POST = 500
 MAX_INSTRUCTIONS = 4000
 Purpose = Literal["train", "eval"]
 JobKind = Literal["start", "round", "eval", "followup"]
-# the round job's assets for the follow-up round (train on the batch's full labels, register,
-# eval) after a lookahead round already queued the next batch; see RoundPolicy
-FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
 
 
 @dataclass(frozen=True)

@@ -401,9 +401,16 @@ class InProcessTrigger:
     # -- warm-up
     def _warm_up(self) -> None:
         try:
-            from agile_pipeline.warm import warm_up
+            from agile_pipeline.warm import fail_orphaned_runs, warm_up
 
             parts = warm_up(self._agile())
+            try:
+                ended = fail_orphaned_runs()
+                if ended:
+                    log.warning("marked %d run(s) of a stopped app process as failed: %s",
+                                len(ended), ", ".join(ended))
+            except Exception as exc:
+                log.warning("could not check for runs of a stopped app process: %s", exc)
         except Exception as exc:  # never fatal: the first round pays instead
             log.warning("warm-up failed: %s", exc)
             parts = {"error": str(exc)}
@@ -445,7 +452,10 @@ class InProcessTrigger:
 
     @staticmethod
     def _tags(tags: Mapping[str, str] | None) -> dict[str, str]:
-        return {"agile/trigger": "app-in-process", **{str(k): str(v) for k, v in dict(tags or {}).items()}}
+        from agile_pipeline.warm import WORKER_TAG, worker_id
+
+        return {"agile/trigger": "app-in-process", WORKER_TAG: worker_id(),
+                **{str(k): str(v) for k, v in dict(tags or {}).items()}}
 
     def start_concept(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
         if self._custom_start is not None:

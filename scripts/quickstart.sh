@@ -42,6 +42,7 @@ fi
 echo
 echo "Dagster UI:    http://127.0.0.1:$DAGSTER_PORT   (logs: $AGILE_HOME/dagster-*.log)"
 [ ${#pids[@]} -gt 2 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log; rounds run in the app and show as Dagster runs)"
+echo "MLflow UI:     mlflow ui --backend-store-uri sqlite:///$AGILE_HOME/mlflow.db --port 5000   (models: <concept>-classifier)"
 echo "Try:           agile search 'dog' -k 5"
 echo "               (in another shell, first: source .venv/bin/activate; export AGILE_HOME=$AGILE_HOME DAGSTER_HOME=$DAGSTER_HOME)"
 echo "Ctrl-C stops everything."

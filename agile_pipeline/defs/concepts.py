@@ -11,6 +11,7 @@ import dagster as dg
 
 from agile_pipeline import settings
 from agile_pipeline.defs.resources import AgileHome, quiet_third_party_logs
+from agile_pipeline.lib import checks
 from agile_pipeline.lib.loop import LoopEnv, LoopError
 
 concept_partitions = dg.DynamicPartitionsDefinition(name="concepts")
@@ -47,7 +48,7 @@ class MarginSamplingConfig(dg.Config):
 
 concept_labels = dg.AssetSpec(
     "concept_labels",
-    group_name="labeling",
+    group_name="concept",
     partitions_def=concept_partitions,
     kinds={"sqlite"},
     description=(
@@ -58,7 +59,7 @@ concept_labels = dg.AssetSpec(
 
 
 @dg.asset(
-    group_name="expansion",
+    group_name="concept",
     partitions_def=concept_partitions,
     deps=["image_embeddings"],
     kinds={"lancedb"},
@@ -106,11 +107,15 @@ def zero_shot_scores(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.
 
 
 @dg.asset(
-    group_name="training",
+    group_name="concept",
     partitions_def=concept_partitions,
     deps=[concept_labels],
     kinds={"pytorch"},
     code_version="1",
+    check_specs=[dg.AssetCheckSpec(
+        "weights_finite", asset="classifier", blocking=True,
+        description="Every weight of the round's classifier is finite (no NaN/inf); a model "
+                    "that fails never selects a batch.")],
     description=(
         "The concept's classifier: the paper's MLP (1x16 first, then 3x128) on frozen "
         "embeddings, trained on every train label plus random negatives (one model per round; "
@@ -132,7 +137,8 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
         return dg.MaterializeResult(metadata={
             "trained": False, "n_pos": 0, "n_neg": n_neg,
             "status": "no positive labels yet: recovery batch instead of a model",
-        })
+        }, check_results=[dg.AssetCheckResult(check_name="weights_finite", passed=True,
+                                              metadata={"status": "no model this round"})])
     result = _user_errors(lambda: train_round(
         env, context.partition_key,
         config=TrainConfig(seed=config.seed, epochs=config.epochs, random_negatives=config.random_negatives),
@@ -151,11 +157,11 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
         "train_seconds": round(result.train_seconds, 3),
         "seconds_total": round(time.perf_counter() - t0, 3),
         "model_dir": str(result.model_dir),
-    })
+    }, check_results=[_check("weights_finite", lambda: checks.classifier_weights_finite(result.model_dir))])
 
 
 @dg.asset(
-    group_name="active_learning",
+    group_name="concept",
     partitions_def=concept_partitions,
     deps=[classifier],
     kinds={"numpy"},
@@ -163,6 +169,10 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
         "The next batch to rate: unlabeled train images with the smallest margin "
         "|P(pos) - P(neg)| under the latest model (or margin + positive mining)."
     ),
+    check_specs=[dg.AssetCheckSpec(
+        "batch_of_unlabeled_train_images", asset="al_candidates",
+        description="The batch holds the batch size (or every eligible image) of distinct "
+                    "train images, none labelled when it was selected.")],
 )
 def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfig, agile: AgileHome) -> dg.MaterializeResult:
     from agile_pipeline.lib.loop import build_expansion, label_counts, select_candidates
@@ -178,7 +188,9 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
             "batch_id": rec.batch_id, "candidates": len(rec.items), "strategy": "recovery",
             "round": rec.round_index, "images_scored": 0, "select_seconds": round(rec.seconds, 3),
             "status": "no positive labels yet: half next-nearest images of every phrase and exemplar, half at random",
-        })
+        }, check_results=[_check("batch_of_unlabeled_train_images", lambda: checks.batch_of_unlabeled_train_images(
+            env.store, context.partition_key, rec.batch_id, batch_size=config.batch_size,
+            eligible=len(rec.items)))])
     batch = _user_errors(lambda: select_candidates(
         env, context.partition_key, batch_size=config.batch_size, strategy=config.strategy,
         run_id=context.run.run_id, exclude_pending=config.exclude_pending,
@@ -190,11 +202,13 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
         "select_seconds": round(batch.seconds, 3),
         "excluded_pending": batch.info.get("excluded_pending", 0),
         "score_min": min(scores) if scores else 0.0, "score_max": max(scores) if scores else 0.0,
-    })
+    }, check_results=[_check("batch_of_unlabeled_train_images", lambda: checks.batch_of_unlabeled_train_images(
+        env.store, context.partition_key, batch.batch_id, batch_size=config.batch_size,
+        eligible=int(batch.info["eligible"])))])
 
 
 @dg.asset(
-    group_name="training",
+    group_name="concept",
     partitions_def=concept_partitions,
     deps=[classifier, al_candidates],
     kinds={"mlflow"},
@@ -213,9 +227,19 @@ def registered_model(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.
     run_id, version, logged = _user_errors(lambda: register_round(
         env, context.partition_key, run_id=context.run.run_id))
     rounds = env.store.rounds(context.partition_key)
+    links: dict[str, dg.MetadataValue] = {}
+    if run_id:
+        from agile_pipeline.lib.tracking import ui_links
+
+        try:
+            links = {k: dg.MetadataValue.url(v) for k, v in ui_links(
+                env.paths.mlflow_uri(), run_id, context.partition_key, version).items()}
+        except Exception as exc:  # a link is a convenience: never fail the round for it
+            context.log.warning(f"no MLflow UI links: {exc}")
     return dg.MaterializeResult(metadata={
         "round": int(rounds[-1]["round"]) if rounds else -1,
         "mlflow_run_id": run_id or "", "model_version": version or "",
+        **links,
         "logged_now": logged, "mlflow_seconds": round(time.perf_counter() - t0, 3),
     })
 
@@ -238,6 +262,10 @@ class MetricsConfig(dg.Config):
         "The eval set (test split only): for every model and zero-shot, 10 score strata, the "
         "20 images of lowest keyed SipHash-2-4 in each; merged. Queued for eval ratings."
     ),
+    check_specs=[dg.AssetCheckSpec(
+        "strata_filled", asset="eval_set",
+        description="Every model's every score stratum gave its 20 images, or all the test "
+                    "images it has (counted in the metadata).")],
 )
 def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, agile: AgileHome) -> dg.MaterializeResult:
     from agile_pipeline.lib.evaluation import build_eval_set
@@ -252,7 +280,8 @@ def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, agile: Ag
     return dg.MaterializeResult(metadata={
         "eval_images": len(batch.items), "to_rate": pending, "models": len(batch.info["models"]),
         "per_model_per_stratum": dg.MetadataValue.json(batch.info["counts"]),
-    })
+    }, check_results=[_check("strata_filled", lambda: checks.strata_filled(
+        batch.info["counts"], batch.info["stratum_sizes"], config.per_stratum))])
 
 
 @dg.asset(
@@ -264,6 +293,10 @@ def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, agile: Ag
         "AUC-PR (primary), AUC-ROC, F1 and accuracy of every model version and zero-shot on "
         "the rated eval set; logged to each model's MLflow run, with the AUC-PR plot."
     ),
+    check_specs=[dg.AssetCheckSpec(
+        "beats_zero_shot", asset="model_metrics",
+        description="The newest model's AUC-PR on the eval ratings is at least zero-shot's "
+                    "(a warning: more ratings usually fix it).")],
 )
 def model_metrics(context: dg.AssetExecutionContext, config: MetricsConfig, agile: AgileHome) -> dg.MaterializeResult:
     from agile_pipeline.lib.evaluation import evaluate
@@ -280,14 +313,50 @@ def model_metrics(context: dg.AssetExecutionContext, config: MetricsConfig, agil
     png = open(report["plot"], "rb").read()
     import base64
 
+    # numbers the Dagster UI charts over materializations (the asset's Plots tab): the newest
+    # model and zero-shot on the eval ratings so far
+    numbers: dict[str, dg.MetadataValue] = {}
+    models = [r for r in report["models"] if r["model"] != "zero-shot"]
+    latest = max(models, key=lambda r: r["round"]) if models else None
+    zero = next((r for r in report["models"] if r["model"] == "zero-shot"), None)
+    for prefix, row in (("", latest), ("zero_shot_", zero)):
+        for key in ("auc_pr", "auc_roc", "f1", "accuracy"):
+            if row is not None and row[key] == row[key]:  # not NaN: no eval ratings yet
+                numbers[prefix + key] = dg.MetadataValue.float(float(row[key]))
+    if latest is not None:
+        numbers["model_round"] = dg.MetadataValue.int(int(latest["round"]))
+        numbers["training_labels"] = dg.MetadataValue.int(int(latest["n_labels"]))
     return dg.MaterializeResult(metadata={
+        **numbers,
         "eval_labels": report["n_eval_labels"],
         "metrics": dg.MetadataValue.md(table),
         "plot": dg.MetadataValue.md(
             f"![AUC-PR](data:image/png;base64,{base64.b64encode(png).decode()})"
         ),
         "plot_path": dg.MetadataValue.path(report["plot"]),
-    })
+    }, check_results=[_with_severity(_check("beats_zero_shot", lambda: checks.beats_zero_shot(report)),
+                                     dg.AssetCheckSeverity.WARN)])
+
+
+def _check(name: str, fn):  # type: ignore[no-untyped-def]
+    """An asset check result from a pure check (``(passed, metadata)``); a check that cannot
+    run fails with the reason instead of failing the asset."""
+    try:
+        passed, meta = fn()
+    except Exception as exc:
+        return dg.AssetCheckResult(check_name=name, passed=False,
+                                   metadata={"error": f"{type(exc).__name__}: {exc}"[:500]})
+    return dg.AssetCheckResult(check_name=name, passed=bool(passed),
+                               metadata={k: _meta(v) for k, v in meta.items()})
+
+
+def _with_severity(result: dg.AssetCheckResult, severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(check_name=result.check_name, passed=result.passed,
+                               metadata=result.metadata, severity=severity)
+
+
+def _meta(v):  # type: ignore[no-untyped-def]
+    return dg.MetadataValue.json(v) if isinstance(v, list | dict) else v
 
 
 def _user_errors(fn):  # type: ignore[no-untyped-def]

@@ -128,7 +128,7 @@ def train_test_assignment(config: SplitConfig, agile: AgileHome) -> dg.Materiali
 
 
 @dg.asset(
-    group_name="embeddings",
+    group_name="corpus",
     deps=[train_test_assignment],
     kinds={"lancedb", "pytorch"},
     code_version="1",

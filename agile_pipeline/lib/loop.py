@@ -131,9 +131,9 @@ def build_expansion(
     cutoff = env.store.label_cutoff(concept.name)  # first: every label up to it is skipped below
     labeled = env.store.labeled_image_ids(concept.name)
     found: dict[str, list[str]] = {}
-    for key, v in queries:
-        hits = env.vectors.search(env.model_id, v, per_phrase + len(labeled), split="train")
-        found[key] = [i for i, _s, _d in hits if i not in labeled][:per_phrase]
+    for (key, _v), hits in zip(queries, _nearest_train(env, [v for _k, v in queries],
+                                                       per_phrase + len(labeled)), strict=True):
+        found[key] = [i for i in hits if i not in labeled][:per_phrase]
     if recovery:  # diversity: a share at random, the rest round-robin across the queries
         n_random = round(sample * settings.RECOVERY_RANDOM_SHARE)
         picked = _round_robin(found, sample - n_random, seed)
@@ -160,6 +160,23 @@ def build_expansion(
     )
     return CandidateBatch(concept.name, "expansion", round_index, batch_id, items,
                           time.perf_counter() - t0, info)
+
+
+def _nearest_train(env: LoopEnv, queries: list[np.ndarray], k: int) -> list[list[str]]:
+    """The ``k`` nearest train images of every query (ids, best first): one pass over the
+    warm split cache where there is one and the split is small enough, else LanceDB's search
+    per query."""
+    from agile_pipeline.lib import scale
+
+    if not queries:
+        return []
+    if scale.has_cache(env.vectors):
+        cache = scale.split_cache(env.vectors, env.model_id, "train")
+        if len(cache) <= scale.EXACT_SEARCH_MAX_ROWS:
+            hits = scale.nearest_in_split(cache, np.stack(queries), k)
+            return [[i for i, _s in h] for h in hits]
+    return [[i for i, _s, _d in env.vectors.search(env.model_id, v, k, split="train")]
+            for v in queries]
 
 
 def _random_unlabeled(env: LoopEnv, n: int, exclude: set[str], seed: int) -> list[str]:

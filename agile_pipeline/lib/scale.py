@@ -984,6 +984,44 @@ def matvec_f16(cache: SplitCache, v: np.ndarray, *, chunk: int = 1 << 17) -> np.
     return out
 
 
+EXACT_SEARCH_MAX_ROWS = 2_000_000  # above this, a per-phrase scan costs seconds: LanceDB's search
+
+
+def nearest_in_split(cache: SplitCache, queries: np.ndarray, k: int, *,
+                     chunk: int = 1 << 17) -> list[list[tuple[str, float]]]:
+    """The ``k`` rows nearest to each query by cosine, in one streamed pass over the split's
+    float16 matrix (float32 arithmetic): ``[[(id, cosine), ...] best first, ...]`` per query.
+
+    The split cache is already in memory in a warm process, so this avoids opening and
+    scanning the LanceDB table once per phrase (the first images of a concept wait on it).
+    """
+    q = np.asarray(queries, np.float32).reshape(-1, cache.dim)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    k = max(0, min(int(k), len(cache)))
+    best_s = [np.empty(0, np.float32) for _ in q]
+    best_r = [np.empty(0, np.int64) for _ in q]
+    if k == 0 or len(q) == 0:
+        return [[] for _ in q]
+    for start, rows in iter_npy_rows(cache.f16_path, chunk):
+        norms = np.maximum(cache.norms[start : start + rows.shape[0]], 1e-12)
+        sims = (rows.astype(np.float32) @ q.T) / norms[:, None]
+        for j in range(q.shape[0]):
+            col = sims[:, j]
+            top = np.argpartition(-col, k - 1)[:k] if col.size > k else np.arange(col.size)
+            cs = np.concatenate([best_s[j], col[top]])
+            cr = np.concatenate([best_r[j], top + start])
+            if cs.size > k:
+                sel = np.argpartition(-cs, k - 1)[:k]
+                cs, cr = cs[sel], cr[sel]
+            best_s[j], best_r[j] = cs, cr
+    out = []
+    for j in range(q.shape[0]):
+        o = np.lexsort((best_r[j], -best_s[j]))  # best first; ties by row, deterministic
+        ids = cache.id_at(best_r[j][o])
+        out.append(list(zip(ids, (float(x) for x in best_s[j][o]), strict=True)))
+    return out
+
+
 def zero_shot_unit_split(concept_dir: Path, text: np.ndarray, train: SplitCache,
                          test: SplitCache) -> np.ndarray:
     """Zero-shot scores of every ``test`` row mapped into [0, 1] with the calibration from the

@@ -531,9 +531,14 @@ class StateStore:
                 out[image_id] = int(rule.tie == "positive")
         return out
 
-    def labeled_image_ids(self, concept: str) -> set[str]:
-        """Images any rater has labelled (any purpose, skips included): never re-queued."""
-        rows = self._read("SELECT DISTINCT image_id FROM label_events WHERE concept = ?", (concept,))
+    def labeled_image_ids(self, concept: str, *, upto: int | None = None) -> set[str]:
+        """Images any rater has labelled (any purpose, skips included): never re-queued.
+        ``upto``: only events up to that sequence number (a label cutoff)."""
+        if upto is None:
+            rows = self._read("SELECT DISTINCT image_id FROM label_events WHERE concept = ?", (concept,))
+        else:
+            rows = self._read("SELECT DISTINCT image_id FROM label_events WHERE concept = ? AND seq <= ?",
+                              (concept, upto))
         return {r["image_id"] for r in rows}
 
     def label_history(self, concept: str) -> list[dict[str, Any]]:

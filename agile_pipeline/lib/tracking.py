@@ -95,6 +95,18 @@ def log_model_version(
                        artifact_uri=f"{run.info.artifact_uri}/model")
 
 
+def ui_links(tracking_uri: str, run_id: str, concept: str, version: str | None,
+             ui_url: str | None = None) -> dict[str, str]:
+    """Links into the MLflow UI (``AGILE_MLFLOW_UI_URL``, default ``http://127.0.0.1:5000``,
+    what ``mlflow ui`` serves) for a round's run and its registered model version."""
+    ui = (ui_url or os.environ.get("AGILE_MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/")
+    exp_id = _client(tracking_uri).get_run(run_id).info.experiment_id
+    links = {"mlflow_run": f"{ui}/#/experiments/{exp_id}/runs/{run_id}"}
+    if version:
+        links["mlflow_model_version"] = f"{ui}/#/models/{registered_model_name(concept)}/versions/{version}"
+    return links
+
+
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
     """Add metrics (e.g. eval-set results computed later) to an existing run."""
     from mlflow.entities import Metric

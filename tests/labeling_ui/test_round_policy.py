@@ -130,3 +130,16 @@ def test_an_automatic_round_queues_behind_a_run_still_in_flight(world: World) ->
     assert len(rounds) == 2 and rounds[1][0]["agile/auto"] == "1"
     view = service.round_view("red things")
     assert view.run_id != early.run_id and view.auto
+
+
+def test_the_app_names_the_round_job_assets_the_code_location_defines() -> None:
+    """labeling_ui does not import the Dagster definitions (the app starts without Dagster);
+    its copies of the round job's asset selections must match them."""
+    from agile_pipeline.defs import concepts
+    from labeling_ui import trigger
+
+    assert trigger.FOLLOWUP_ASSETS == concepts.FOLLOWUP_ASSETS
+    assert trigger.EVAL_ASSETS == concepts.EVAL_ASSETS
+    assert set(concepts.FOLLOWUP_ASSETS) <= {a.key.path[-1] for a in concepts.ROUND_ASSETS}
+    assert trigger.ROUND_JOB == concepts.concept_round_job.name
+    assert trigger.START_JOB == concepts.concept_start_job.name

@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from agile_pipeline.defs.concepts import al_candidates, classifier, eval_set, expansion_candidates
+from agile_pipeline.defs.concepts import (
+    al_candidates,
+    classifier,
+    eval_set,
+    expansion_candidates,
+    registered_model,
+)
 from agile_pipeline.defs.resources import AgileHome
 from agile_pipeline.lib.loop import pending_items
 from agile_pipeline.lib.state import LabelEvent
@@ -73,6 +79,17 @@ def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
         # the selected images are the least certain: scores closest to 0.5 among the eligible
         scores = [it["score"] for it in batch]
         assert max(abs(s - 0.5) for s in scores) <= 0.5
+        # Dagster ran the round's data-quality checks on the concept assets, and they passed
+        evals = {e.check_name: e for e in res.get_asset_check_evaluations()}
+        assert set(evals) == {"weights_finite", "batch_of_unlabeled_train_images", "strata_filled",
+                              "beats_zero_shot"}
+        assert all(e.passed for e in evals.values()), {k: e.metadata for k, e in evals.items()}
+        assert evals["batch_of_unlabeled_train_images"].metadata["images"].value == 100
+        assert res.dagster_run.job_name == "concept_round_job"  # a named job, not an ephemeral one
+        mv = metadata_of(res, registered_model)
+        assert mv["model_version"] == str(expected_round + 1)
+        assert mv["mlflow_run"] == f"http://127.0.0.1:5000/#/experiments/{mv['mlflow_run'].split('/')[5]}/runs/{mv['mlflow_run_id']}"
+        assert mv["mlflow_model_version"].endswith(f"/#/models/blobs-classifier/versions/{expected_round + 1}")
         _rate(env, "blobs", batch, truth)
 
     versions = model_versions(env.paths.mlflow_uri(), "blobs")

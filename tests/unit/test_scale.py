@@ -167,3 +167,18 @@ def test_zero_shot_unit_split_matches_formula(store, tmp_path):
     center, temp = zero_shot_calibration(tr)
     assert np.allclose(got, zero_shot_to_unit(te, center=center, temperature=temp), atol=1e-5)
     assert np.array_equal(scale.zero_shot_unit_split(tmp_path, text, train, test), got)  # cached
+
+
+def test_nearest_in_split_agrees_with_lancedb_search(store):
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((4, DIM)).astype(np.float32)
+    queries[0] = np.eye(DIM, dtype=np.float32)[0]  # the planted direction
+    cache = scale.split_cache(store, MODEL, "train")
+    got = scale.nearest_in_split(cache, queries, 100, chunk=1000)  # several chunks
+    for q, hits in zip(queries, got, strict=True):
+        ref = store.search(MODEL, q, 100, split="train")
+        assert [s for _i, s in hits] == sorted((s for _i, s in hits), reverse=True)
+        # float16 rows: the same neighbours up to near-ties at the boundary
+        assert len({i for i, _s in hits} & {i for i, _sp, _s in ref}) >= 97
+        assert abs(hits[0][1] - ref[0][2]) < 2e-3
+    assert scale.nearest_in_split(cache, queries[:1], 0) == [[]]
