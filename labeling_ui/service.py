@@ -35,6 +35,7 @@ from agile_pipeline.lib.state import (
 from labeling_ui.config import valid_rater_name
 from labeling_ui.trigger import (
     FOLLOWUP_ASSETS,
+    LOOKAHEAD_ASSETS,
     ROUND_JOB,
     START_JOB,
     PipelineTrigger,
@@ -592,7 +593,8 @@ class LabelingService:
                             }}
                         req.handle = trigger.run_round(concept, run_config=run_config, tags={
                             **tags, "agile/round": str(self.store.next_round_index(concept)),
-                            "agile/lookahead": "1" if lookahead else "0"})
+                            "agile/lookahead": "1" if lookahead else "0"},
+                            selection=LOOKAHEAD_ASSETS if lookahead else None)
             except TriggerUnavailable as exc:
                 req.unreachable = str(exc)
             except TriggerError as exc:

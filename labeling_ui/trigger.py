@@ -32,6 +32,8 @@ ROUND_JOB = "concept_round_job"
 EVAL_ASSETS = ("eval_set", "model_metrics")  # re-scored after the eval set is rated
 # the round on the batch's full labels after a lookahead round already queued the next batch
 FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
+# a lookahead round: train, select the next batch, register; the eval work is the follow-up's
+LOOKAHEAD_ASSETS = ("classifier", "al_candidates", "registered_model")
 PARTITIONS_DEF = "concepts"
 PARTITION_TAG = "dagster/partition"
 
@@ -351,6 +353,7 @@ class DagsterGraphQLTrigger:
 class _Job:
     handle: RunHandle
     future: "Future[str]"
+    followup: bool = False
 
 
 class InProcessTrigger:
@@ -366,7 +369,11 @@ class InProcessTrigger:
     worker's first task (rounds asked for meanwhile queue behind it).
 
     The run id is chosen before the run starts, so the app can link to the run at once
-    (``dagster_url``). ``run_start`` / ``run_round`` / ``run_eval`` default to
+    (``dagster_url``). A follow-up run (``run_round`` with an asset ``selection``, which the app
+    asks for when a batch ends after its lookahead round) waits ``followup_delay_s`` and until
+    no other run of the concept is queued, and a newer follow-up of the same concept replaces
+    one still waiting: a fast rater's next lookahead round never queues behind it.
+    ``run_start`` / ``run_round`` / ``run_eval`` default to
     :mod:`agile_pipeline.runner`; tests may pass their own callables (``concept -> run id``).
     """
 
@@ -381,6 +388,7 @@ class InProcessTrigger:
         run_eval: Callable[[str], str] | None = None,
         dagster_url: str | None = None,
         warm: bool = False,
+        followup_delay_s: float = 3.0,
     ) -> None:
         self._home = home
         self._custom_start = run_start
@@ -391,6 +399,9 @@ class InProcessTrigger:
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._agile_obj: Any = None
+        # concept -> the follow-up run waiting to start: (run id, what to run, its future)
+        self._deferred: dict[str, tuple[str, Callable[[str], str], Future[str]]] = {}
+        self._followup_delay_s = followup_delay_s
         self._warm: dict[str, Any] = {"warm": not warm, "started_at": time.time(), "preload": {}}
         if warm:  # on the round worker itself: what it opens (MLflow's store, ...) stays its own
             self._pool.submit(self._warm_up)
@@ -450,6 +461,51 @@ class InProcessTrigger:
             self._jobs[handle.run_id] = _Job(handle, self._pool.submit(fn, run_id))
         return handle
 
+    def _submit_followup(self, job: str, concept: str, fn: Callable[[str], str]) -> RunHandle:
+        run_id = str(uuid.uuid4())
+        handle = RunHandle(run_id, job, concept, "in-process", self._run_url(run_id))
+        fut: Future[str] = Future()
+        with self._lock:
+            old = self._deferred.pop(concept, None)
+            if old is not None:
+                old[2].cancel()  # superseded: the new one trains on every label the old had
+            self._deferred[concept] = (run_id, fn, fut)
+            self._jobs[run_id] = _Job(handle, fut, followup=True)
+        self._arm(concept, run_id)
+        return handle
+
+    def _arm(self, concept: str, run_id: str) -> None:
+        t = threading.Timer(self._followup_delay_s, self._release, (concept, run_id))
+        t.daemon = True
+        t.start()
+
+    def _release(self, concept: str, run_id: str) -> None:
+        with self._lock:
+            entry = self._deferred.get(concept)
+            if entry is None or entry[0] != run_id:
+                return  # superseded or already released
+            busy = any(j.handle.concept == concept and not j.followup and not j.future.done()
+                       for j in self._jobs.values())
+            if not busy:
+                del self._deferred[concept]
+        if busy:
+            self._arm(concept, run_id)
+            return
+        _rid, fn, fut = entry
+
+        def task() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(run_id))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        try:
+            self._pool.submit(task)
+        except RuntimeError as exc:  # shut down
+            fut.cancel() or fut.set_exception(exc)
+
     @staticmethod
     def _tags(tags: Mapping[str, str] | None) -> dict[str, str]:
         from agile_pipeline.warm import WORKER_TAG, worker_id
@@ -479,9 +535,11 @@ class InProcessTrigger:
         selection: Sequence[str] | None = None,
     ) -> RunHandle:
         cfg = dict(run_config or {})
+        followup = selection is not None and tuple(selection) == FOLLOWUP_ASSETS
+        submit = self._submit_followup if followup else self._submit
         if self._custom_round is not None:
             custom = self._custom_round
-            return self._submit(ROUND_JOB, concept, lambda _rid: custom(concept, cfg))
+            return submit(ROUND_JOB, concept, lambda _rid: custom(concept, cfg))
 
         def run(run_id: str) -> str:
             from agile_pipeline.runner import run_concept_round
@@ -495,7 +553,7 @@ class InProcessTrigger:
                 selection=list(selection) if selection is not None else None,
             ).run_id)
 
-        return self._submit(ROUND_JOB, concept, run)
+        return submit(ROUND_JOB, concept, run)
 
     def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
         if self._custom_eval is not None:
@@ -518,6 +576,8 @@ class InProcessTrigger:
         fut = job.future
         if not fut.done():
             return RunStatus("running" if fut.running() else "queued")
+        if fut.cancelled():
+            return RunStatus("canceled", "replaced by a newer follow-up round")
         exc = fut.exception()
         if exc is not None:
             return RunStatus("failure", str(exc).strip("'\"") or type(exc).__name__)

@@ -379,6 +379,7 @@ concept_start_job = dg.define_asset_job(
 ROUND_ASSETS = (classifier, al_candidates, registered_model, eval_set, model_metrics)
 # what the round job runs when only part of it is wanted (``asset_selection`` of a run)
 FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
+LOOKAHEAD_ASSETS = ("classifier", "al_candidates", "registered_model")
 EVAL_ASSETS = ("eval_set", "model_metrics")
 
 concept_round_job = dg.define_asset_job(

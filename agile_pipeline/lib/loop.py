@@ -234,14 +234,21 @@ def zero_shot(env: LoopEnv, concept_name: str, encoder: Any, *, save: bool = Tru
     """Cosine of every image (all splits) with the concept-name text vector: (ids, scores)."""
     concept = env.store.get_concept(concept_name)
     text = np.asarray(encoder.embed_texts([concept.phrases[0][1]])[0], dtype=np.float32)
-    m = env.vectors.matrix(env.model_id, None)
-    scores = _matvec(m.vectors, text)
+    from agile_pipeline.lib import scale
+
+    if scale.has_cache(env.vectors):  # the warm split caches: no second copy of the table
+        parts = [scale.split_cache(env.vectors, env.model_id, sp) for sp in ("train", "test")]
+        ids = np.concatenate([np.char.decode(np.asarray(c.keys), "utf-8") for c in parts])
+        scores = np.concatenate([scale.matvec_f16(c, text) for c in parts])
+    else:
+        m = env.vectors.matrix(env.model_id, None)
+        ids, scores = m.ids, _matvec(m.vectors, text)
     if save:
         out = env.concept_dir(concept.name) / "zero_shot.npz"
         tmp = out.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=m.ids.astype(str), scores=scores, text=text)
+        np.savez(tmp, ids=ids.astype(str), scores=scores, text=text)
         tmp.replace(out)
-    return m.ids, scores
+    return ids, scores
 
 
 def load_zero_shot(env: LoopEnv, concept_name: str) -> tuple[np.ndarray, np.ndarray] | None:

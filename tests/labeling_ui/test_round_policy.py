@@ -46,7 +46,8 @@ def test_lookahead_round_starts_when_few_images_are_left_and_skips_them(world: W
     tags, cfg = rounds[0]
     assert tags["agile/lookahead"] == "1" and tags["agile/auto"] == "1"
     assert cfg["run_config"]["ops"]["al_candidates"]["config"] == {"exclude_pending": True}
-    assert cfg["selection"] is None  # the whole round job: train, select, register, evaluate
+    # train, select, register; the eval work is the follow-up's
+    assert cfg["selection"] == ["classifier", "al_candidates", "registered_model"]
     nxt = service.latest_batch("red things")
     assert nxt is not None and nxt.batch_id > first.batch_id
     assert not set(nxt.order) & set(order[7:])  # the 3 images still to rate are not reused
@@ -140,6 +141,7 @@ def test_the_app_names_the_round_job_assets_the_code_location_defines() -> None:
 
     assert trigger.FOLLOWUP_ASSETS == concepts.FOLLOWUP_ASSETS
     assert trigger.EVAL_ASSETS == concepts.EVAL_ASSETS
+    assert trigger.LOOKAHEAD_ASSETS == concepts.LOOKAHEAD_ASSETS
     assert set(concepts.FOLLOWUP_ASSETS) <= {a.key.path[-1] for a in concepts.ROUND_ASSETS}
     assert trigger.ROUND_JOB == concepts.concept_round_job.name
     assert trigger.START_JOB == concepts.concept_start_job.name

@@ -6,7 +6,12 @@ import time
 
 import pytest
 
-from labeling_ui.trigger import DagsterGraphQLTrigger, InProcessTrigger, TriggerUnavailable
+from labeling_ui.trigger import (
+    FOLLOWUP_ASSETS,
+    DagsterGraphQLTrigger,
+    InProcessTrigger,
+    TriggerUnavailable,
+)
 
 
 def _wait(trigger: InProcessTrigger, run_id: str, timeout: float = 5.0):  # type: ignore[no-untyped-def]
@@ -73,3 +78,27 @@ def test_dagster_url_must_be_http(url: str) -> None:
 def test_dagster_run_url() -> None:
     t = DagsterGraphQLTrigger("http://127.0.0.1:3000/")
     assert t.run_url("abc") == "http://127.0.0.1:3000/runs/abc"
+
+
+def test_follow_up_waits_for_other_runs_and_a_newer_one_replaces_it() -> None:
+    gate = threading.Event()
+    calls: list[tuple[str, str]] = []
+
+    def round_(concept: str, cfg: dict) -> str:
+        calls.append((concept, "followup" if cfg.get("followup") else "round"))
+        if not cfg.get("followup"):
+            gate.wait(10)
+        return f"run-{len(calls)}"
+
+    t = InProcessTrigger(run_start=lambda c: "x", run_round=round_, followup_delay_s=0.05)
+    look = t.run_round("cats")  # a lookahead round, still running
+    first = t.run_round("cats", run_config={"followup": True}, selection=FOLLOWUP_ASSETS)
+    second = t.run_round("cats", run_config={"followup": True}, selection=FOLLOWUP_ASSETS)
+    assert t.status(first.run_id).state == "canceled"  # superseded while it waited
+    time.sleep(0.3)
+    assert t.status(second.run_id).state == "queued"  # waits while the round runs
+    gate.set()
+    assert _wait(t, look.run_id).state == "success"
+    assert _wait(t, second.run_id).state == "success"
+    assert calls == [("cats", "round"), ("cats", "followup")]
+    t.shutdown()
