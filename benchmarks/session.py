@@ -279,7 +279,8 @@ def summarize(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def deployment_env(base: Mapping[str, str], out: Path, *, encoder: str | None = None,
-                   lookahead: int | None = None, bin_dir: Path | None = None) -> dict[str, str]:
+                   lookahead: int | None = None, bin_dir: Path | None = None,
+                   trigger: str | None = None) -> dict[str, str]:
     """The environment quickstart.sh gives the deployment, pointed at ``out``."""
     env = {k: v for k, v in base.items()
            if k not in ("AGILE_DAGSTER_URL", "AGILE_APP_TRIGGER", "AGILE_APP_AUTH", "AGILE_MLFLOW_URI",
@@ -294,6 +295,8 @@ def deployment_env(base: Mapping[str, str], out: Path, *, encoder: str | None = 
         env["AGILE_ENCODER"] = encoder
     if lookahead is not None:
         env["AGILE_APP_LOOKAHEAD"] = str(lookahead)
+    if trigger:
+        env["AGILE_APP_TRIGGER"] = trigger
     return env
 
 
@@ -699,6 +702,7 @@ class Options:
     synthetic: int | None = None
     dim: int = 512
     lookahead: int | None = None
+    trigger: str | None = None
     keep: bool = False
     rater: str = "bench"
     poll: float = 0.05
@@ -1193,7 +1197,7 @@ def run_session(o: Options, log: Callable[[str], None] = print) -> dict[str, Any
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", out / "dagster_home" / "dagster.yaml")
     encoder = f"random:{o.dim}" if o.synthetic else None
     env = deployment_env(os.environ, out, encoder=encoder, lookahead=o.lookahead,
-                         bin_dir=Path(sys.executable).parent)
+                         bin_dir=Path(sys.executable).parent, trigger=o.trigger)
     dep: Deployment | None = None
     client: AppClient | None = None
     interrupted = False
@@ -1309,6 +1313,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help="rate the eval set and ask for the evaluation at the end")
     p.add_argument("--lookahead", type=int, default=None, metavar="L",
                    help="the app's lookahead (AGILE_APP_LOOKAHEAD; 0 = off; default: the app's own)")
+    p.add_argument("--trigger", choices=("in-process", "dagster"), default=None,
+                   help="where the app runs rounds (AGILE_APP_TRIGGER; default: the app's own, "
+                        "in-process; 'dagster': submitted to the webserver, launched by the daemon)")
     p.add_argument("--keep", action="store_true", help="keep OUT/agile and OUT/dagster_home")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension of --synthetic")
     p.add_argument("--rater", default="bench", help="rater name")
@@ -1330,7 +1337,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     raw = list(argv) if argv is not None else sys.argv[1:]
     return Options(
         dataset=a.dataset, out=a.out, concept=a.concept, think=a.think, rounds=a.rounds, eval=a.eval,
-        synthetic=a.synthetic, dim=a.dim, lookahead=a.lookahead, keep=a.keep, rater=a.rater, poll=a.poll,
+        synthetic=a.synthetic, dim=a.dim, lookahead=a.lookahead, trigger=a.trigger, keep=a.keep, rater=a.rater, poll=a.poll,
         timeout=a.timeout, stall=a.stall, exemplars=a.exemplars, client_rounds=a.client_rounds,
         cli_repeats=a.cli_repeats, ready_timeout=a.ready_timeout,
         command="python -m benchmarks.session " + shlex.join(raw),
