@@ -11,6 +11,7 @@ with keyboard shortcuts, or a grid; see ``static/rater.js``), **Model** (rounds,
 how to load, export, the evaluation plot) and **Raters** (invite link, who rated what).
 """
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -240,6 +241,9 @@ def build_app(settings: UiSettings | None = None, *, service: LabelingService | 
     """The whole app: security middleware, the fast routes, and the Gradio UI at ``/``."""
     settings = settings or UiSettings.from_env()
     service = service or make_service(settings)
+    # the widget follows the round policy the service really has (a given service brings its own)
+    settings = dataclasses.replace(settings, auto_round=service.policy.auto,
+                                   lookahead=service.policy.lookahead)
     gate = AuthGate(enabled=settings.auth_enabled)
     app = FastAPI(title=settings.title, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(build_router(service, gate, settings))

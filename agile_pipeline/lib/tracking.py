@@ -40,7 +40,45 @@ def _client(tracking_uri: str):  # type: ignore[no-untyped-def]
 
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    ensure_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_sqlite_store(tracking_uri: str) -> None:
+    """Create an embedded (``sqlite:///``) MLflow store crash-safely: its schema is built in a
+    private file that replaces nothing until it is complete.
+
+    MLflow builds a new store with a few dozen migrations; a process killed in the middle (the
+    app warms MLflow up when it starts) would leave a half-built database that every later
+    run refuses ("table ... already exists"). Here the half-built file is a temporary one that
+    the next attempt ignores; a file lock keeps concurrent first users from racing.
+    """
+    import fcntl
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".init.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.exists():
+                return
+            tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+            client.search_experiments(max_results=1)  # builds and migrates the schema
+            engine = getattr(getattr(client, "_tracking_client", None), "store", None)
+            engine = getattr(engine, "engine", None)
+            if engine is not None:
+                engine.dispose()  # no connection left on the file we are about to move
+            os.replace(tmp, path)  # complete, or not there at all
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def log_model_version(

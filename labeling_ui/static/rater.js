@@ -254,6 +254,7 @@
     for (const it of st.items) if (mine.has(it.image_id)) it.label = mine.get(it.image_id);
     if (!st.round && data.round) st.round = data.round;
     st.cursor = firstUnrated(0);
+    if (opts.afterRound) st.switchedAt = Date.now();  // a follow-up round may start now: watch it
     if (opts.afterRound && st.lastRatingAt) {
       const secs = ((Date.now() - st.lastRatingAt) / 1000).toFixed(1);
       const r = st.round || {};
@@ -661,7 +662,8 @@
     if (!st.cfg.auto || !st.batch || st.purpose !== "train") return false;
     const left = st.items.filter((i) => !i.label).length;
     const recent = st.lastRatingAt && Date.now() - st.lastRatingAt < 15000;
-    return !!recent && left <= (st.cfg.lookahead || 0) + 1;
+    const justSwitched = st.switchedAt && Date.now() - st.switchedAt < 10000;
+    return !!recent && (left <= (st.cfg.lookahead || 0) + 1 || !!justSwitched);
   }
   function syncPolling() {
     if (wantPoll()) { if (!st.pollTimer) st.pollTimer = setInterval(pollRound, 250); }

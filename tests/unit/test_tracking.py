@@ -1,5 +1,6 @@
 """MLflow bookkeeping against a real embedded store (agile_pipeline.lib.tracking)."""
 
+import os
 from pathlib import Path
 
 from agile_pipeline import settings
@@ -22,3 +23,17 @@ def test_relative_data_directory_logs_and_registers(tmp_path, monkeypatch):
             metrics={"auc_pr": 0.5}, tags={})
         assert logged.version == "1"
         assert logged.artifact_uri.startswith("file://" + str(tmp_path))
+
+
+def test_embedded_store_is_created_whole_or_not_at_all(tmp_path) -> None:
+    """A process killed while MLflow builds its schema leaves a private temporary file, never
+    a half-built store that every later run would refuse."""
+    db = tmp_path / "mlflow.db"
+    (tmp_path / ".mlflow.db.init-99999").write_bytes(b"half-built by a killed process")
+    uri = f"sqlite:///{db}"
+    tracking.ensure_sqlite_store(uri)
+    assert db.exists()
+    tracking.ensure_sqlite_store(uri)  # idempotent
+    client = tracking._client(uri)
+    assert client.search_experiments(max_results=5)  # the default experiment: a complete store
+    assert not list(tmp_path.glob(f".mlflow.db.init-{os.getpid()}"))
