@@ -392,15 +392,7 @@ def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 1
         for start, rows in scale.iter_npy_rows(cache.bf16_path, chunk):
             x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16).to(dt)
             s = (x @ qt).float().numpy()  # the cache's bfloat16 rows are unit vectors
-            for j in range(q.shape[0]):
-                col = s[:, j]
-                top = np.argpartition(-col, keep - 1)[:keep] if col.size > keep else np.arange(col.size)
-                cs = np.concatenate([best_s[j], col[top]])
-                cr = np.concatenate([best_r[j], top + start])
-                if cs.size > keep:
-                    sel = np.argpartition(-cs, keep - 1)[:keep]
-                    cs, cr = cs[sel], cr[sel]
-                best_s[j], best_r[j] = cs, cr
+            scale.merge_top_columns(best_s, best_r, s, start, keep)
     out = []
     for j in range(q.shape[0]):
         rows_j = np.sort(best_r[j])

@@ -984,6 +984,21 @@ def matvec_f16(cache: SplitCache, v: np.ndarray, *, chunk: int = 1 << 17) -> np.
     return out
 
 
+def merge_top_columns(best_s: list[np.ndarray], best_r: list[np.ndarray], sims: np.ndarray,
+                      start: int, keep: int) -> None:
+    """Fold one chunk of scores (rows from ``start``, one column per query) into each query's
+    running ``keep`` best (scores, rows), in place; a partial sort per column, never a full one."""
+    for j in range(sims.shape[1]):
+        col = sims[:, j]
+        top = np.argpartition(-col, keep - 1)[:keep] if col.size > keep else np.arange(col.size)
+        cs = np.concatenate([best_s[j], col[top]])
+        cr = np.concatenate([best_r[j], top + start])
+        if cs.size > keep:
+            sel = np.argpartition(-cs, keep - 1)[:keep]
+            cs, cr = cs[sel], cr[sel]
+        best_s[j], best_r[j] = cs, cr
+
+
 EXACT_SEARCH_MAX_ROWS = 2_000_000  # above this, a per-phrase scan costs seconds: LanceDB's search
 
 
@@ -1004,16 +1019,7 @@ def nearest_in_split(cache: SplitCache, queries: np.ndarray, k: int, *,
         return [[] for _ in q]
     for start, rows in iter_npy_rows(cache.f16_path, chunk):
         norms = np.maximum(cache.norms[start : start + rows.shape[0]], 1e-12)
-        sims = (rows.astype(np.float32) @ q.T) / norms[:, None]
-        for j in range(q.shape[0]):
-            col = sims[:, j]
-            top = np.argpartition(-col, k - 1)[:k] if col.size > k else np.arange(col.size)
-            cs = np.concatenate([best_s[j], col[top]])
-            cr = np.concatenate([best_r[j], top + start])
-            if cs.size > k:
-                sel = np.argpartition(-cs, k - 1)[:k]
-                cs, cr = cs[sel], cr[sel]
-            best_s[j], best_r[j] = cs, cr
+        merge_top_columns(best_s, best_r, (rows.astype(np.float32) @ q.T) / norms[:, None], start, k)
     out = []
     for j in range(q.shape[0]):
         o = np.lexsort((best_r[j], -best_s[j]))  # best first; ties by row, deterministic

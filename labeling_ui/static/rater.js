@@ -632,7 +632,7 @@
     const changed = cfg.concept !== prev.concept || cfg.purpose !== prev.purpose || cfg.nonce !== prev.nonce || cfg.user !== prev.user;
     // the newest of what Python pushed and what polling saw
     if (changed || !st.round || !cfg.round || (cfg.round.requested_at || 0) >= (st.round.requested_at || 0)) st.round = cfg.round || null;
-    if (changed) { st.banner = null; st.nextReady = null; loadBatch(); return; }
+    if (changed) { st.banner = null; st.nextReady = null; st.openedAt = Date.now(); loadBatch(); return; }
     onRound(prevRound);
   }
   function onRound(prevRound) {
@@ -659,6 +659,8 @@
     if (!st.concept) return false;
     const r = st.round;
     if (r && (r.state === "queued" || r.state === "running")) return true;  // e.g. finding the first images
+    // a concept just opened with no batch yet: its first images are on their way
+    if (!st.batch && st.purpose === "train" && st.openedAt && Date.now() - st.openedAt < 60000) return true;
     if (!st.cfg.auto || !st.batch || st.purpose !== "train") return false;
     const left = st.items.filter((i) => !i.label).length;
     const recent = st.lastRatingAt && Date.now() - st.lastRatingAt < 15000;
