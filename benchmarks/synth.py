@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agile_pipeline import settings
-from agile_pipeline.lib.scale import assign_splits
+from agile_pipeline.lib.keyed_hash import assign_splits
 
 MODEL_SPEC_PREFIX = "random:"  # the round job resolves the model id from AGILE_ENCODER
 POS_RATE = 0.001

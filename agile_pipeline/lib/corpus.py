@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agile_pipeline.lib.evalset import siphash64
 from agile_pipeline.lib.images import ImageRejected, inspect_image, read_bytes
 from agile_pipeline.lib.state import StateStore
 
@@ -77,13 +76,6 @@ class IngestReport:
 def image_id_for(data: bytes) -> str:
     """Stable id from content: BLAKE2b-128 of the bytes, hex."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def assign_split(image_id: str, *, train_fraction: float, key: bytes) -> str:
-    """Deterministic train/test assignment from a keyed SipHash-2-4 of the image id."""
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError("train_fraction must be strictly between 0 and 1")
-    return "train" if siphash64(key, image_id) / 2**64 < train_fraction else "test"
 
 
 def describe_source(spec: str) -> str:

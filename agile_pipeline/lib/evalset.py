@@ -9,48 +9,36 @@ user rates fewer of them.
 
 Zero-shot cosine scores are not probabilities; :func:`zero_shot_to_unit` maps them into [0, 1]
 so they can be bucketed like the MLPs' outputs.
+
+Over a whole split cache (millions of test images), :func:`stratified_eval_set_cached` picks
+the same images from the hash order computed once per table version (:func:`eval_hash_order`)
+and from :class:`SplitScores` — approximate scan scores with a measured error bound, made exact
+only where a stratum boundary could change a pick.
 """
 
+import hashlib
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import siphash24
+
+from agile_pipeline.lib.keyed_hash import hash_keys, siphash64_array
+from agile_pipeline.lib.scan import exact_scores, float_scan_mode, matvec_f16, score_approx
+from agile_pipeline.lib.split_cache import SplitCache
 
 log = logging.getLogger(__name__)
 
-_U64 = (1 << 64) - 1
 
 # Default zero-shot mapping: a logistic centred on the cosine that LAION's filtering (and the
 # paper, Appendix G.1) uses as the CLIP positive threshold, with a temperature that spreads the
 # usual CLIP image-text cosine band (~0.20–0.36) over the ten strata.
 CLIP_ZERO_SHOT_CENTER = 0.28
 CLIP_ZERO_SHOT_TEMPERATURE = 0.02
-
-
-def siphash64(key: bytes, item: str) -> int:
-    """Keyed SipHash-2-4 of ``item`` (UTF-8) as an unsigned 64-bit integer.
-
-    ``key`` must be 16 bytes. The value is the standard little-endian reading of the 8-byte
-    digest (the reference test vector: key ``00..0f``, empty input → ``0x726fdb47dd0e0e31``).
-    """
-    if len(key) != 16:
-        raise ValueError(f"SipHash key must be 16 bytes, got {len(key)}")
-    return siphash24.siphash24(item.encode("utf-8"), key=key).intdigest() & _U64
-
-
-def hash_keys(keys: Sequence[str], key: bytes) -> np.ndarray:
-    """:func:`siphash64` of every key, as a ``uint64`` array (about 1 µs per key)."""
-    if len(key) != 16:
-        raise ValueError(f"SipHash key must be 16 bytes, got {len(key)}")
-    out = np.empty(len(keys), dtype=np.uint64)
-    h = siphash24.siphash24
-    for i, k in enumerate(keys):
-        out[i] = h(k.encode("utf-8"), key=key).intdigest() & _U64
-    return out
 
 
 def stratum_of(scores: np.ndarray, n_strata: int = 10) -> np.ndarray:
@@ -306,3 +294,194 @@ def stratified_eval_set(
         len(ev.keys), len(model_scores), sum(sum(c) for c in counts.values()),
     )
     return ev
+
+
+# ---- whole split caches: scores with an error bound, the hash order cached ------------------
+@dataclass
+class SplitScores:
+    """One model's P(positive) for every row of a split: float32-exact where ``exact``, else a
+    bfloat16 value within ``bound`` of the float32 one. ``refine(rows)`` computes exact values;
+    :func:`stratified_eval_set_cached` calls it only for the few rows whose stratum could
+    change which images the eval set picks."""
+
+    values: np.ndarray
+    exact: np.ndarray
+    bound: float
+    refine: Any = None  # Callable[[np.ndarray], np.ndarray] | None
+    dirty: bool = False  # refined since loaded (worth writing back)
+
+    def resolve(self, rows: np.ndarray) -> None:
+        rows = np.unique(np.asarray(rows, np.int64))
+        rows = rows[~self.exact[rows]]
+        if rows.size == 0:
+            return
+        if self.refine is None:
+            raise ValueError("these scores cannot be refined (no model attached)")
+        new = np.asarray(self.refine(rows), np.float32)
+        worst = float(np.max(np.abs(new - self.values[rows])))
+        if worst > self.bound:  # the bound was too optimistic: widen it and say so
+            log.warning("scan error %.2g above its bound %.2g; widening", worst, self.bound)
+            self.bound = 2 * worst
+        self.values[rows] = new
+        self.exact[rows] = True
+        self.dirty = True
+
+
+def approx_split_scores(model: Any, cache: SplitCache, *, sample_per_band: int = 128,
+                        bands: int = 20, mode: str | None = None) -> SplitScores:
+    """Approximate scores of a whole split (:func:`float_scan_mode` unless ``mode``) and a
+    bound on their error: 3x the largest error over a probe of up to ``sample_per_band`` rows
+    from each of ``bands`` equal-width score bands (so every part of the sigmoid is measured,
+    not just where most rows sit); probed rows are stored exact."""
+    approx = score_approx(model, cache, mode=mode or float_scan_mode())
+    exact = np.zeros(len(cache), np.bool_)
+    rng = np.random.default_rng(0)
+    band = np.minimum((approx * bands).astype(np.int64), bands - 1)
+    probe_parts = []
+    for bnd in range(bands):
+        rows = np.flatnonzero(band == bnd)
+        if rows.size:
+            probe_parts.append(rng.choice(rows, size=min(sample_per_band, rows.size), replace=False))
+    probe = np.sort(np.concatenate(probe_parts)) if probe_parts else np.empty(0, np.int64)
+    ex = exact_scores(model, cache, probe)
+    err = float(np.max(np.abs(ex - approx[probe]), initial=0.0))
+    approx[probe] = ex
+    exact[probe] = True
+    return SplitScores(approx, exact, 3.0 * err + 1e-6,
+                       refine=lambda rows: exact_scores(model, cache, rows))
+
+
+def model_split_scores(model: Any, model_dir: Path, cache: SplitCache) -> SplitScores:
+    """:func:`approx_split_scores` of a saved model on a split, cached in the model's directory
+    per table version (a round's model never changes; a forced retrain replaces the whole
+    directory, cache included). Rows refined later are written back by :func:`save_split_scores`."""
+    path = Path(model_dir) / f"scores-{cache.tag}.npz"
+    refine = lambda rows: exact_scores(model, cache, rows)  # noqa: E731
+    if path.exists():
+        with np.load(path) as z:
+            if z["values"].shape == (len(cache),):
+                return SplitScores(z["values"].copy(), z["exact"].copy(), float(z["bound"]), refine)
+    sc = approx_split_scores(model, cache)
+    sc.dirty = True
+    save_split_scores(sc, model_dir, cache)
+    return sc
+
+
+def save_split_scores(sc: SplitScores, model_dir: Path, cache: SplitCache) -> None:
+    if not sc.dirty:
+        return
+    path = Path(model_dir) / f"scores-{cache.tag}.npz"
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, values=sc.values, exact=sc.exact, bound=np.float64(sc.bound))
+    tmp.replace(path)
+    sc.dirty = False
+
+
+def _key_tag(key: bytes) -> str:
+    return hashlib.blake2b(key, digest_size=6).hexdigest()
+
+
+def eval_hash_order(cache: SplitCache, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(hashes, order)`` of a split's ids for the eval set: keyed SipHash-2-4 of every id
+    and the permutation sorting rows by (hash, id) — cached per table version."""
+    hp, op = cache.cached(f"evalhash-{_key_tag(key)}"), cache.cached(f"evalorder-{_key_tag(key)}")
+    if hp.exists() and op.exists():
+        return np.load(hp, mmap_mode="r"), np.load(op, mmap_mode="r")
+    hashes = siphash64_array(cache.keys, key)
+    order = _hash_order(cache.str_keys(), hashes).astype(np.int64)
+    for path, arr in ((hp, hashes), (op, order)):
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        tmp.replace(path)
+    return hashes, order
+
+
+def _strata_sorted(scores: np.ndarray | SplitScores, order: np.ndarray, n_strata: int,
+                   per_stratum: int) -> np.ndarray:
+    """Stratum of every row in hash order. For :class:`SplitScores`, first makes exact every
+    approximate row that could change a pick: a row whose value ± bound straddles a stratum
+    boundary and that comes, in hash order, before the ``per_stratum``-th row certainly in a
+    stratum it may belong to."""
+    if not isinstance(scores, SplitScores):
+        return stratum_of(np.asarray(scores), n_strata)[order]
+    sc = scores
+    for _ in range(64):
+        slack = np.where(sc.exact, np.float32(0), np.float32(sc.bound))
+        lo = stratum_of(np.clip(sc.values - slack, 0, 1), n_strata)[order]
+        hi = stratum_of(np.clip(sc.values + slack, 0, 1), n_strata)[order]
+        need: list[np.ndarray] = []
+        for s in range(n_strata):
+            cand = np.flatnonzero((lo <= s) & (hi >= s))
+            sure = (lo[cand] == s) & (hi[cand] == s)
+            upto = cand.size
+            if per_stratum == 0:
+                upto = 0
+            elif sure.sum() >= per_stratum:
+                upto = int(np.searchsorted(np.cumsum(sure), per_stratum)) + 1
+            window = cand[:upto]
+            need.append(np.asarray(order[window[~sure[:upto]]]))
+        rows = np.concatenate(need) if need else np.empty(0, np.int64)
+        if rows.size == 0:
+            return stratum_of(sc.values, n_strata)[order]
+        sc.resolve(rows)
+    raise RuntimeError("eval-set strata did not settle")
+
+
+def stratified_eval_set_cached(cache: SplitCache, model_scores: Mapping[str, np.ndarray | SplitScores], *,
+                               key: bytes, per_stratum: int = 20, n_strata: int = 10) -> Any:
+    """:func:`agile_pipeline.lib.evalset.stratified_eval_set` over a whole split (keys = the
+    split's ids), with the hash order from :func:`eval_hash_order`.
+
+    Scores may be exact arrays or :class:`SplitScores`; with the latter, the picked images
+    (``keys``, ``picked_by``, ``counts``, ``hashes``) are those of the float32 scores, while
+    ``stratum_sizes`` count the few still-approximate rows within ``bound`` of a boundary by
+    their bfloat16 value.
+    """
+    if per_stratum < 0:
+        raise ValueError("per_stratum must be >= 0")
+    hashes, order = eval_hash_order(cache, key)
+    n = len(cache)
+    strata_sorted: dict[str, np.ndarray] = {}
+    for name, scores in model_scores.items():
+        shape = scores.values.shape if isinstance(scores, SplitScores) else np.shape(scores)
+        if shape != (n,):
+            raise ValueError(f"scores of {name!r} have shape {shape}, expected ({n},)")
+        strata_sorted[name] = _strata_sorted(scores, order, n_strata, per_stratum)
+    rows, picked_by, counts, sizes = pick_per_stratum(
+        order, strata_sorted, per_stratum=per_stratum, n_strata=n_strata)
+    keys = cache.id_at(np.asarray(rows, np.int64)) if rows else []
+    return EvalSet(
+        keys=keys,
+        picked_by={k: picked_by[r] for k, r in zip(keys, rows, strict=True)},
+        counts=counts,
+        stratum_sizes=sizes,
+        per_stratum=per_stratum,
+        n_strata=n_strata,
+        hashes={k: int(hashes[r]) for k, r in zip(keys, rows, strict=True)},
+    )
+
+
+def zero_shot_unit_split(concept_dir: Path, text: np.ndarray, train: SplitCache,
+                         test: SplitCache) -> np.ndarray:
+    """Zero-shot scores of every ``test`` row mapped into [0, 1] with the calibration from the
+    concept's train-split cosines (as ``evaluation.zero_shot_unit_scores``); cached per text
+    vector and table version in the concept directory."""
+    text = np.asarray(text, np.float32)
+    tag = hashlib.blake2b(text.tobytes(), digest_size=6).hexdigest()
+    path = Path(concept_dir) / f"zero_shot_unit-{test.tag}-{train.version}-{tag}.npy"
+    if path.exists():
+        return np.load(path)
+    train_cos = matvec_f16(train, text)
+    if train_cos.size >= 2:
+        center, temp = zero_shot_calibration(train_cos)
+    else:
+        center, temp = zero_shot_calibration(matvec_f16(test, text))
+    unit = zero_shot_to_unit(matvec_f16(test, text), center=center, temperature=temp)
+    for old in Path(concept_dir).glob("zero_shot_unit-*.npy"):
+        old.unlink(missing_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, unit)
+    tmp.replace(path)
+    return unit

@@ -3,19 +3,36 @@
 The eval set is built on the *test* split only, by stratified sampling without weights
 (paper 4.2, appendix E) over every model of the concept and the zero-shot baseline. Eval
 labels are stored with ``purpose='eval'`` and never train a model.
+
+With split caches (:mod:`.split_cache`), the eval set comes from every model's scores over the
+whole test split computed once per table version (:func:`eval_set_for`), and an evaluation
+scores only the rated rows (:func:`rated_test_scores`); without them, the same numbers come
+from ``VectorStore.matrix``.
 """
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agile_pipeline import settings
-from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
+from agile_pipeline.lib.evalset import (
+    SplitScores,
+    model_split_scores,
+    save_split_scores,
+    stratified_eval_set,
+    stratified_eval_set_cached,
+    zero_shot_calibration,
+    zero_shot_to_unit,
+    zero_shot_unit_split,
+)
 from agile_pipeline.lib.loop import CandidateBatch, LoopEnv, LoopError
 from agile_pipeline.lib.metrics import compute_metrics
+from agile_pipeline.lib.scan import exact_scores
+from agile_pipeline.lib.split_cache import SplitCache, has_cache, split_cache
 from agile_pipeline.lib.state import LabelRule
 
 log = logging.getLogger(__name__)
@@ -73,11 +90,9 @@ def build_eval_set(
 
     t0 = time.perf_counter()
     c = env.store.get_concept(concept)
-    from agile_pipeline.lib import scale
-
-    if scale.has_cache(env.vectors):
-        es, scores = scale.eval_set_for(env, c.name, key=settings.EVAL_KEY,
-                                        per_stratum=per_stratum, n_strata=n_strata)
+    if has_cache(env.vectors):
+        es, scores = eval_set_for(env, c.name, key=settings.EVAL_KEY,
+                                  per_stratum=per_stratum, n_strata=n_strata)
     else:
         ids, scores = model_test_scores(env, c.name)
         es = stratified_eval_set(
@@ -112,10 +127,8 @@ def evaluate(
     """Metrics of every model and zero-shot on the rated eval set; writes a JSON and a plot."""
     c = env.store.get_concept(concept)
     labels = env.store.effective_labels(c.name, purpose="eval", rule=rule)
-    from agile_pipeline.lib import scale
-
-    if scale.has_cache(env.vectors):  # score only the rated rows, no scan of the test split
-        rated, rated_scores = scale.rated_test_scores(env, c.name, list(labels))
+    if has_cache(env.vectors):  # score only the rated rows, no scan of the test split
+        rated, rated_scores = rated_test_scores(env, c.name, list(labels))
     else:
         ids, scores = model_test_scores(env, c.name)
         index = {str(i): k for k, i in enumerate(ids)}
@@ -188,3 +201,79 @@ def plot_auc_pr(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+# ---- over the split caches: no scan of the test split per evaluation -------------------------
+def _zero_shot_text(env: Any, concept: str) -> np.ndarray:
+    """The concept's zero-shot text vector, saved by its start job."""
+    path = env.concept_dir(concept) / "zero_shot.npz"
+    text = None
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            text = np.asarray(z["text"], np.float32) if "text" in z.files else None
+    if text is None:
+        raise LoopError(
+            f"no zero-shot scores for {concept!r} yet: run the concept's start job "
+            f"(`agile concept expand {concept!r}`) first"
+        )
+    return text
+
+
+def test_split_scores(env: Any, concept: str, *, n_strata: int = 10) -> tuple[SplitCache, dict[str, Any]]:
+    """The test split and every model's scores on it for the eval set (zero-shot first, exact;
+    then one :class:`SplitScores` per round, each computed once per table version).
+    ``n_strata`` is accepted for compatibility (the scores do not depend on it)."""
+    del n_strata
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    test = split_cache(env.vectors, env.model_id, "test")
+    train = split_cache(env.vectors, env.model_id, "train")
+    text = _zero_shot_text(env, concept)
+    scores: dict[str, Any] = {
+        ZERO_SHOT: zero_shot_unit_split(env.concept_dir(concept), text, train, test)}
+    for r in env.store.rounds(concept):
+        model_dir = Path(r["model_uri"])
+        scores[f"round-{r['round']}"] = model_split_scores(
+            _LazyModel(model_dir, TrainedClassifier.load), model_dir, test)
+    return test, scores
+
+
+class _LazyModel:
+    """A saved classifier loaded on first use (cached scores usually need no model)."""
+
+    def __init__(self, model_dir: Path, load: Any) -> None:
+        self._dir, self._load, self._model = model_dir, load, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._model is None:
+            self._model = self._load(self._dir)
+        return getattr(self._model, name)
+
+
+def eval_set_for(env: Any, concept: str, *, key: bytes, per_stratum: int, n_strata: int) -> tuple[Any, dict[str, Any]]:
+    """The concept's eval set over the whole test split (what ``build_eval_set`` needs)."""
+    test, scores = test_split_scores(env, concept)
+    es = stratified_eval_set_cached(test, scores, key=key, per_stratum=per_stratum, n_strata=n_strata)
+    for r in env.store.rounds(concept):
+        sc = scores.get(f"round-{r['round']}")
+        if isinstance(sc, SplitScores):
+            save_split_scores(sc, Path(r["model_uri"]), test)
+    return es, scores
+
+
+def rated_test_scores(env: Any, concept: str, ids: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """``(rated, scores)``: the given ids that are in the test split, and every model's
+    float32 score of just those rows (zero-shot first) — no scan of the split."""
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    test = split_cache(env.vectors, env.model_id, "test")
+    train = split_cache(env.vectors, env.model_id, "train")
+    pos = test.positions(list(ids))
+    rated = [i for i, p in zip(ids, pos.tolist(), strict=True) if p >= 0]
+    rows = pos[pos >= 0]
+    text = _zero_shot_text(env, concept)
+    scores = {ZERO_SHOT: zero_shot_unit_split(env.concept_dir(concept), text, train, test)[rows]}
+    for r in env.store.rounds(concept):
+        model = TrainedClassifier.load(Path(r["model_uri"]))
+        scores[f"round-{r['round']}"] = exact_scores(model, test, rows)
+    return rated, scores

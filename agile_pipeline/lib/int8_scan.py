@@ -13,9 +13,9 @@ bfloat16 copy. This module provides:
   process or Ray task turns into prepacked FBGEMM weights and runs over a row range.
 
 Accuracy is that of 7-bit activations: probabilities typically within ~1e-2 of float32. The
-callers never trust them blindly: :func:`agile_pipeline.lib.scale.select_margin_exact`
+callers never trust them blindly: :func:`agile_pipeline.lib.selection.select_margin_exact`
 re-scores a shortlist in float32 and proves it large enough with the error it measures, and
-:class:`agile_pipeline.lib.scale.SplitScores` refines every row whose eval-set stratum could
+:class:`agile_pipeline.lib.evalset.SplitScores` refines every row whose eval-set stratum could
 change. Activations use 7 bits (``reduce_range``): with 8-bit activations the pairwise int16
 sums inside ``vpmaddubsw`` can saturate.
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from agile_pipeline.lib.npy_io import NpyWriter, iter_npy_rows, npy_header
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +107,13 @@ def u8_rows(bf16_path: Path, *, chunk: int = 1 << 16) -> tuple[Path, float]:
     """
     import torch
 
-    from agile_pipeline.lib.scale import _npy_header, _NpyWriter, iter_npy_rows
-
     bf16_path = Path(bf16_path)
     out = bf16_path.with_name(bf16_path.name.replace(".bf16.npy", ".u8.npy"))
     scale_path = out.with_name(out.name.replace(".u8.npy", ".u8scale.npy"))
     if out.exists() and scale_path.exists():
         return out, float(np.load(scale_path)[0])
     t0 = time.perf_counter()
-    _, (n, dim), _ = _npy_header(bf16_path)
+    _, (n, dim), _ = npy_header(bf16_path)
     top = 0
     for _, rows in iter_npy_rows(bf16_path, chunk):  # |x| is monotone in the bf16 bit pattern
         if rows.size:
@@ -121,7 +121,7 @@ def u8_rows(bf16_path: Path, *, chunk: int = 1 << 16) -> tuple[Path, float]:
     largest = float(np.array([top << 16], np.uint32).view(np.float32)[0])
     scale = max(largest, 1e-12) / X_LEVELS
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-    w = _NpyWriter(tmp, np.uint8, (n, dim))
+    w = NpyWriter(tmp, np.uint8, (n, dim))
     for _, rows in iter_npy_rows(bf16_path, chunk):
         x = torch.from_numpy(_bf16_to_f32(rows))
         w.write(_quantize(x, scale, X_ZERO_POINT, torch.quint8).int_repr().numpy())
@@ -214,10 +214,9 @@ class Int8Plan:
         """P(positive) of rows ``[start, stop)``, read straight into quantized tensors."""
         import torch
 
-        from agile_pipeline.lib.encoders import torch_threads
-        from agile_pipeline.lib.scale import _npy_header, iter_npy_rows
+        from agile_pipeline.lib.torch_runtime import torch_threads
 
-        _, (n, dim), _ = _npy_header(Path(self.u8_path))
+        _, (n, dim), _ = npy_header(Path(self.u8_path))
         stop = n if stop is None else min(stop, n)
         out = np.empty(max(0, stop - start), np.float32)
         if stop <= start:
@@ -251,7 +250,7 @@ def plan_for(module: Any, bf16_path: Path, *, calibration_rows: int = CALIBRATIO
 
 def probe_product(a: Any, b: Any) -> Callable[[], Any]:
     """A closure computing ``relu(a @ b)`` the way the int8 scan does (quint8 rows, prepacked
-    int8 weights, quint8 output), for :func:`agile_pipeline.lib.scale.scan_mode`'s timing."""
+    int8 weights, quint8 output), for :func:`agile_pipeline.lib.scan.scan_mode`'s timing."""
     import torch
 
     _engine()

@@ -8,6 +8,10 @@
   a 10M-row table), keeping O(k) state.
 * :func:`sample_expansion` — the text-to-image expansion sample: a seeded sample of the union of
   the per-phrase nearest-neighbour lists, remembering which phrase found each image.
+* :func:`select_margin_exact` — the same picks as :func:`select_margin` on the float32 scores of a
+  whole split cache, from an approximate scan (:mod:`.scan`) plus an exact re-score of a
+  shortlist proven large enough; :func:`select_for_round` — the next batch of a round, through
+  it where the vector store has split caches, else over ``VectorStore.matrix``.
 
 Every selection is deterministic: ties are broken by row index (or id), and selection uses
 ``np.argpartition`` (linear time), never a full sort of the scores.
@@ -15,10 +19,15 @@ Every selection is deterministic: ties are broken by row index (or id), and sele
 
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
+
+from agile_pipeline.lib.scan import exact_scores, scan_mode, score_approx
+from agile_pipeline.lib.split_cache import SplitCache, has_cache, split_cache
 
 log = logging.getLogger(__name__)
 
@@ -265,3 +274,145 @@ def sample_expansion(
     picks = rng.choice(len(union), size=take, replace=False)
     log.debug("expansion: %d candidates from %d phrases, sampled %d", len(union), len(candidates), take)
     return [(union[i], first_phrase[union[i]]) for i in picks.tolist()]
+
+
+# ---- whole split caches: exact picks from an approximate scan ---------------------------------
+@dataclass
+class Selection:
+    rows: np.ndarray  # int64 rows of the split, in selection order
+    scores: np.ndarray  # float32 exact P(positive) of those rows
+    n_eligible: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _error_bound(model: Any, cache: SplitCache, approx: np.ndarray, short: np.ndarray,
+                 exact_short: np.ndarray, rng_seed: int = 0, sample: int = 2048) -> float:
+    """Safe bound on |approx − exact| over the split: 2x the worst error seen on the
+    shortlist (the uncertain rows, where the sigmoid is steepest) and a random sample."""
+    rng = np.random.default_rng(rng_seed)
+    probe = rng.choice(len(cache), size=min(sample, len(cache)), replace=False)
+    probe.sort()
+    err = float(np.max(np.abs(exact_scores(model, cache, probe) - approx[probe]), initial=0.0))
+    err = max(err, float(np.max(np.abs(exact_short - approx[short]), initial=0.0)))
+    return 2.0 * err + 1e-6
+
+
+def select_margin_exact(
+    model: Any,
+    cache: SplitCache,
+    k: int,
+    *,
+    eligible: np.ndarray | None = None,
+    strategy: str = "margin",
+    approx: np.ndarray | None = None,
+    shortlist: int | None = None,
+) -> Selection:
+    """The rows :func:`select_margin` (or ``select_margin_positive``) picks from the float32
+    scores of the whole split, computed from an approximate scan (:func:`score_approx`) plus an
+    exact re-score.
+
+    Every row is scored approximately; the ``shortlist`` rows with the smallest approximate
+    margin (and, for margin + positive mining, the highest approximate scores) are re-scored in
+    float32 and the selection runs on those. The shortlist provably holds the float32 answer
+    when every row outside it is, even with the largest scan error seen (doubled), worse
+    than the last row picked; otherwise it grows (``info['shortlist']``,
+    ``info['shortlist_proven']``).
+    """
+    t0 = time.perf_counter()
+    n = len(cache)
+    first_size = max(50 * k, 5000)
+    if approx is None:
+        approx = score_approx(model, cache)
+        if scan_mode() == "int8":  # ~10x bfloat16's error: start where the proof usually holds
+            first_size *= 4
+    t_scan = time.perf_counter() - t0
+    if eligible is not None and eligible.shape != (n,):
+        raise ValueError(f"eligible must have shape ({n},)")
+    n_eligible = n if eligible is None else int(eligible.sum())
+    k = min(k, n_eligible)
+    if k <= 0:
+        return Selection(np.empty(0, np.int64), np.empty(0, np.float32), n_eligible,
+                         {"scan_seconds": t_scan})
+    m_approx = margin(approx)
+    s_neg = -approx
+    if eligible is not None:
+        m_approx = np.where(eligible, m_approx, np.inf)
+        s_neg = np.where(eligible, s_neg, np.inf)
+    size = min(n_eligible, shortlist or first_size)
+    proven = False
+    while True:
+        parts = [np.argpartition(m_approx, size - 1)[:size] if size < n else np.arange(n)]
+        if strategy == "margin-positive":
+            parts.append(np.argpartition(s_neg, size - 1)[:size] if size < n else np.arange(n))
+        short = np.unique(np.concatenate(parts))
+        if eligible is not None:
+            short = short[eligible[short]]
+        exact = exact_scores(model, cache, short)
+        if strategy == "margin":
+            pick = select_margin(exact, k)
+        elif strategy == "margin-positive":
+            pick = select_margin_positive(exact, k)
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        if size >= n_eligible:
+            proven = True
+            break
+        bound = _error_bound(model, cache, approx, short, exact)
+        outside = np.ones(n, np.bool_) if eligible is None else eligible.copy()
+        outside[short] = False
+        ok = True
+        if outside.any():
+            # margins: every outside row's exact margin >= its approx margin - 2*bound/…;
+            # |margin_exact - margin_approx| <= 2 * |p_exact - p_approx| <= 2 * bound
+            worst_picked_margin = float(np.max(margin(exact[pick]))) if strategy == "margin" else \
+                float(np.max(margin(exact[pick[_n_top(k):]]), initial=-np.inf))
+            best_outside = float(np.min(m_approx[outside]))
+            ok = best_outside - 2 * bound > worst_picked_margin
+            if strategy == "margin-positive" and ok and _n_top(k):
+                lowest_top = float(np.min(exact[pick[: _n_top(k)]]))
+                ok = float(np.max(approx[outside])) + bound < lowest_top
+        if ok:
+            proven = True
+            break
+        if size >= n_eligible:
+            break
+        size = min(n_eligible, size * 4)
+    rows = short[pick]
+    return Selection(rows, exact[pick], n_eligible, {
+        "scan_seconds": round(t_scan, 4), "shortlist": int(short.size), "shortlist_proven": proven,
+        "seconds": round(time.perf_counter() - t0, 4),
+    })
+
+
+def _n_top(k: int) -> int:
+    return _n_positive(k, 0.5)
+
+
+@dataclass
+class RoundSelection:
+    ids: list[str]
+    scores: list[float]
+    n_scored: int
+    n_eligible: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def select_for_round(vectors: Any, model_id: str, model: Any, labeled: set[str] | Sequence[str],
+                     k: int, strategy: str) -> RoundSelection:
+    """The next AL batch over the train split: the same rows as ``select_margin`` /
+    ``select_margin_positive`` on ``predict_proba`` of the whole split with labeled images
+    ineligible (see :func:`select_margin_exact`)."""
+    if not has_cache(vectors):
+        m = vectors.matrix(model_id, "train")
+        scores = model.predict_proba(m.vectors)
+        labeled = labeled if isinstance(labeled, set) else set(labeled)  # the committed path
+        eligible = np.fromiter((i not in labeled for i in m.ids), dtype=bool, count=len(m.ids))
+        pick = (select_margin if strategy == "margin" else select_margin_positive)(
+            scores, k, eligible=eligible)
+        return RoundSelection([str(m.ids[i]) for i in pick], [float(scores[i]) for i in pick],
+                              len(scores), int(eligible.sum()))
+    train = split_cache(vectors, model_id, "train")
+    eligible = ~train.mask(list(labeled))
+    sel = select_margin_exact(model, train, k, eligible=eligible, strategy=strategy)
+    return RoundSelection(train.id_at(sel.rows), [float(s) for s in sel.scores], len(train),
+                          sel.n_eligible, sel.info)

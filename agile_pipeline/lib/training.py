@@ -61,6 +61,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agile_pipeline.lib.encoders import torch_threads
+from agile_pipeline.lib.torch_runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -569,3 +570,32 @@ def train_classifier(
         round_index, hidden, meta.n_pos, meta.n_neg, meta.n_random_neg, seconds, total_steps,
     )
     return TrainedClassifier(module=module, meta=meta)
+
+
+# ---- the labeled rows of a round ---------------------------------------------------------------
+def training_inputs(vectors: Any, model_id: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(X_pool, X_labeled, exclude)`` for :func:`train_classifier`: the train split's float16
+    matrix, the labeled rows as float32 (train split first, then test, then any split), and
+    the train rows of the labeled ids — the values ``matrix``/``vectors_for``/``index_of`` give,
+    without building a dict of the split."""
+    from agile_pipeline.lib.split_cache import has_cache, split_cache
+
+    if not has_cache(vectors):
+        train_m = vectors.matrix(model_id, "train")
+        index = train_m.index_of()
+        X_lab = vectors.vectors_for(model_id, ids)
+        return train_m.vectors, X_lab, np.array([index[i] for i in ids if i in index], np.int64)
+    train = split_cache(vectors, model_id, "train")
+    pos = train.positions(ids)
+    X_lab = np.empty((len(ids), train.dim), np.float32)
+    inside = pos >= 0
+    X_lab[inside] = train.rows_f32(pos[inside])
+    if not inside.all():
+        rest = np.flatnonzero(~inside)
+        test = split_cache(vectors, model_id, "test")
+        tpos = test.positions([ids[i] for i in rest])
+        found = tpos >= 0
+        X_lab[rest[found]] = test.rows_f32(tpos[found])
+        if not found.all():
+            X_lab[rest[~found]] = vectors.vectors_for(model_id, [ids[i] for i in rest[~found]])
+    return train.f16, X_lab, pos[inside]

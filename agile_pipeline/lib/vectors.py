@@ -84,12 +84,17 @@ class SplitMatrix:
 
 
 class VectorStore:
-    def __init__(self, uri: Path | str, cache_dir: Path | None = None) -> None:
+    def __init__(self, uri: Path | str, cache_dir: Path | None = None, *,
+                 split_caches: bool = True) -> None:
+        """``cache_dir`` holds the float16 matrices and, unless ``split_caches`` is off, the
+        split caches the round's fast paths read (:mod:`.split_cache`); off, rounds take the
+        straightforward path over :meth:`matrix` (the benchmarks' baseline)."""
         import lancedb
 
         self.uri = str(uri)
         self.db = lancedb.connect(self.uri)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.split_caches = split_caches
 
     def table_names(self) -> list[str]:
         names: list[str] = []

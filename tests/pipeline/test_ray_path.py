@@ -8,7 +8,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from agile_pipeline.lib import distributed, scale  # noqa: E402
+from agile_pipeline.lib import distributed  # noqa: E402
+from agile_pipeline.lib.scan import score_approx  # noqa: E402
+from agile_pipeline.lib.selection import select_for_round  # noqa: E402
+from agile_pipeline.lib.split_cache import clear_split_caches, split_cache  # noqa: E402
 from agile_pipeline.lib.training import train_classifier  # noqa: E402
 from agile_pipeline.lib.vectors import VectorStore  # noqa: E402
 
@@ -41,7 +44,7 @@ def _store(tmp_path):
 
 
 def test_scoring_fans_out_and_selects_the_same(tmp_path, monkeypatch, local_ray):
-    scale._MEMO.clear()
+    clear_split_caches()
     vs = _store(tmp_path)
     train = vs.matrix(MODEL, "train")
     lab = np.arange(0, 300, 3)
@@ -50,17 +53,17 @@ def test_scoring_fans_out_and_selects_the_same(tmp_path, monkeypatch, local_ray)
     y[:2] = 1
     model = train_classifier(Xl, y, train.vectors, round_index=1, exclude_from_pool=lab)
     labeled = {str(train.ids[i]) for i in lab}
-    cache = scale.split_cache(vs, MODEL, "train")
-    local_scores = scale.score_approx(model, cache)
-    local = {s: scale.select_for_round(vs, MODEL, model, labeled, 50, s)
+    cache = split_cache(vs, MODEL, "train")
+    local_scores = score_approx(model, cache)
+    local = {s: select_for_round(vs, MODEL, model, labeled, 50, s)
              for s in ("margin", "margin-positive")}
     monkeypatch.setenv(distributed.ENV_ADDRESS, "local")
     monkeypatch.setenv(distributed.ENV_SHARDS, "3")
-    ray_scores = scale.score_approx(model, cache)
+    ray_scores = score_approx(model, cache)
     assert ray_scores.shape == local_scores.shape
     assert np.abs(ray_scores - local_scores).max() < 1e-2
     for s, want in local.items():
-        got = scale.select_for_round(vs, MODEL, model, labeled, 50, s)
+        got = select_for_round(vs, MODEL, model, labeled, 50, s)
         assert got.ids == want.ids and got.scores == want.scores
 
 
@@ -90,16 +93,17 @@ def test_embedding_shards_append_to_one_table(tmp_path, ray_on):
 
 def test_a_round_through_dagster_gives_the_same_candidates_and_metrics(agile_home, tmp_path, monkeypatch, local_ray):
     from agile_pipeline.defs.concepts import loop_env
-    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.defs.resources import AgileResources
     from agile_pipeline.lib.loop import pending_items
     from agile_pipeline.lib.state import LabelEvent
     from agile_pipeline.runner import run_concept_round, run_concept_start, run_corpus
     from tests.hostile_images import write_real_like_images
 
-    scale._MEMO.clear()
+    clear_split_caches()
     write_real_like_images(tmp_path / "corpus", 600, seed=3)
     run_corpus([str(tmp_path / "corpus")])
-    env = loop_env(AgileHome())
+    res = AgileResources()
+    env = loop_env(res.state, res.vectors, res.encoder)
     env.store.create_concept("rc", ["x"])
     run_concept_start("rc")
 
@@ -133,20 +137,20 @@ def test_a_round_through_dagster_gives_the_same_candidates_and_metrics(agile_hom
 
 def test_corpus_refresh_embeds_through_ray_like_the_local_path(tmp_path, monkeypatch, local_ray):
     """The image_embeddings asset, through Dagster, with the Ray switch on and off."""
-    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.defs.resources import AgileResources
     from agile_pipeline.runner import run_corpus
     from tests.hostile_images import write_real_like_images
 
     monkeypatch.setenv("AGILE_ENCODER", "random:32")
     write_real_like_images(tmp_path / "corpus", 40, seed=9)
-    local, remote = AgileHome(home=str(tmp_path / "local")), AgileHome(home=str(tmp_path / "ray"))
+    local, remote = AgileResources(home=str(tmp_path / "local")), AgileResources(home=str(tmp_path / "ray"))
     assert run_corpus([str(tmp_path / "corpus")], agile=local).success
     monkeypatch.setenv(distributed.ENV_ADDRESS, "local")
     monkeypatch.setenv(distributed.ENV_SHARDS, "2")
     result = run_corpus([str(tmp_path / "corpus")], agile=remote)
     assert result.success
-    model_id = local.model_id()
-    a, b = local.vectors(), remote.vectors()
+    model_id = local.encoder.model_id()
+    a, b = local.vectors.vectors(), remote.vectors.vectors()
     ids = sorted(a.ids(model_id))
     assert len(ids) == 40 and sorted(b.ids(model_id)) == ids
     va, vb = a.vectors_for(model_id, ids), b.vectors_for(model_id, ids)

@@ -2,40 +2,23 @@
 
 import numpy as np
 import pytest
-import siphash24
 
+from agile_pipeline import settings
 from agile_pipeline.lib.evalset import (
     EvalSet,
-    hash_keys,
-    siphash64,
+    approx_split_scores,
     stratified_eval_set,
+    stratified_eval_set_cached,
     stratum_of,
     zero_shot_calibration,
     zero_shot_to_unit,
+    zero_shot_unit_split,
 )
-
-KEY = b"test-evalset-key"  # 16 bytes
-
-
-def _reference_hash(item: str) -> int:
-    """SipHash-2-4 straight from the package: the 8-byte digest read little-endian."""
-    return int.from_bytes(siphash24.siphash24(item.encode(), key=KEY).digest(), "little")
-
-
-def test_siphash64_matches_the_reference_vector():
-    # SipHash-2-4 paper, Appendix A: key 00 01 .. 0f, empty message -> 0x726fdb47dd0e0e31
-    assert siphash64(bytes(range(16)), "") == 0x726FDB47DD0E0E31
-    assert siphash64(KEY, "k00") == _reference_hash("k00")
-    assert 0 <= siphash64(KEY, "some/url.jpg") < 2**64
-    with pytest.raises(ValueError, match="16 bytes"):
-        siphash64(b"short", "x")
-
-
-def test_hash_keys_is_siphash64_vectorised():
-    keys = [f"img{i}" for i in range(50)] + ["ünïcode"]
-    h = hash_keys(keys, KEY)
-    assert h.dtype == np.uint64
-    assert [int(v) for v in h] == [siphash64(KEY, k) for k in keys]
+from agile_pipeline.lib.keyed_hash import hash_keys
+from agile_pipeline.lib.scan import scan_plan, score_approx
+from agile_pipeline.lib.split_cache import split_cache
+from agile_pipeline.lib.training import TrainConfig, train_classifier
+from tests.unit.splits import KEY, SPLIT_DIM, SPLIT_MODEL, reference_siphash
 
 
 @pytest.mark.parametrize(
@@ -107,7 +90,7 @@ EXPECTED_PICKED_BY = {
 
 
 def test_hand_example_hash_order_is_what_the_comments_say():
-    assert sorted(KEYS, key=_reference_hash) == HASH_ORDER
+    assert sorted(KEYS, key=reference_siphash) == HASH_ORDER
     assert stratum_of(A, 3).tolist() == [0] * 10 + [1] * 10 + [2] * 10
     assert stratum_of(B, 3).tolist() == [2] * 5 + [0] * 10 + [1] * 15
 
@@ -121,7 +104,7 @@ def test_hand_example_selection():
     assert ev.stratum_sizes == {"A": [10, 10, 10], "B": [10, 15, 5]}
     assert ev.for_model("A") == ["k00", "k01", "k28", "k15", "k24", "k19"]
     assert ev.for_model("B") == ["k00", "k01", "k28", "k15", "k05", "k10"]
-    assert len(ev) == 8 and ev.hashes["k00"] == _reference_hash("k00")
+    assert len(ev) == 8 and ev.hashes["k00"] == reference_siphash("k00")
 
 
 def test_hand_example_boundaries_matter():
@@ -211,3 +194,60 @@ def test_zero_shot_calibration_from_background_quantiles():
     assert np.mean(u >= 0.1) == pytest.approx(0.01, abs=1e-3)
     with pytest.raises(ValueError):
         zero_shot_to_unit(bg, temperature=0.0)
+
+
+# ---- over a split cache: scan scores with a bound, refined where a pick could change ----------
+@pytest.mark.parametrize("variant", ["default", "round0", "no_l2", "standardize"])
+def test_approx_scores_close_and_strata_exact(split_store, variant, scan_mode_each):
+    train = split_store.matrix(SPLIT_MODEL, "train")
+    lab = np.arange(0, 400, 2)
+    X = np.asarray(train.vectors[lab], np.float32) * (3.0 if variant == "no_l2" else 1.0)
+    y = (X[:, 0] > 0.3).astype(int)
+    y[:3] = 1
+    config = TrainConfig(input_norm="none" if variant == "no_l2" else "l2",
+                         standardize=variant == "standardize")
+    model = train_classifier(X, y, train.vectors, round_index=0 if variant == "round0" else 1,
+                             exclude_from_pool=lab, config=config)
+    c = split_cache(split_store, SPLIT_MODEL, "test")
+    exact = model.predict_proba(split_store.matrix(SPLIT_MODEL, "test").vectors)
+    plan = scan_plan(model, c)
+    assert type(plan).__name__ == ("Int8Plan" if scan_mode_each == "int8" else "FloatPlan")
+    approx = score_approx(model, c, chunk=1000)
+    assert np.abs(approx - exact).max() < 0.02
+    sc = approx_split_scores(model, c, mode=scan_mode_each)
+    assert np.abs(sc.values - exact).max() <= sc.bound
+    # the eval set from lazily refined approximate scores picks what the float32 scores pick
+    for per_stratum in (20, 2000):
+        sc = approx_split_scores(model, c, mode=scan_mode_each)
+        sc.bound = max(sc.bound, 0.02)  # force many ambiguous rows
+        got = stratified_eval_set_cached(c, {"m": sc}, key=settings.EVAL_KEY,
+                                               per_stratum=per_stratum)
+        want = stratified_eval_set(c.str_keys()[:], {"m": exact}, key=settings.EVAL_KEY,
+                                   per_stratum=per_stratum)
+        assert (got.keys, got.picked_by, got.counts, got.hashes) == (
+            want.keys, want.picked_by, want.counts, want.hashes)
+        assert sc.exact.sum() < len(c) or per_stratum == 2000
+        assert (stratum_of(sc.values[sc.exact]) == stratum_of(exact[sc.exact])).all()
+
+
+def test_cached_eval_set_equals_reference(split_store):
+    test = split_cache(split_store, SPLIT_MODEL, "test")
+    m = split_store.matrix(SPLIT_MODEL, "test")
+    rng = np.random.default_rng(3)
+    scores = {"zero-shot": rng.random(len(test)).astype(np.float32),
+              "round-0": rng.beta(0.3, 3, len(test)).astype(np.float32)}
+    want = stratified_eval_set([str(i) for i in m.ids], scores, key=settings.EVAL_KEY)
+    for _ in range(2):  # computed, then from the cache
+        got = stratified_eval_set_cached(test, scores, key=settings.EVAL_KEY)
+        assert got.to_dict() == want.to_dict()
+
+
+def test_zero_shot_unit_split_matches_formula(split_store, tmp_path):
+    train, test = (split_cache(split_store, SPLIT_MODEL, s) for s in ("train", "test"))
+    text = np.eye(SPLIT_DIM, dtype=np.float32)[0]
+    got = zero_shot_unit_split(tmp_path, text, train, test)
+    tr = np.asarray(split_store.matrix(SPLIT_MODEL, "train").vectors, np.float32) @ text
+    te = np.asarray(split_store.matrix(SPLIT_MODEL, "test").vectors, np.float32) @ text
+    center, temp = zero_shot_calibration(tr)
+    assert np.allclose(got, zero_shot_to_unit(te, center=center, temperature=temp), atol=1e-5)
+    assert np.array_equal(zero_shot_unit_split(tmp_path, text, train, test), got)  # cached

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from agile_pipeline.lib import int8_scan, scale
+from agile_pipeline.lib import int8_scan, scan
+from agile_pipeline.lib.npy_io import iter_npy_rows
+from agile_pipeline.lib.split_cache import clear_split_caches, split_cache
 from agile_pipeline.lib.training import TrainConfig, build_mlp, train_classifier
 
 pytestmark = pytest.mark.skipif(not int8_scan.supported(), reason="no x86/FBGEMM quantized engine")
@@ -78,36 +80,36 @@ def test_which_models_and_rows_the_int8_scan_takes():
 def test_scan_plan_falls_back_to_float_where_int8_does_not_apply(tmp_path, monkeypatch):
     from agile_pipeline.lib.vectors import VectorStore
 
-    scale._MEMO.clear()
+    clear_split_caches()
     vs = VectorStore(tmp_path / "db", cache_dir=tmp_path / "cache")
     rng = np.random.default_rng(2)
     X = rng.standard_normal((600, 16)).astype(np.float32) * 2  # norms far from 1
     vs.add("m", [f"i{i}" for i in range(600)], ["train"] * 600, X)
-    c = scale.split_cache(vs, "m", "train")
+    c = split_cache(vs, "m", "train")
     model = train_classifier(X[:100], (X[:100, 0] > 0).astype(int), X, round_index=1,
                              exclude_from_pool=np.arange(100), config=TrainConfig(input_norm="none"))
-    monkeypatch.setattr(scale, "_SCAN_MODE", ["int8"])
-    assert isinstance(scale.scan_plan(model, c), scale.FloatPlan)
-    assert np.abs(scale.score_approx(model, c) - model.predict_proba(X)).max() < 0.02
-    scale._MEMO.clear()
+    monkeypatch.setattr(scan, "_SCAN_MODE", ["int8"])
+    assert isinstance(scan.scan_plan(model, c), scan.FloatPlan)
+    assert np.abs(scan.score_approx(model, c) - model.predict_proba(X)).max() < 0.02
+    clear_split_caches()
 
 
 def test_caller_buffers_are_checked(tmp_path):
     path = _write_bf16(tmp_path / "t.bf16.npy", np.ones((10, 4), np.float32))
     with pytest.raises(ValueError, match="buffers"):
-        list(scale.iter_npy_rows(path, 4, buffers=[np.empty((4, 4), np.uint16)]))
+        list(iter_npy_rows(path, 4, buffers=[np.empty((4, 4), np.uint16)]))
     with pytest.raises(ValueError, match="buffers"):
-        list(scale.iter_npy_rows(path, 4, buffers=[np.empty((4, 4), np.float32)] * 2))
+        list(iter_npy_rows(path, 4, buffers=[np.empty((4, 4), np.float32)] * 2))
 
 
 def test_scan_mode_override(monkeypatch):
-    monkeypatch.setattr(scale, "_SCAN_MODE", [])
+    monkeypatch.setattr(scan, "_SCAN_MODE", [])
     monkeypatch.setenv("AGILE_SCAN_DTYPE", "int8")
-    assert scale.scan_mode() == "int8"
-    assert scale.scan_compute_dtype() == torch.float32
-    monkeypatch.setattr(scale, "_SCAN_MODE", [])
+    assert scan.scan_mode() == "int8"
+    assert scan.scan_compute_dtype() == torch.float32
+    monkeypatch.setattr(scan, "_SCAN_MODE", [])
     monkeypatch.setenv("AGILE_SCAN_DTYPE", "bfloat16")
-    assert scale.scan_compute_dtype() == torch.bfloat16
-    monkeypatch.setattr(scale, "_SCAN_MODE", [])
+    assert scan.scan_compute_dtype() == torch.bfloat16
+    monkeypatch.setattr(scan, "_SCAN_MODE", [])
     monkeypatch.setenv("AGILE_SCAN_DTYPE", "nonsense")
-    assert scale.scan_mode() in scale.SCAN_MODES  # measured instead, with a warning
+    assert scan.scan_mode() in scan.SCAN_MODES  # measured instead, with a warning

@@ -7,9 +7,13 @@ from agile_pipeline.lib.selection import (
     StreamingSelector,
     margin,
     sample_expansion,
+    select_for_round,
     select_margin,
+    select_margin_exact,
     select_margin_positive,
 )
+from agile_pipeline.lib.split_cache import split_cache
+from tests.unit.splits import SPLIT_MODEL, trained_on_split
 
 
 def _brute_margin(scores: np.ndarray, k: int, eligible: np.ndarray | None = None) -> np.ndarray:
@@ -192,3 +196,23 @@ def test_expansion_seed_changes_the_sample_and_empty_input():
     assert len(samples) > 1
     assert sample_expansion({}, 10, seed=0) == []
     assert sample_expansion(CANDIDATES, 0, seed=0) == []
+
+
+# ---- over a split cache: the float32 picks from an approximate scan ----------------------------
+@pytest.mark.parametrize("strategy", ["margin", "margin-positive"])
+@pytest.mark.parametrize("shortlist", [None, 120])
+def test_select_margin_exact_equals_float32_selection(split_store, strategy, shortlist, scan_mode_each):
+    model, labeled = trained_on_split(split_store)
+    m = split_store.matrix(SPLIT_MODEL, "train")
+    c = split_cache(split_store, SPLIT_MODEL, "train")
+    probs = model.predict_proba(m.vectors)
+    eligible = ~np.isin(m.ids.astype(str), labeled)
+    fn = select_margin if strategy == "margin" else select_margin_positive
+    want = fn(probs, 100, eligible=eligible)
+    got = select_margin_exact(model, c, 100, eligible=~c.mask(labeled), strategy=strategy,
+                                    shortlist=shortlist)
+    assert got.rows.tolist() == want.tolist()
+    assert np.allclose(got.scores, probs[want], atol=1e-6)
+    assert got.info["shortlist_proven"]
+    sel = select_for_round(split_store, SPLIT_MODEL, model, set(labeled), 100, strategy)
+    assert sel.ids == [str(m.ids[i]) for i in want]
