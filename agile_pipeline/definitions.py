@@ -1,12 +1,21 @@
-"""The Dagster code location: ``dagster dev -w workspace.yaml`` loads ``defs``."""
+"""The Dagster code location: ``dagster dev -w workspace.yaml`` loads ``defs``.
+
+:func:`definitions_for` is the one list of assets, checks, jobs, schedules and sensors; the
+code location binds it to the resources over ``$AGILE_HOME``, and the in-process runner
+(:mod:`agile_pipeline.runner`) to the resources it is given.
+"""
+
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
+if TYPE_CHECKING:
+    from agile_pipeline.defs.resources import AgileResources
 
-@dg.definitions
-def defs() -> dg.Definitions:
+
+def definitions_for(resources: "AgileResources") -> dg.Definitions:
+    """The project's definitions with ``resources`` bound (state, vectors, encoder)."""
     from agile_pipeline.defs import concepts, corpus
-    from agile_pipeline.defs.resources import AgileHome
 
     return dg.Definitions(
         assets=[
@@ -23,8 +32,17 @@ def defs() -> dg.Definitions:
             concepts.model_metrics,
         ],
         asset_checks=[corpus.image_embeddings_complete, corpus.image_manifest_unique_ids],
-        jobs=[corpus.corpus_refresh_job, corpus.vectors_housekeeping_job, concepts.concept_start_job, concepts.concept_round_job],
+        jobs=[corpus.corpus_refresh_job, corpus.vectors_housekeeping_job,
+              concepts.concept_start_job, concepts.concept_round_job],
         schedules=[corpus.corpus_refresh_schedule, corpus.vectors_housekeeping_schedule],
         sensors=[corpus.new_images_sensor],
-        resources={"agile": AgileHome()},
+        resources=resources.as_dict(),
     )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    from agile_pipeline.defs.resources import AgileResources
+
+    # state, vectors and encoder over $AGILE_HOME; the encoder spec from the settings
+    return definitions_for(AgileResources())

@@ -26,6 +26,17 @@ def data_home() -> Path:
     return home
 
 
+DEFAULT_ENCODER = "bundled"
+
+
+def default_encoder_spec() -> str:
+    """The embedding model spec (``$AGILE_ENCODER`` or ``bundled``): ``bundled``,
+    ``open_clip:MODEL:PRETRAINED``, ``random:DIM`` (see :func:`agile_pipeline.lib.encoders.parse_spec`).
+    The one place the environment picks the encoder; the Dagster definitions and the app pass
+    the value on as configuration."""
+    return os.environ.get("AGILE_ENCODER", DEFAULT_ENCODER)
+
+
 @dataclass(frozen=True)
 class Paths:
     """Layout of the data directory (``home`` is made absolute: MLflow artifact URIs and

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agile_pipeline.defs.resources import AgileHome
+from agile_pipeline.defs.resources import AgileResources
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _import_round_modules() -> None:
     for name in (
         "torch", "sklearn.metrics", "matplotlib.pyplot", "lancedb", "pyarrow",
         "mlflow.tracking", "mlflow.entities",
-        "agile_pipeline.lib.training", "agile_pipeline.lib.selection", "agile_pipeline.lib.scale",
+        "agile_pipeline.lib.training", "agile_pipeline.lib.selection", "agile_pipeline.lib.scan",
         "agile_pipeline.lib.int8_scan", "agile_pipeline.lib.evalset", "agile_pipeline.lib.metrics",
         "agile_pipeline.lib.evaluation", "agile_pipeline.lib.tracking", "agile_pipeline.lib.loop",
         "agile_pipeline.runner",
@@ -57,14 +57,15 @@ def _dagster_dry_run() -> None:
                    run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
 
 
-def _split_caches(agile: AgileHome) -> None:
-    from agile_pipeline.lib import scale
+def _split_caches(agile: AgileResources) -> None:
+    from agile_pipeline.lib.scan import prepare_scans
+    from agile_pipeline.lib.split_cache import split_cache
 
-    vectors = agile.vectors()
-    model_id = agile.model_id()
+    vectors = agile.vectors.vectors()
+    model_id = agile.encoder.model_id()
     try:
         for split in ("train", "test"):
-            scale.split_cache(vectors, model_id, split)
+            prepare_scans(split_cache(vectors, model_id, split))
     except (LookupError, ValueError, FileNotFoundError) as exc:  # no corpus yet: nothing to warm
         log.info("split caches not warmed: %s", exc)
 
@@ -74,7 +75,7 @@ def _torch_kernels() -> None:
     speed of the later ones (measured: the first model at 100k took 5.1 s, later ones 0.5 s)."""
     import numpy as np
 
-    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.scan import scan_mode
     from agile_pipeline.lib.training import TrainConfig, train_classifier
 
     rng = np.random.default_rng(0)
@@ -84,30 +85,30 @@ def _torch_kernels() -> None:
         model = train_classifier(X, y, X, round_index=round_index, config=TrainConfig(epochs=1),
                                  exclude_from_pool=np.arange(64))
         model.predict_proba(X)
-    scale.scan_mode()
+    scan_mode()
 
 
-def _mlflow_client(agile: AgileHome) -> None:
+def _mlflow_client(agile: AgileResources) -> None:
     from agile_pipeline.lib.tracking import _client
 
     _client(agile.paths.mlflow_uri()).search_experiments(max_results=1)
 
 
-def warm_up(agile: AgileHome | None = None) -> dict[str, float]:
+def warm_up(agile: AgileResources | None = None) -> dict[str, float]:
     """Import, load and open everything a round needs; returns seconds per part.
 
     Never raises for a missing corpus or model: what cannot be warmed yet is warmed by the
     first round instead (and logged).
     """
-    agile = agile or AgileHome()
+    agile = agile or AgileResources()
     parts: dict[str, float] = {}
     t0 = time.perf_counter()
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("imports", _import_round_modules),
         ("dagster_execution", _dagster_dry_run),
-        ("encoder_load", agile.load_encoder),
+        ("encoder_load", agile.encoder.load),
         # the text tower loads lazily on the first phrase: a concept's first images wait on it
-        ("text_tower", lambda: agile.load_encoder().embed_texts(["a photo"])),
+        ("text_tower", lambda: agile.encoder.load().embed_texts(["a photo"])),
         ("split_caches", lambda: _split_caches(agile)),
         # the first training and scan of a process pay for torch's kernels and thread pools
         ("torch_kernels", _torch_kernels),

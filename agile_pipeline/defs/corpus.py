@@ -8,8 +8,14 @@ import dagster as dg
 from pydantic import Field
 
 from agile_pipeline import settings
-from agile_pipeline.defs.resources import AgileHome, quiet_third_party_logs
-from agile_pipeline.lib.corpus import SourceError, assign_split, describe_source, ingest_source
+from agile_pipeline.defs.resources import (
+    EncoderResource,
+    StateResource,
+    VectorsResource,
+    quiet_third_party_logs,
+)
+from agile_pipeline.lib.corpus import SourceError, describe_source, ingest_source
+from agile_pipeline.lib.keyed_hash import assign_split
 
 
 class IngestConfig(dg.Config):
@@ -30,21 +36,21 @@ class EmbeddingConfig(dg.Config):
     workers: int = 2
 
 
-def registered_sources(agile: AgileHome) -> list[str]:
-    path = agile.paths.sources_file
+def registered_sources(state: StateResource) -> list[str]:
+    path = state.paths.sources_file
     if not path.exists():
         return []
     return list(json.loads(path.read_text()))
 
 
-def register_sources(agile: AgileHome, sources: list[str]) -> list[str]:
+def register_sources(state: StateResource, sources: list[str]) -> list[str]:
     """Remember sources so the schedule and sensor refresh them; returns the full list."""
-    known = registered_sources(agile)
+    known = registered_sources(state)
     for s in sources:
         canonical = describe_source(s)
         if canonical not in known:
             known.append(canonical)
-    path = agile.paths.sources_file
+    path = state.paths.sources_file
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(known, indent=1))
     tmp.replace(path)
@@ -60,21 +66,21 @@ def register_sources(agile: AgileHome, sources: list[str]) -> list[str]:
         "Identical content and repeated URIs are kept once; bad files are skipped with a reason."
     ),
 )
-def image_manifest(context: dg.AssetExecutionContext, config: IngestConfig, agile: AgileHome) -> dg.MaterializeResult:
+def image_manifest(context: dg.AssetExecutionContext, config: IngestConfig, state: StateResource) -> dg.MaterializeResult:
     quiet_third_party_logs()
-    sources = config.sources or registered_sources(agile)
+    sources = config.sources or registered_sources(state)
     if not sources:
         raise dg.Failure(
             "no corpus source configured: run `agile ingest PATH` once, or pass "
             "ops.image_manifest.config.sources in the launchpad"
         )
-    register_sources(agile, sources)
-    store = agile.state()
+    register_sources(state, sources)
+    store = state.store()
     totals: dict[str, int] = {}
     per_source = []
     for spec in sources:
         try:
-            report = ingest_source(spec, store, blob_dir=agile.paths.blobs, workers=config.workers)
+            report = ingest_source(spec, store, blob_dir=state.paths.blobs, workers=config.workers)
         except SourceError as exc:
             raise dg.Failure(str(exc)) from exc
         md = report.as_metadata()
@@ -107,8 +113,8 @@ def image_manifest(context: dg.AssetExecutionContext, config: IngestConfig, agil
         "(default 50/50, as in the paper). Stable across machines and refreshes."
     ),
 )
-def train_test_assignment(config: SplitConfig, agile: AgileHome) -> dg.MaterializeResult:
-    store = agile.state()
+def train_test_assignment(config: SplitConfig, state: StateResource) -> dg.MaterializeResult:
+    store = state.store()
     current = store.all_image_splits()
     wanted = {
         i: assign_split(i, train_fraction=config.train_fraction, key=settings.SPLIT_KEY)
@@ -137,21 +143,24 @@ def train_test_assignment(config: SplitConfig, agile: AgileHome) -> dg.Materiali
         "Incremental: only images without a vector are embedded."
     ),
 )
-def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, agile: AgileHome) -> dg.MaterializeResult:
+def image_embeddings(
+    context: dg.AssetExecutionContext, config: EmbeddingConfig, state: StateResource,
+    vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
     from agile_pipeline.lib import distributed
     from agile_pipeline.lib.embedding import EmbeddingRun
     from agile_pipeline.lib.images import load_rgb
 
     quiet_third_party_logs()
-    store = agile.state()
-    vectors = agile.vectors()
+    store = state.store()
+    vs = vectors.vectors()
     started = time.perf_counter()
-    encoder = agile.load_encoder()
-    model_id = encoder.model_id
+    model = encoder.load()
+    model_id = model.model_id
     splits = store.all_image_splits()
-    have = vectors.ids(model_id)
+    have = vs.ids(model_id)
     todo = sorted(i for i, s in splits.items() if s is not None and i not in have)
-    moved = vectors.update_splits(model_id, {i: s for i, s in splits.items() if s})
+    moved = vs.update_splits(model_id, {i: s for i, s in splits.items() if s})
     rows = {r["id"]: r["path"] for r in store.image_rows(todo)}
     n_ok, failed = 0, []
     stats = None
@@ -160,38 +169,38 @@ def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig,
                          f"({distributed.ENV_ADDRESS}={distributed.ray_address()})")
         n_ok, failed = distributed.embed_to_table_ray(
             [(i, rows[i]) for i in todo], {i: splits[i] or "train" for i in todo},
-            encoder_spec=agile.encoder_spec, lancedb_uri=agile.paths.lancedb, model_id=model_id,
-            dim=encoder.dim, batch_size=config.batch_size)
-        vectors.optimize(model_id)
+            encoder_spec=encoder.spec, lancedb_uri=vectors.paths.lancedb, model_id=model_id,
+            dim=model.dim, batch_size=config.batch_size)
+        vs.optimize(model_id)
     elif todo:
         context.log.info(f"embedding {len(todo)} new images with {model_id}")
         run = EmbeddingRun(
             [(i, Path(rows[i])) for i in todo],
             load_rgb,
-            encoder,
+            model,
             batch_size=config.batch_size,
             workers=config.workers,
             log=context.log,  # type: ignore[arg-type]
         )
         for batch in run.batches():
             if batch.ids:
-                vectors.add(model_id, batch.ids, [splits[i] or "train" for i in batch.ids], batch.vectors)
+                vs.add(model_id, batch.ids, [splits[i] or "train" for i in batch.ids], batch.vectors)
                 n_ok += len(batch.ids)
             failed += batch.failed
         stats = run.stats
-        vectors.optimize(model_id)
+        vs.optimize(model_id)
     for image_id, reason in failed[:20]:
         context.log.warning(f"could not embed {image_id}: {reason}")
     seconds = time.perf_counter() - started
     md: dict[str, object] = {
         "model_id": model_id,
-        "table": f"{agile.paths.lancedb}/{model_id}",
+        "table": f"{vectors.paths.lancedb}/{model_id}",
         "embedded_now": n_ok,
         "failed_now": len(failed),
         "split_changes": moved,
-        "rows_total": vectors.count(model_id),
+        "rows_total": vs.count(model_id),
         "seconds": round(seconds, 2),
-        "table_version": vectors.version(model_id) if vectors.exists(model_id) else 0,
+        "table_version": vs.version(model_id) if vs.exists(model_id) else 0,
     }
     if n_ok:
         md["images_per_second"] = round(n_ok / max(seconds, 1e-9), 1)
@@ -201,14 +210,14 @@ def image_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig,
 
 
 @dg.asset_check(asset=image_embeddings, blocking=True, description="Every manifest image of the current split has exactly one vector of the current model.")
-def image_embeddings_complete(agile: AgileHome) -> dg.AssetCheckResult:
-    store = agile.state()
-    vectors = agile.vectors()
-    model_id = agile.model_id()
+def image_embeddings_complete(state: StateResource, vectors: VectorsResource, encoder: EncoderResource) -> dg.AssetCheckResult:
+    store = state.store()
+    vs = vectors.vectors()
+    model_id = encoder.model_id()
     manifest = {i for i, s in store.all_image_splits().items() if s is not None}
-    if not vectors.exists(model_id):
+    if not vs.exists(model_id):
         return dg.AssetCheckResult(passed=not manifest, metadata={"missing": len(manifest)})
-    t = vectors.table(model_id).to_lance().to_table(columns=["id"])
+    t = vs.table(model_id).to_lance().to_table(columns=["id"])
     ids = t.column("id").to_pylist()
     present = set(ids)
     missing = manifest - present
@@ -222,8 +231,8 @@ def image_embeddings_complete(agile: AgileHome) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=image_manifest, description="Image ids (content hashes) are unique and every row has a path.")
-def image_manifest_unique_ids(agile: AgileHome) -> dg.AssetCheckResult:
-    rows = agile.state()._read(
+def image_manifest_unique_ids(state: StateResource) -> dg.AssetCheckResult:
+    rows = state.store()._read(
         "SELECT count(*) AS n, count(DISTINCT id) AS d, sum(path IS NULL OR path = '') AS nopath FROM images"
     )[0]
     return dg.AssetCheckResult(
@@ -280,8 +289,8 @@ def source_fingerprint(sources: list[str]) -> str:
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Starts a corpus refresh when files appear in (or change under) a registered source.",
 )
-def new_images_sensor(context: dg.SensorEvaluationContext, agile: AgileHome) -> dg.SensorResult | dg.SkipReason:
-    sources = registered_sources(agile)
+def new_images_sensor(context: dg.SensorEvaluationContext, state: StateResource) -> dg.SensorResult | dg.SkipReason:
+    sources = registered_sources(state)
     if not sources:
         return dg.SkipReason("no registered sources yet (run `agile ingest PATH`)")
     fingerprint = source_fingerprint(sources)
@@ -306,13 +315,13 @@ class HousekeepingConfig(dg.Config):
 
 @dg.op(description="Compact every embedding table's small fragments and delete versions that were "
                    "replaced long enough ago that no reader can still hold them.")
-def compact_vector_tables(context: dg.OpExecutionContext, config: HousekeepingConfig, agile: AgileHome) -> dict[str, dict[str, int]]:
+def compact_vector_tables(context: dg.OpExecutionContext, config: HousekeepingConfig, vectors: VectorsResource) -> dict[str, dict[str, int]]:
     from datetime import timedelta
 
-    vectors = agile.vectors()
+    vs = vectors.vectors()
     done: dict[str, dict[str, int]] = {}
-    for model_id in vectors.model_ids():
-        done[model_id] = vectors.compact(
+    for model_id in vs.model_ids():
+        done[model_id] = vs.compact(
             model_id, keep_versions=config.keep_versions,
             older_than=timedelta(minutes=config.keep_replaced_for_minutes),
         )

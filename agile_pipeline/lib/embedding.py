@@ -140,7 +140,7 @@ class EmbeddingRun:
             raise RuntimeError("an EmbeddingRun can be iterated only once")
         self._started = True
         if "torch" in sys.modules:
-            from agile_pipeline.lib.encoders import configure_torch_threads
+            from agile_pipeline.lib.torch_runtime import configure_torch_threads
 
             configure_torch_threads(self.torch_threads)
         bar = tqdm(

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from agile_pipeline.defs.corpus import image_embeddings, image_manifest, train_test_assignment
-from agile_pipeline.defs.resources import AgileHome
+from agile_pipeline.defs.resources import AgileResources
 from agile_pipeline.lib.corpus import IGNORED_SUFFIXES, SourceError, scan_source
 from agile_pipeline.runner import RunFailed, metadata_of, run_corpus
 from tests.hostile_images import write_hostile_images, write_real_like_images
@@ -58,10 +58,10 @@ def test_split_is_deterministic_across_data_dirs(agile_home, tmp_path, monkeypat
     src = tmp_path / "src"
     write_real_like_images(src, 30, seed=4)
     run_corpus([str(src)])
-    first = AgileHome().state().all_image_splits()
+    first = AgileResources().state.store().all_image_splits()
     monkeypatch.setenv("AGILE_HOME", str(tmp_path / "other"))
     run_corpus([str(src)])
-    assert AgileHome().state().all_image_splits() == first
+    assert AgileResources().state.store().all_image_splits() == first
 
 
 def test_switching_model_builds_a_separate_table(agile_home, tmp_path, monkeypatch):
@@ -71,7 +71,7 @@ def test_switching_model_builds_a_separate_table(agile_home, tmp_path, monkeypat
     monkeypatch.setenv("AGILE_ENCODER", "random:16")
     result = run_corpus([str(src)])
     assert metadata_of(result, image_embeddings)["embedded_now"] == 12
-    vs = AgileHome().vectors()
+    vs = AgileResources().vectors.vectors()
     assert vs.count("random-32") == 12 if vs.exists("random-32") else True
     tables = vs.db.list_tables().tables
     assert len([t for t in tables if t.startswith("embeddings__")]) == 2
@@ -110,10 +110,10 @@ def test_housekeeping_job_compacts_every_embedding_table(agile_home, tmp_path):
     run_corpus([str(src)])
     write_real_like_images(src / "more", 6, seed=8)
     run_corpus([str(src)])
-    vs = AgileHome().vectors()
+    vs = AgileResources().vectors.vectors()
     before = vs.count("random-32")
     result = vectors_housekeeping_job.execute_in_process(
-        resources={"agile": AgileHome()},
+        resources=AgileResources().as_dict(),
         run_config={"ops": {"compact_vector_tables": {"config": {"keep_versions": 1, "keep_replaced_for_minutes": 0}}}},
     )
     assert result.success

@@ -3,7 +3,7 @@
 import pytest
 
 from agile_pipeline.defs.concepts import loop_env
-from agile_pipeline.defs.resources import AgileHome
+from agile_pipeline.defs.resources import AgileResources
 from agile_pipeline.lib.loop import pending_items
 from agile_pipeline.lib.state import LabelEvent
 from agile_pipeline.runner import run_concept_start, run_corpus
@@ -16,8 +16,8 @@ def loop_home(agile_home, tmp_path):  # type: ignore[no-untyped-def]
     src = tmp_path / "corpus"
     write_real_like_images(src, 700, seed=21)
     run_corpus([str(src)])
-    agile = AgileHome()
-    env = loop_env(agile)
+    agile = AgileResources()
+    env = loop_env(agile.state, agile.vectors, agile.encoder)
     env.store.create_concept("c", ["x"])
     run_concept_start("c")
     env.store.add_labels([

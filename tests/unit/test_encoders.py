@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from agile_pipeline.lib import encoders
+from agile_pipeline.lib import encoders, torch_runtime
 from agile_pipeline.lib.embedding import EmbeddedBatch, EmbeddingRun, EmbedStats, embed_stream
 from agile_pipeline.lib.encoders import (
     ImageTextEncoder,
@@ -135,7 +135,7 @@ TINY = "agile-tiny-test"
 @pytest.fixture
 def tiny_open_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Registers a tiny open_clip config (embed_dim 16) for this test only."""
-    encoders.ensure_torchvision_importable()
+    torch_runtime.ensure_torchvision_importable()
     import open_clip.factory as factory
 
     monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
