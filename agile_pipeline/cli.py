@@ -69,10 +69,11 @@ def _data_dir() -> settings.Paths:
 
 def _env():  # type: ignore[no-untyped-def]
     from agile_pipeline.defs.concepts import loop_env
-    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.defs.resources import AgileResources
 
     _data_dir()
-    return loop_env(AgileHome())
+    res = AgileResources()
+    return loop_env(res.state, res.vectors, res.encoder)
 
 
 def _with_progress(what: str, fn):  # type: ignore[no-untyped-def]
@@ -161,7 +162,7 @@ def demo_corpus(
 
     _setup_logging()
     if kind == "glyphs":
-        from agile_pipeline.lib.unseen_dataset import write_unseen_dataset
+        from agile_pipeline.research.unseen_dataset import write_unseen_dataset
 
         st = write_unseen_dataset(dest, seed=seed, size=96 if size == 128 else size)
         typer.echo(f"glyphs dataset in {dest}: {st.n_images} images, {len(st.n_per_concept)} "
@@ -223,9 +224,9 @@ def search(
     """Print the K images nearest to TEXT: path, split, cosine score."""
     _setup_logging()
     env = _env()
-    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.defs.resources import AgileResources
 
-    encoder = AgileHome().load_encoder()
+    encoder = AgileResources().encoder.load()
     q = encoder.embed_texts([text])[0]
     hits = _guard(lambda: env.vectors.search(env.model_id, q, k, split=split))
     paths = {r["id"]: r["path"] for r in env.store.image_rows([h[0] for h in hits])}
@@ -318,7 +319,7 @@ def concept_exemplar(
 
 
 def _exemplar_upload(store, concept: str, file: Path, polarity: str, rater: str) -> None:  # type: ignore[no-untyped-def]
-    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.defs.resources import AgileResources
     from agile_pipeline.lib.uploads import (
         EmbeddingUnavailable,
         UploadRejected,
@@ -327,12 +328,12 @@ def _exemplar_upload(store, concept: str, file: Path, polarity: str, rater: str)
     )
 
     _setup_logging()
-    agile = AgileHome()
+    agile = AgileResources()
     try:
         data = read_upload_file(file)
-        encoder = agile.load_encoder()
+        encoder = agile.encoder.load()
         res = _guard(lambda: add_uploaded_exemplar(
-            store, agile.vectors(), encoder, agile.paths.blobs, concept, data,
+            store, agile.vectors.vectors(), encoder, agile.paths.blobs, concept, data,
             polarity=polarity, added_by=rater, filename=file.name,
         ))
     except UploadRejected as exc:
@@ -545,6 +546,7 @@ def round_(
     batch: Annotated[int, typer.Option(help="Images to select for the next batch.")] = settings.AL_BATCH,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     force: Annotated[bool, typer.Option(help="Retrain even if no label changed since the last round.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what a round would do now (train, keep the last model, or queue a recovery batch) and run nothing.")] = False,
 ) -> None:
     """Train on all labels so far, then select the next batch (margin sampling)."""
     from agile_pipeline.defs.concepts import al_candidates, classifier, eval_set, registered_model
@@ -553,6 +555,12 @@ def round_(
     _setup_logging()
     if strategy not in ("margin", "margin-positive"):
         fail(f"unknown strategy {strategy!r}: use margin or margin-positive")
+    if dry_run:
+        from agile_pipeline.lib.loop import plan_round, round_facts
+
+        plan = plan_round(_guard(lambda: round_facts(_env().store, name)), force=force)
+        typer.echo(f"{plan.action}: {plan.reason}")
+        return
     result = _with_progress(
         f"round for {name!r}: loading the model and vectors, training, selecting the next "
         "batch, registering in MLflow, updating the eval set",
@@ -657,7 +665,7 @@ def simulate(
     """Play the user with ground truth (paper section 5) and report AUC-PR per round."""
     import json
 
-    from agile_pipeline.lib.simulate import (
+    from agile_pipeline.research.simulate import (
         FEW_SHOT_VARIANTS,
         SimConfig,
         attach_negative_phrases,
@@ -677,9 +685,9 @@ def simulate(
     t0 = time.perf_counter()
     data = _guard(lambda: prepare_simulation(str(dataset), min_test_pos=min_test_pos))
     if dataset.is_dir():  # negative phrases (negatives.txt) typed by the simulated user
-        from agile_pipeline.defs.resources import AgileHome
+        from agile_pipeline.defs.resources import AgileResources
 
-        attach_negative_phrases(data, dataset, AgileHome().load_encoder())
+        attach_negative_phrases(data, dataset, AgileResources().encoder.load())
     available = {c: len(p) for c, p in data.positives.items()}
     if not available:
         fail(f"no concept in {dataset} has {min_test_pos} or more test positives")
@@ -713,25 +721,29 @@ def simulate(
     del json
 
 
-def _register_bench() -> None:
-    from agile_pipeline.bench import bench_command
+def _run_benchmark(module: str, ctx: typer.Context) -> None:
+    from agile_pipeline.bench import run_benchmark
 
-    app.command("bench", help="Performance suite (issue 7): synthetic 1M/10M corpora; see BENCHMARKS.md.")(bench_command)
+    try:
+        rc = run_benchmark(module, ctx.args, prog=ctx.command_path)
+    except ImportError as exc:  # no source checkout
+        fail(str(exc))
+        return
+    raise typer.Exit(rc)
 
 
-_register_bench()
+@app.command("bench", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Performance suite (issue 7): synthetic 1M/10M corpora; see BENCHMARKS.md (options: `agile bench --help`)."""
+    _run_benchmark("benchmarks", ctx)
 
 
 @app.command("bench-session", add_help_option=False,
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_session(ctx: typer.Context) -> None:
     """What a rater waits for in the real deployment (options: `agile bench-session --help`)."""
-    from agile_pipeline.bench import _import_suite
-
-    _import_suite()  # puts the source checkout's benchmarks/ on the path, as `agile bench` does
-    from benchmarks import session
-
-    raise typer.Exit(session.main(ctx.args))
+    _run_benchmark("benchmarks.session", ctx)
 
 
 @app.command("app")

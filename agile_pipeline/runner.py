@@ -11,18 +11,12 @@ from typing import Any
 
 import dagster as dg
 
-from agile_pipeline.defs import concepts, corpus
-from agile_pipeline.defs.resources import AgileHome
+from agile_pipeline.definitions import definitions_for
+from agile_pipeline.defs import concepts, corpus, selections
+from agile_pipeline.defs.resources import AgileResources
 
-CORPUS_ASSETS = [
-    corpus.image_manifest, corpus.train_test_assignment, corpus.image_embeddings,
-    corpus.image_embeddings_complete, corpus.image_manifest_unique_ids,
-]
-CONCEPT_ASSETS = [
-    concepts.expansion_candidates, concepts.zero_shot_scores, *concepts.ROUND_ASSETS,
-]
-START_JOB = concepts.concept_start_job.name
-ROUND_JOB = concepts.concept_round_job.name
+START_JOB = selections.START_JOB
+ROUND_JOB = selections.ROUND_JOB
 CORPUS_JOB = corpus.corpus_refresh_job.name
 
 
@@ -41,22 +35,18 @@ def ensure_partition(inst: dg.DagsterInstance, concept: str) -> None:
         inst.add_dynamic_partitions(concepts.concept_partitions.name, [concept])  # type: ignore[arg-type]
 
 
-_DEFS: dict[int, tuple[AgileHome, dg.Definitions]] = {}
+_DEFS: dict[int, tuple[AgileResources, dg.Definitions]] = {}
 _DEFS_LOCK = threading.Lock()
 
 
-def definitions(agile: AgileHome) -> dg.Definitions:
-    """The code location's assets and named jobs, bound to ``agile`` (cached per resource)."""
+def definitions(agile: AgileResources) -> dg.Definitions:
+    """The code location's assets and named jobs, bound to ``agile``'s resources (cached per
+    :class:`AgileResources` object)."""
     with _DEFS_LOCK:
         hit = _DEFS.get(id(agile))
         if hit is not None and hit[0] is agile:
             return hit[1]
-        defs = dg.Definitions(
-            assets=[concepts.concept_labels, *CORPUS_ASSETS[:3], *CONCEPT_ASSETS],
-            asset_checks=CORPUS_ASSETS[3:],
-            jobs=[corpus.corpus_refresh_job, concepts.concept_start_job, concepts.concept_round_job],
-            resources={"agile": agile},
-        )
+        defs = definitions_for(agile)
         _DEFS[id(agile)] = (agile, defs)
         return defs
 
@@ -67,7 +57,7 @@ def _run(
     selection: Sequence[str] | None = None,
     partition_key: str | None = None,
     run_config: Mapping[str, Any] | None = None,
-    agile: AgileHome | None = None,
+    agile: AgileResources | None = None,
     inst: dg.DagsterInstance | None = None,
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
@@ -82,7 +72,7 @@ def _run(
     run_config.setdefault("loggers", {"console": {"config": {"log_level": "CRITICAL"}}})
     if partition_key is not None:
         ensure_partition(inst, partition_key)
-    job_def = definitions(agile or AgileHome()).resolve_job_def(job)
+    job_def = definitions(agile or AgileResources()).resolve_job_def(job)
     result = job_def.execute_in_process(
         run_config=run_config,
         instance=inst,
@@ -130,7 +120,7 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: Any) -> dict[str, Any]
     return {k: getattr(v, "value", v) for k, v in mats[-1].metadata.items()}
 
 
-def run_corpus(sources: Sequence[str], *, workers: int = 4, agile: AgileHome | None = None) -> dg.ExecuteInProcessResult:
+def run_corpus(sources: Sequence[str], *, workers: int = 4, agile: AgileResources | None = None) -> dg.ExecuteInProcessResult:
     return _run(
         CORPUS_JOB,
         run_config={"ops": {"image_manifest": {"config": {"sources": list(sources), "workers": workers}}}},
@@ -143,7 +133,7 @@ def run_concept_start(
     concept: str,
     *,
     seed: int = 0,
-    agile: AgileHome | None = None,
+    agile: AgileResources | None = None,
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
 ) -> dg.ExecuteInProcessResult:
@@ -160,13 +150,13 @@ def run_concept_round(
     *,
     training: Mapping[str, Any] | None = None,
     sampling: Mapping[str, Any] | None = None,
-    agile: AgileHome | None = None,
+    agile: AgileResources | None = None,
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
     selection: Sequence[str] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """One round: train, select the next batch, MLflow, eval set, metrics. ``selection``
-    (asset names of the round job, e.g. :data:`concepts.FOLLOWUP_ASSETS`) runs part of it."""
+    (asset names of the round job, e.g. :data:`selections.FOLLOWUP_ASSETS`) runs part of it."""
     return _run(
         ROUND_JOB,
         selection=selection,
@@ -182,16 +172,16 @@ def run_concept_round(
 def run_concept_eval(
     concept: str,
     *,
-    agile: AgileHome | None = None,
+    agile: AgileResources | None = None,
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Rebuild the eval set and re-score every model on the eval labels rated so far."""
-    return _run(ROUND_JOB, selection=concepts.EVAL_ASSETS, partition_key=concept, agile=agile,
+    return _run(ROUND_JOB, selection=selections.EVAL_ASSETS, partition_key=concept, agile=agile,
                 tags=tags, run_id=run_id)
 
 
-def prepare_simulation(dataset_path: str, *, min_test_pos: int = 20, agile: AgileHome | None = None):  # type: ignore[no-untyped-def]
+def prepare_simulation(dataset_path: str, *, min_test_pos: int = 20, agile: AgileResources | None = None):  # type: ignore[no-untyped-def]
     """Ingest + embed a labeled dataset into the data directory and return ``SimData``
     (with every concept that has at least ``min_test_pos`` test positives)."""
     import tempfile
@@ -199,9 +189,9 @@ def prepare_simulation(dataset_path: str, *, min_test_pos: int = 20, agile: Agil
 
     import numpy as np
 
-    from agile_pipeline.lib.simulate import SimData, concept_phrase, load_dataset
+    from agile_pipeline.lib.labeled_dataset import SimData, concept_phrase, load_dataset
 
-    agile = agile or AgileHome()
+    agile = agile or AgileResources()
     ds = load_dataset(Path(dataset_path))
     if ds.root.is_file():  # a CSV: ingest exactly its images
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
@@ -209,9 +199,9 @@ def prepare_simulation(dataset_path: str, *, min_test_pos: int = 20, agile: Agil
         run_corpus([fh.name], agile=agile)
     else:
         run_corpus([str(ds.root)], agile=agile)
-    store = agile.state()
-    encoder = agile.load_encoder()
-    vectors = agile.vectors()
+    store = agile.state.store()
+    encoder = agile.encoder.load()
+    vectors = agile.vectors.vectors()
     manifest_split = store.all_image_splits()
     ids: list[str | None] = [store.resolve_image(str(p)) for p in ds.images]
     split_of: dict[str, str] = {}

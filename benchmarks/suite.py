@@ -27,6 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from agile_pipeline.lib import evalset, scan
+from agile_pipeline.lib.npy_io import iter_npy_rows
+from agile_pipeline.lib.selection import select_for_round
+from agile_pipeline.lib.split_cache import clear_split_caches, split_cache
+from agile_pipeline.lib.training import training_inputs
 from benchmarks import measure, plain, synth
 
 GIB = float(1 << 30)
@@ -133,26 +138,12 @@ def _env_vars(**values: str) -> Any:
 
 
 def fast_path_installed() -> bool:
-    """Whether loop.py/evaluation.py call the scale module (the patch in BENCHMARKS.md)."""
+    """Whether loop.py/evaluation.py read the split caches (the fast path in BENCHMARKS.md)."""
     import inspect
 
     from agile_pipeline.lib import evaluation, loop
 
-    return "scale" in inspect.getsource(loop) and "scale" in inspect.getsource(evaluation)
-
-
-@contextmanager
-def straightforward_paths() -> Any:
-    """Run the product code with the split caches switched off (``scale.has_cache`` False):
-    the code paths as they were before the fast path (matrix + dict index + float32 scans)."""
-    from agile_pipeline.lib import scale
-
-    orig = scale.has_cache
-    scale.has_cache = lambda vectors: False  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        scale.has_cache = orig  # type: ignore[assignment]
+    return "split_cache" in inspect.getsource(loop) and "split_cache" in inspect.getsource(evaluation)
 
 
 # ---- first load, in a subprocess ------------------------------------------------------------
@@ -162,7 +153,6 @@ def _first_load_child(kind: str, home: str, model_id: str) -> None:
     import torch  # noqa: F401
 
     from agile_pipeline import settings
-    from agile_pipeline.lib import scale
     from agile_pipeline.lib.vectors import VectorStore
 
     paths = settings.Paths(Path(home))
@@ -178,7 +168,7 @@ def _first_load_child(kind: str, home: str, model_id: str) -> None:
                 vs.matrix(model_id, split)
         else:
             for split in ("train", "test"):
-                scale.split_cache(vs, model_id, split)
+                split_cache(vs, model_id, split)
         seconds = time.perf_counter() - t0
     sys.stdout.write(json.dumps({"seconds": seconds, "rss": mem.rss, "anon": mem.anon}) + "\n")
 
@@ -214,6 +204,7 @@ class Bench:
     truth_test: np.ndarray  # bool per test row
     spec: str
     agile: Any
+    agile_baseline: Any  # the same resources with the split caches off (the straightforward path)
 
 
 def _release(b: "Bench | None" = None) -> None:
@@ -221,9 +212,8 @@ def _release(b: "Bench | None" = None) -> None:
     file pages count in RSS for as long as the mapping lives."""
     import gc
 
-    from agile_pipeline.lib import scale
 
-    scale._MEMO.clear()
+    clear_split_caches()
     if b is not None:
         b.train._f16 = None
         b.test._f16 = None
@@ -254,11 +244,10 @@ def _label(b: Bench, items: list[dict[str, Any]], purpose: str = "train") -> int
 def write_zero_shot(b: Bench) -> None:
     """The concept's ``zero_shot.npz`` (ids, cosines, text vector) from the split caches —
     what the start job's ``zero_shot`` asset writes, without a 10M-row all-splits matrix."""
-    from agile_pipeline.lib import scale
 
     text = b.corpus.geometry.phrase_vectors[synth.CONCEPT]
     ids = np.concatenate([np.char.decode(b.train.keys, "utf-8"), np.char.decode(b.test.keys, "utf-8")])
-    scores = np.concatenate([scale.matvec_f16(b.train, text), scale.matvec_f16(b.test, text)])
+    scores = np.concatenate([scan.matvec_f16(b.train, text), scan.matvec_f16(b.test, text)])
     out = b.env.concept_dir(synth.CONCEPT) / "zero_shot.npz"
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, ids=ids, scores=scores, text=text)
@@ -337,7 +326,6 @@ def _auc_pr(truth: np.ndarray, scores: np.ndarray) -> float:
 
 # ---- the measurements ------------------------------------------------------------------------
 def bench_expansion(b: Bench, cfg: SuiteConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from agile_pipeline.lib import scale
 
     vs, mid = b.env.vectors, b.corpus.model_id
     qs = list(b.corpus.geometry.phrase_vectors.values())
@@ -350,7 +338,7 @@ def bench_expansion(b: Bench, cfg: SuiteConfig) -> tuple[list[dict[str, Any]], d
         return [{i for i, _s in plain.numpy_search(vs, mid, q, k)} for q in qs]
 
     def cached_scan() -> list[set[str]]:
-        return [set(x) for x in scale_search(scale.split_cache(vs, mid, "train"), np.stack(qs), k)]
+        return [set(x) for x in scale_search(split_cache(vs, mid, "train"), np.stack(qs), k)]
 
     ours = measure.measure(lance_exact, cfg.repeats)
     base = measure.measure(numpy_scan, cfg.repeats)
@@ -379,20 +367,19 @@ def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 1
     best ``shortlist * k`` per query re-ranked in float32 from the float16 rows."""
     import torch
 
-    from agile_pipeline.lib import scale
 
     q = np.asarray(queries, np.float32)
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    dt = scale.scan_compute_dtype()  # bfloat16 only where the CPU multiplies it natively
+    dt = scan.scan_compute_dtype()  # bfloat16 only where the CPU multiplies it natively
     qt = torch.from_numpy(q.T.copy()).to(dt)
     keep = shortlist * k
     best_s = [np.empty(0, np.float32) for _ in q]
     best_r = [np.empty(0, np.int64) for _ in q]
     with torch.inference_mode():
-        for start, rows in scale.iter_npy_rows(cache.bf16_path, chunk):
+        for start, rows in iter_npy_rows(cache.bf16_path, chunk):
             x = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16).to(dt)
             s = (x @ qt).float().numpy()  # the cache's bfloat16 rows are unit vectors
-            scale.merge_top_columns(best_s, best_r, s, start, keep)
+            scan.merge_top_columns(best_s, best_r, s, start, keep)
     out = []
     for j in range(q.shape[0]):
         rows_j = np.sort(best_r[j])
@@ -404,13 +391,12 @@ def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 1
 
 
 def bench_al_round(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
-    from agile_pipeline.lib import scale
 
     vs, mid, store = b.env.vectors, b.corpus.model_id, b.env.store
 
     def ours() -> Any:
-        scale._MEMO.clear()  # include loading the split cache, as a fresh round does
-        return scale.select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
+        clear_split_caches()  # include loading the split cache, as a fresh round does
+        return select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
 
     def base() -> Any:
         return plain.al_round_fp32(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100)
@@ -423,27 +409,27 @@ def bench_al_round(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
     same_set = set(o.value.ids) == set(bm.value[0])
     same_order = list(o.value.ids) == list(bm.value[0])
     t0 = time.perf_counter()
-    scale.score_approx(model, b.train)
-    scan = time.perf_counter() - t0
+    scan.score_approx(model, b.train)
+    scan_s = time.perf_counter() - t0
     return _row("al_round", b.n, o, bm, rows_scored=len(b.train), batch=100,
-                method=f"{scale.scan_mode()} scan of the train split cache + exact float32 re-score of a "
+                method=f"{scan.scan_mode()} scan of the train split cache + exact float32 re-score of a "
                        "proven shortlist + argpartition; labeled ids masked via sorted ids",
                 baseline="VectorStore.matrix + float32 predict_proba + per-id Python membership + full argsort",
                 same_selection_as_baseline=same_set, same_order_as_baseline=same_order,
                 shortlist=o.value.info.get("shortlist"), shortlist_proven=o.value.info.get("shortlist_proven"),
-                scan_mode=scale.scan_mode(), scan_seconds=round(scan, 4))
+                scan_mode=scan.scan_mode(), scan_seconds=round(scan_s, 4))
 
 
 def bench_al_round_ray(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
     """The AL round with the scan fanned out as Ray tasks (a local Ray instance started here),
     against the local path in the same run: what the Ray switch costs or gains on one box."""
-    from agile_pipeline.lib import distributed, scale
+    from agile_pipeline.lib import distributed
 
     vs, mid, store = b.env.vectors, b.corpus.model_id, b.env.store
 
     def select() -> Any:
-        scale._MEMO.clear()
-        return scale.select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
+        clear_split_caches()
+        return select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
 
     _release(b)
     local = measure.measure(select, cfg.repeats)
@@ -469,7 +455,6 @@ def bench_al_round_ray(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]
 
 
 def bench_train(b: Bench, cfg: SuiteConfig) -> tuple[dict[str, Any], Any]:
-    from agile_pipeline.lib import scale
     from agile_pipeline.lib.training import TrainConfig, train_classifier
 
     vs, mid = b.env.vectors, b.corpus.model_id
@@ -477,7 +462,7 @@ def bench_train(b: Bench, cfg: SuiteConfig) -> tuple[dict[str, Any], Any]:
     tc = TrainConfig(random_negatives=cfg.random_negatives)
 
     def ours() -> Any:
-        X_pool, X_lab, exclude = scale.training_inputs(vs, mid, ids)
+        X_pool, X_lab, exclude = training_inputs(vs, mid, ids)
         return train_classifier(X_lab, y, X_pool, round_index=1, config=tc, exclude_from_pool=exclude)
 
     _release(b)
@@ -499,7 +484,7 @@ def bench_train(b: Bench, cfg: SuiteConfig) -> tuple[dict[str, Any], Any]:
     }
     base = None
     if cfg.plain_epochs > 0:
-        _X_pool, X_lab, exclude = scale.training_inputs(vs, mid, ids)
+        _X_pool, X_lab, exclude = training_inputs(vs, mid, ids)
         del _X_pool
 
         def plain_run() -> Any:
@@ -529,11 +514,10 @@ def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[s
     import copy
 
     from agile_pipeline import settings
-    from agile_pipeline.lib import scale
     from agile_pipeline.lib.evalset import stratified_eval_set
 
     text = b.corpus.geometry.phrase_vectors[synth.CONCEPT]
-    zs = scale.zero_shot_unit_split(b.env.concept_dir(synth.CONCEPT), text, b.train, b.test)
+    zs = evalset.zero_shot_unit_split(b.env.concept_dir(synth.CONCEPT), text, b.train, b.test)
     exact: dict[str, Any] = {"zero-shot": zs}
     approx: dict[str, Any] = {"zero-shot": zs}
     t_exact = t_approx = 0.0
@@ -543,23 +527,23 @@ def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[s
         t_exact += time.perf_counter() - t0
         _release(b)
         t0 = time.perf_counter()
-        approx[name] = scale.approx_split_scores(model, b.test)
+        approx[name] = evalset.approx_split_scores(model, b.test)
         t_approx += time.perf_counter() - t0
     for p in b.test.cache_dir.glob(f"{b.test.tag}.eval*.npy"):
         p.unlink()
     t0 = time.perf_counter()
-    scale.eval_hash_order(b.test, settings.EVAL_KEY)
+    evalset.eval_hash_order(b.test, settings.EVAL_KEY)
     first = time.perf_counter() - t0
     fresh: dict[str, Any] = {}
 
     def reset() -> None:  # each run starts from the unrefined scan scores
         fresh.clear()
         fresh.update({k: copy.copy(v) if isinstance(v, np.ndarray) else
-                      scale.SplitScores(v.values.copy(), v.exact.copy(), v.bound, v.refine)
+                      evalset.SplitScores(v.values.copy(), v.exact.copy(), v.bound, v.refine)
                       for k, v in approx.items()})
 
     def ours() -> Any:
-        return scale.stratified_eval_set_cached(b.test, fresh, key=settings.EVAL_KEY)
+        return evalset.stratified_eval_set_cached(b.test, fresh, key=settings.EVAL_KEY)
 
     test_m = b.env.vectors.matrix(b.corpus.model_id, "test")
 
@@ -569,7 +553,7 @@ def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[s
     _release(b)
     o = measure.measure(ours, cfg.repeats, setup=reset)
     refined = int(sum(int(v.exact.sum() - approx[k].exact.sum()) for k, v in fresh.items()
-                      if isinstance(v, scale.SplitScores)))
+                      if isinstance(v, evalset.SplitScores)))
     bm = measure.measure(base, cfg.repeats)
     _release(b)
     same = (o.value.keys, o.value.picked_by, o.value.counts) == (bm.value.keys, bm.value.picked_by, bm.value.counts)
@@ -580,14 +564,16 @@ def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[s
                 rows_refined=refined, hash_order_first_seconds=round(first, 4),
                 scoring_seconds_per_model=round(t_approx / n_models, 3),
                 baseline_scoring_seconds_per_model=round(t_exact / n_models, 3),
-                method=f"stratified_eval_set_cached on {scale.scan_mode()} scan scores, refining only rows that "
+                method=f"stratified_eval_set_cached on {scan.scan_mode()} scan scores, refining only rows that "
                        "could change a pick; SipHash order cached per table version (scoring "
                        "not timed: scoring_seconds_per_model)",
                 baseline="stratified_eval_set over a list of the test ids (hashing every id) on "
                          "float32 scores (scoring not timed: baseline_scoring_seconds_per_model)")
 
 
-def _one_round(b: Bench) -> tuple[float, dict[str, Any]]:
+def _one_round(b: Bench, *, baseline: bool = False) -> tuple[float, dict[str, Any]]:
+    """One round through the named Dagster job; ``baseline``: with the split caches off, the
+    code paths as they were before the fast path (matrix + dict index + float32 scans)."""
     from agile_pipeline.defs.concepts import al_candidates, classifier
     from agile_pipeline.lib.loop import pending_items
     from agile_pipeline.runner import metadata_of, run_concept_round
@@ -595,7 +581,7 @@ def _one_round(b: Bench) -> tuple[float, dict[str, Any]]:
     pending = pending_items(b.env, synth.CONCEPT)
     _label(b, pending)
     t0, wall0 = time.perf_counter(), time.time()
-    res = run_concept_round(synth.CONCEPT, agile=b.agile)
+    res = run_concept_round(synth.CONCEPT, agile=b.agile_baseline if baseline else b.agile)
     seconds = time.perf_counter() - t0
     nxt = pending_items(b.env, synth.CONCEPT)
     c, a = metadata_of(res, classifier), metadata_of(res, al_candidates)
@@ -655,16 +641,15 @@ def bench_round(b: Bench, cfg: SuiteConfig) -> list[dict[str, Any]]:
     base_infos: list[dict[str, Any]] = []
     if cfg.baseline_round and fast and b.n <= cfg.baseline_round_max_n:
         _release(b)
-        with straightforward_paths():
-            _one_round(b)  # warm-up: builds VectorStore.matrix caches the old path reads
+        _one_round(b, baseline=True)  # warm-up: builds VectorStore.matrix caches the old path reads
 
-            def base_fn() -> float:
-                s, info = _one_round(b)
-                base_infos.append(info)
-                return s
+        def base_fn() -> float:
+            s, info = _one_round(b, baseline=True)
+            base_infos.append(info)
+            return s
 
-            base = measure.measure(base_fn, cfg.baseline_round_repeats)
-            base.seconds = [i["timed_seconds"] for i in base_infos]
+        base = measure.measure(base_fn, cfg.baseline_round_repeats)
+        base.seconds = [i["timed_seconds"] for i in base_infos]
     rows.append(_row(
         "round_end_to_end", b.n, o, base, fast_path_installed=fast,
         first_round_seconds=[round(s, 3) for s, _ in firsts],
@@ -677,7 +662,7 @@ def bench_round(b: Bench, cfg: SuiteConfig) -> list[dict[str, Any]]:
                "classifier + MLflow, al_candidates, eval_set, model_metrics); seconds until "
                "al_candidates has written the next batch (when the app shows it; the run's "
                "eval_set and model_metrics steps go on meanwhile: run_seconds)",
-        baseline="the same round with the split caches off (scale.has_cache = False): "
+        baseline="the same round with the split caches off (AgileResources(split_caches=False)): "
                  "VectorStore.matrix, dict id index, float32 scans" if base else
                  ("not run: the fast path is not wired into loop.py" if not fast else
                   f"not run above n = {cfg.baseline_round_max_n:,} (minutes per round)"),
@@ -721,8 +706,7 @@ def bench_ann(b: Bench, cfg: SuiteConfig, exp: dict[str, Any]) -> dict[str, Any]
 # ---- per size --------------------------------------------------------------------------------
 def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
     from agile_pipeline import settings
-    from agile_pipeline.defs.resources import AgileHome
-    from agile_pipeline.lib import scale
+    from agile_pipeline.defs.resources import AgileResources
     from agile_pipeline.lib.loop import LoopEnv
     from agile_pipeline.lib.state import StateStore
     from agile_pipeline.lib.training import TrainConfig, train_classifier
@@ -751,10 +735,10 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
     base_first = _run_first_load("committed" if committed else "matrix", home, corpus.model_id,
                                  lance_files)
     ours_first = _run_first_load("ours", home, corpus.model_id, lance_files)
-    scale._MEMO.clear()
+    clear_split_caches()
     cfg.results.append(_row(
         "first_load", n, ours_first, base_first,
-        method="scale.split_cache(train) + (test): one streaming scan of LanceDB into float16, "
+        method="split_cache(train) + (test): one streaming scan of LanceDB into float16, "
                "bfloat16, sorted-id and norm files",
         baseline=("VectorStore.matrix(train) + (test) as first committed: whole split as "
                   "float32 in memory, then cast" if committed else
@@ -764,9 +748,9 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
     log(_fmt(cfg.results[-1]))
 
     def load_ours() -> None:
-        scale._MEMO.clear()
-        scale.split_cache(vectors, corpus.model_id, "train")
-        scale.split_cache(vectors, corpus.model_id, "test")
+        clear_split_caches()
+        split_cache(vectors, corpus.model_id, "train")
+        split_cache(vectors, corpus.model_id, "test")
 
     def load_base() -> None:
         vectors.matrix(corpus.model_id, "train")
@@ -780,11 +764,12 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
 
     store = StateStore(paths.state_db)
     env = LoopEnv(store, vectors, corpus.model_id, paths)
-    train = scale.split_cache(vectors, corpus.model_id, "train")
-    test = scale.split_cache(vectors, corpus.model_id, "test")
+    train = split_cache(vectors, corpus.model_id, "train")
+    test = split_cache(vectors, corpus.model_id, "test")
     spec = corpus.encoder_spec()
     b = Bench(n, corpus, env, train, test, _truth(train, corpus.positives),
-              _truth(test, corpus.positives), spec, AgileHome(home=str(home), encoder=spec))
+              _truth(test, corpus.positives), spec, AgileResources(home=str(home), encoder=spec),
+              AgileResources(home=str(home), encoder=spec, split_caches=False))
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
@@ -810,7 +795,7 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
             log(_fmt(cfg.results[-1]) + f"   same selection: {cfg.results[-1]['same_selection_as_local']}")
             _save(cfg, machine)
         ids, y = _labels(b)
-        X_pool, X_lab, exclude = scale.training_inputs(vectors, corpus.model_id, ids)
+        X_pool, X_lab, exclude = training_inputs(vectors, corpus.model_id, ids)
         models = {"round-1": model1}
         for seed in (1, 2, 3):
             models[f"seed-{seed}"] = train_classifier(X_lab, y, X_pool, round_index=1,
@@ -838,7 +823,7 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
                 f"build {cfg.results[-1]['build_seconds']}s")
             _save(cfg, machine)
     store.close()
-    scale._MEMO.clear()
+    clear_split_caches()
     if not cfg.keep:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -859,7 +844,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     machine = measure.machine()
     cfg.log(measure.describe(machine))
     if not fast_path_installed():
-        cfg.log("note: loop.py/evaluation.py do not use agile_pipeline.lib.scale yet (see "
+        cfg.log("note: loop.py/evaluation.py do not read the split caches (see "
                 "BENCHMARKS.md); round_end_to_end measures the committed path")
     cfg.log(HEADER)
     for n in cfg.sizes:

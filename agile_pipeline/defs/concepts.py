@@ -10,15 +10,23 @@ from typing import Literal
 import dagster as dg
 
 from agile_pipeline import settings
-from agile_pipeline.defs.resources import AgileHome, quiet_third_party_logs
+from agile_pipeline.defs import selections
+from agile_pipeline.defs.resources import (
+    EncoderResource,
+    StateResource,
+    VectorsResource,
+    quiet_third_party_logs,
+)
 from agile_pipeline.lib import checks
 from agile_pipeline.lib.loop import LoopEnv, LoopError
 
-concept_partitions = dg.DynamicPartitionsDefinition(name="concepts")
+concept_partitions = dg.DynamicPartitionsDefinition(name=selections.CONCEPT_PARTITIONS)
 
 
-def loop_env(agile: AgileHome) -> LoopEnv:
-    return LoopEnv(agile.state(), agile.vectors(), agile.model_id(), agile.paths)
+def loop_env(state: StateResource, vectors: VectorsResource, encoder: EncoderResource) -> LoopEnv:
+    """What the loop functions work on: the state store, the vector store, the model id and
+    the data directory's layout."""
+    return LoopEnv(state.store(), vectors.vectors(), encoder.model_id(), state.paths)
 
 
 class ExpansionConfig(dg.Config):
@@ -68,13 +76,16 @@ concept_labels = dg.AssetSpec(
         "negative phrase, 100 sampled (seeded) from their union for the first rating batch."
     ),
 )
-def expansion_candidates(context: dg.AssetExecutionContext, config: ExpansionConfig, agile: AgileHome) -> dg.MaterializeResult:
+def expansion_candidates(
+    context: dg.AssetExecutionContext, config: ExpansionConfig,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
     from agile_pipeline.lib.loop import build_expansion
 
     quiet_third_party_logs()
-    env = loop_env(agile)
+    env = loop_env(state, vectors, encoder)
     batch = _user_errors(lambda: build_expansion(
-        env, context.partition_key, agile.load_encoder(), per_phrase=config.per_phrase,
+        env, context.partition_key, encoder.load(), per_phrase=config.per_phrase,
         sample=config.sample, seed=config.seed, run_id=context.run.run_id,
     ))
     by_phrase: dict[str, int] = {}
@@ -94,11 +105,14 @@ def expansion_candidates(context: dg.AssetExecutionContext, config: ExpansionCon
     kinds={"numpy"},
     description="Zero-shot baseline: cosine of every image with the concept-name text vector.",
 )
-def zero_shot_scores(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.MaterializeResult:
+def zero_shot_scores(
+    context: dg.AssetExecutionContext,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
     from agile_pipeline.lib.loop import zero_shot
 
-    env = loop_env(agile)
-    ids, scores = _user_errors(lambda: zero_shot(env, context.partition_key, agile.load_encoder()))
+    env = loop_env(state, vectors, encoder)
+    ids, scores = _user_errors(lambda: zero_shot(env, context.partition_key, encoder.load()))
     top = [str(ids[k]) for k in scores.argsort()[::-1][:5]]
     return dg.MaterializeResult(metadata={
         "images_scored": len(scores), "max_cosine": float(scores.max()) if len(scores) else 0.0,
@@ -122,20 +136,24 @@ def zero_shot_scores(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.
         "its MLflow run and model version are `registered_model`)."
     ),
 )
-def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile: AgileHome) -> dg.MaterializeResult:
-    from agile_pipeline.lib.loop import NO_POSITIVES_ADVICE, label_counts, train_round
+def classifier(
+    context: dg.AssetExecutionContext, config: TrainingConfig,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import plan_round, round_facts, train_round
     from agile_pipeline.lib.state import LabelRule
     from agile_pipeline.lib.training import TrainConfig
 
     quiet_third_party_logs()
-    env = loop_env(agile)
+    env = loop_env(state, vectors, encoder)
     t0 = time.perf_counter()
     rule = LabelRule(owner_wins=config.owner_wins, tie=config.tie)
-    n_pos, n_neg = _user_errors(lambda: label_counts(env, context.partition_key, rule))
-    if n_pos == 0:  # nothing to learn from: the selection step queues a recovery batch instead
-        context.log.warning(NO_POSITIVES_ADVICE.format(name=context.partition_key, neg=n_neg))
+    facts = _user_errors(lambda: round_facts(env.store, context.partition_key, rule))
+    plan = plan_round(facts, force=config.force)
+    if plan.action == "recovery":  # nothing to learn from: al_candidates queues a recovery batch
+        context.log.warning(plan.reason)
         return dg.MaterializeResult(metadata={
-            "trained": False, "n_pos": 0, "n_neg": n_neg,
+            "trained": False, "n_pos": 0, "n_neg": facts.n_neg,
             "status": "no positive labels yet: recovery batch instead of a model",
         }, check_results=[dg.AssetCheckResult(check_name="weights_finite", passed=True,
                                               metadata={"status": "no model this round"})])
@@ -174,14 +192,17 @@ def classifier(context: dg.AssetExecutionContext, config: TrainingConfig, agile:
         description="The batch holds the batch size (or every eligible image) of distinct "
                     "train images, none labelled when it was selected.")],
 )
-def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfig, agile: AgileHome) -> dg.MaterializeResult:
-    from agile_pipeline.lib.loop import build_expansion, label_counts, select_candidates
+def al_candidates(
+    context: dg.AssetExecutionContext, config: MarginSamplingConfig,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
+    from agile_pipeline.lib.loop import build_expansion, plan_round, round_facts, select_candidates
 
-    env = loop_env(agile)
-    n_pos, _n_neg = _user_errors(lambda: label_counts(env, context.partition_key))
-    if n_pos == 0:
+    env = loop_env(state, vectors, encoder)
+    plan = plan_round(_user_errors(lambda: round_facts(env.store, context.partition_key)))
+    if plan.action == "recovery":
         rec = _user_errors(lambda: build_expansion(
-            env, context.partition_key, agile.load_encoder(), sample=config.batch_size,
+            env, context.partition_key, encoder.load(), sample=config.batch_size,
             run_id=context.run.run_id, recovery=True,
         ))
         return dg.MaterializeResult(metadata={
@@ -218,11 +239,14 @@ def al_candidates(context: dg.AssetExecutionContext, config: MarginSamplingConfi
         "the rater never waits on it."
     ),
 )
-def registered_model(context: dg.AssetExecutionContext, agile: AgileHome) -> dg.MaterializeResult:
+def registered_model(
+    context: dg.AssetExecutionContext,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
     from agile_pipeline.lib.loop import register_round
 
     quiet_third_party_logs()
-    env = loop_env(agile)
+    env = loop_env(state, vectors, encoder)
     t0 = time.perf_counter()
     run_id, version, logged = _user_errors(lambda: register_round(
         env, context.partition_key, run_id=context.run.run_id))
@@ -267,10 +291,13 @@ class MetricsConfig(dg.Config):
         description="Every model's every score stratum gave its 20 images, or all the test "
                     "images it has (counted in the metadata).")],
 )
-def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, agile: AgileHome) -> dg.MaterializeResult:
+def eval_set(
+    context: dg.AssetExecutionContext, config: EvalSetConfig,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
     from agile_pipeline.lib.evaluation import build_eval_set
 
-    env = loop_env(agile)
+    env = loop_env(state, vectors, encoder)
     batch = _user_errors(lambda: build_eval_set(
         env, context.partition_key, per_stratum=config.per_stratum, n_strata=config.n_strata,
         run_id=context.run.run_id,
@@ -298,10 +325,13 @@ def eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, agile: Ag
         description="The newest model's AUC-PR on the eval ratings is at least zero-shot's "
                     "(a warning: more ratings usually fix it).")],
 )
-def model_metrics(context: dg.AssetExecutionContext, config: MetricsConfig, agile: AgileHome) -> dg.MaterializeResult:
+def model_metrics(
+    context: dg.AssetExecutionContext, config: MetricsConfig,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
     from agile_pipeline.lib.evaluation import evaluate
 
-    env = loop_env(agile)
+    env = loop_env(state, vectors, encoder)
     report = _user_errors(lambda: evaluate(
         env, context.partition_key, zero_shot_threshold=config.zero_shot_threshold,
     ))
@@ -370,21 +400,15 @@ def _user_errors(fn):  # type: ignore[no-untyped-def]
 
 
 concept_start_job = dg.define_asset_job(
-    "concept_start_job",
-    selection=dg.AssetSelection.assets(expansion_candidates, zero_shot_scores),
+    selections.START_JOB,
+    selection=dg.AssetSelection.assets(*selections.START_ASSETS),
     executor_def=dg.in_process_executor,
     description="Start a concept: expansion candidates for the first batch and zero-shot scores.",
 )
 
-ROUND_ASSETS = (classifier, al_candidates, registered_model, eval_set, model_metrics)
-# what the round job runs when only part of it is wanted (``asset_selection`` of a run)
-FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
-LOOKAHEAD_ASSETS = ("classifier", "al_candidates", "registered_model")
-EVAL_ASSETS = ("eval_set", "model_metrics")
-
 concept_round_job = dg.define_asset_job(
-    "concept_round_job",
-    selection=dg.AssetSelection.assets(*ROUND_ASSETS),
+    selections.ROUND_JOB,
+    selection=dg.AssetSelection.assets(*selections.ROUND_ASSETS),
     executor_def=dg.in_process_executor,
     description=(
         "One active-learning round: retrain on all labels, select the next batch, extend the "

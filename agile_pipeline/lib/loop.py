@@ -18,6 +18,7 @@ import numpy as np
 
 from agile_pipeline import settings
 from agile_pipeline.lib.selection import sample_expansion
+from agile_pipeline.lib.split_cache import has_cache, split_cache
 from agile_pipeline.lib.state import Concept, LabelRule, StateStore
 from agile_pipeline.lib.vectors import VectorStore
 
@@ -166,14 +167,14 @@ def _nearest_train(env: LoopEnv, queries: list[np.ndarray], k: int) -> list[list
     """The ``k`` nearest train images of every query (ids, best first): one pass over the
     warm split cache where there is one and the split is small enough, else LanceDB's search
     per query."""
-    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.scan import EXACT_SEARCH_MAX_ROWS, nearest_in_split
 
     if not queries:
         return []
-    if scale.has_cache(env.vectors):
-        cache = scale.split_cache(env.vectors, env.model_id, "train")
-        if len(cache) <= scale.EXACT_SEARCH_MAX_ROWS:
-            hits = scale.nearest_in_split(cache, np.stack(queries), k)
+    if has_cache(env.vectors):
+        cache = split_cache(env.vectors, env.model_id, "train")
+        if len(cache) <= EXACT_SEARCH_MAX_ROWS:
+            hits = nearest_in_split(cache, np.stack(queries), k)
             return [[i for i, _s in h] for h in hits]
     return [[i for i, _s, _d in env.vectors.search(env.model_id, v, k, split="train")]
             for v in queries]
@@ -181,12 +182,10 @@ def _nearest_train(env: LoopEnv, queries: list[np.ndarray], k: int) -> list[list
 
 def _random_unlabeled(env: LoopEnv, n: int, exclude: set[str], seed: int) -> list[str]:
     """``n`` train images drawn uniformly (seeded), none of ``exclude``."""
-    from agile_pipeline.lib import scale
-
     if n <= 0:
         return []
-    if scale.has_cache(env.vectors):
-        cache = scale.split_cache(env.vectors, env.model_id, "train")
+    if has_cache(env.vectors):
+        cache = split_cache(env.vectors, env.model_id, "train")
         total, id_at = len(cache), cache.id_at
     else:
         m = env.vectors.matrix(env.model_id, "train")
@@ -229,17 +228,102 @@ NO_POSITIVES_ADVICE = (
 )
 
 
+# ---- the round policy --------------------------------------------------------------------
+RoundAction = Literal["train", "reuse", "recovery", "refuse"]
+
+
+@dataclass(frozen=True)
+class RoundFacts:
+    """What a round depends on, read from the state store in one place (:func:`round_facts`)."""
+
+    concept: str
+    n_pos: int
+    n_neg: int
+    label_cutoff: int
+    last_round: int | None  # index of the latest trained round
+    last_round_cutoff: int | None  # the label cutoff it was trained on
+    latest_batch_kind: str | None  # "expansion" or "al"
+    latest_batch_cutoff: int | None
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round would do now: ``train`` a model (``round_index``), ``reuse`` the last one
+    (nothing rated since), queue a ``recovery`` batch (no positive yet), or ``refuse`` (a
+    rater's request that cannot help); ``reason`` says why, in words for the user."""
+
+    action: RoundAction
+    reason: str
+    round_index: int | None = None
+
+
+def plan_round(facts: RoundFacts, *, force: bool = False, rater_request: bool = False) -> RoundPlan:
+    """The one answer to "what would a round do now?" — the app, the ``classifier`` and
+    ``al_candidates`` assets, training itself and ``agile round --dry-run`` all ask it.
+
+    * no positive label: the pipeline queues a recovery batch (the next-nearest images of every
+      phrase and exemplar); a rater's own request is refused instead — a model needs one
+      example of the concept, and the advice says how to find one;
+    * nothing rated since the last round: the pipeline keeps that model (``reuse``; ``force``
+      retrains the same round); a rater's request is refused while an AL batch selected by that
+      model waits to be rated;
+    * otherwise: train round ``last + 1`` (the first is 0).
+    """
+    f = facts
+    if f.n_pos == 0:
+        if rater_request:
+            return RoundPlan("refuse", (
+                f"no image is rated positive yet for {f.concept!r} ({f.n_neg} negative): "
+                "the model needs at least one example of the concept. Rate more images, or add "
+                "phrases that describe it on the Concept tab and find images again"))
+        return RoundPlan("recovery", NO_POSITIVES_ADVICE.format(name=f.concept, neg=f.n_neg))
+    unchanged = f.last_round is not None and f.last_round_cutoff == f.label_cutoff
+    if unchanged and rater_request and f.latest_batch_kind == "al" and (
+            f.latest_batch_cutoff is not None and f.last_round_cutoff is not None
+            and f.latest_batch_cutoff >= f.last_round_cutoff):
+        return RoundPlan("refuse", (
+            f"nothing new was rated since round {f.last_round}: rate the current batch first "
+            "(its images are the ones the model is least sure about)"), f.last_round)
+    if unchanged and not force:
+        return RoundPlan("reuse", f"no new labels since round {f.last_round}: kept that model "
+                                  "(use --force to retrain)", f.last_round)
+    if unchanged:
+        return RoundPlan("train", f"retraining round {f.last_round} on the same labels (forced)",
+                         f.last_round)
+    nxt = 0 if f.last_round is None else f.last_round + 1
+    return RoundPlan("train", f"training round {nxt} on {f.n_pos} positive / {f.n_neg} negative "
+                              "labels", nxt)
+
+
+def round_facts(store: StateStore, concept: str, rule: LabelRule = LabelRule(), *,
+                upto: int | None = None) -> RoundFacts:
+    """The :class:`RoundFacts` of a concept now (or up to label event ``upto``)."""
+    c = store.get_concept(concept)
+    cutoff = store.label_cutoff(c.name) if upto is None else upto
+    labels = store.effective_labels(c.name, purpose="train", rule=rule, upto=cutoff)
+    rounds = store.rounds(c.name)
+    latest = store.latest_batch(c.name)
+    pos = sum(labels.values())
+    return RoundFacts(
+        c.name, pos, len(labels) - pos, cutoff,
+        int(rounds[-1]["round"]) if rounds else None,
+        int(rounds[-1]["label_cutoff"]) if rounds else None,
+        latest["kind"] if latest else None,
+        int(latest["label_cutoff"]) if latest and latest["label_cutoff"] is not None else None,
+    )
+
+
 # ---- zero-shot ---------------------------------------------------------------------------
 def zero_shot(env: LoopEnv, concept_name: str, encoder: Any, *, save: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of every image (all splits) with the concept-name text vector: (ids, scores)."""
     concept = env.store.get_concept(concept_name)
     text = np.asarray(encoder.embed_texts([concept.phrases[0][1]])[0], dtype=np.float32)
-    from agile_pipeline.lib import scale
+    from agile_pipeline.lib.scan import matvec_f16
 
-    if scale.has_cache(env.vectors):  # the warm split caches: no second copy of the table
-        parts = [scale.split_cache(env.vectors, env.model_id, sp) for sp in ("train", "test")]
+    if has_cache(env.vectors):  # the warm split caches: no second copy of the table
+        parts = [split_cache(env.vectors, env.model_id, sp) for sp in ("train", "test")]
         ids = np.concatenate([np.char.decode(np.asarray(c.keys), "utf-8") for c in parts])
-        scores = np.concatenate([scale.matvec_f16(c, text) for c in parts])
+        scores = np.concatenate([matvec_f16(c, text) for c in parts])
     else:
         m = env.vectors.matrix(env.model_id, None)
         ids, scores = m.ids, _matvec(m.vectors, text)
@@ -316,28 +400,26 @@ def _train_round(
     config = config or TrainConfig()
     store = env.store
     concept = store.get_concept(concept_name)
-    cutoff = store.label_cutoff(concept.name)
-    previous = store.rounds(concept.name)
-    if previous and previous[-1]["label_cutoff"] == cutoff:
-        last = previous[-1]
-        if not force:
-            return RoundResult(
-                concept.name, last["round"], cutoff, last["n_pos"], last["n_neg"],
-                Path(last["model_uri"]), last["train_seconds"] or 0.0, reused=True,
-                mlflow_run_id=last["mlflow_run_id"], model_version=last["model_version"],
-            )
-        round_index = int(last["round"])
-    else:
-        round_index = len(previous)
-    ids, y = training_labels(env, concept.name, rule=rule, upto=cutoff)
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    if n_pos == 0:
+    facts = round_facts(store, concept.name, rule)
+    cutoff = facts.label_cutoff
+    plan = plan_round(facts, force=force)
+    if plan.action == "reuse":
+        last = store.rounds(concept.name)[-1]
+        return RoundResult(
+            concept.name, last["round"], cutoff, last["n_pos"], last["n_neg"],
+            Path(last["model_uri"]), last["train_seconds"] or 0.0, reused=True,
+            mlflow_run_id=last["mlflow_run_id"], model_version=last["model_version"],
+        )
+    if plan.action != "train" or plan.round_index is None:  # no positive: nothing to learn from
         raise LoopError(
-            f"no positive labels yet for {concept.name!r} ({n_neg} negative): rate at least one "
+            f"no positive labels yet for {concept.name!r} ({facts.n_neg} negative): rate at least one "
             "image as positive — widen the search with more phrases, or add an exemplar image — "
             "then run the round again"
         )
-    from agile_pipeline.lib.scale import training_inputs
+    round_index = plan.round_index
+    ids, y = training_labels(env, concept.name, rule=rule, upto=cutoff)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    from agile_pipeline.lib.training import training_inputs
 
     X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids)
     events = store.label_events(concept.name, purpose="train", upto=cutoff)
@@ -423,10 +505,12 @@ def architecture_round(round_index: int, label_rounds: list[int | None]) -> int:
     """Which model of the recipe to train (``0``: the first model, 1x16; else 3x128).
 
     The paper's first model is the one trained on the expansion batch. A round is therefore
-    "first" when it is round 0, or when every one of its labels was rated in a round-0 batch
-    (a lookahead round and its follow-up on the first batch, or an early "train now").
+    "first" when it is round 0, or when every one of its labels rated in a batch was rated in a
+    round-0 batch (a lookahead round and its follow-up on the first batch, or an early "train
+    now"); labels from no batch (``None``: exemplars, imports) do not make a round later.
     """
-    if round_index == 0 or (label_rounds and all(r == 0 for r in label_rounds)):
+    from_batches = [r for r in label_rounds if r is not None]
+    if round_index == 0 or (from_batches and all(r == 0 for r in from_batches)):
         return 0
     return round_index
 
@@ -474,7 +558,7 @@ def _select_candidates(
     cutoff = env.store.label_cutoff(concept.name)
     if strategy not in ("margin", "margin-positive"):
         raise LoopError(f"unknown strategy {strategy!r}: use 'margin' or 'margin-positive'")
-    from agile_pipeline.lib.scale import select_for_round
+    from agile_pipeline.lib.selection import select_for_round
 
     labeled = env.store.labeled_image_ids(concept.name)
     pending = {it["image_id"] for it in pending_items(env, concept.name)} if exclude_pending else set()

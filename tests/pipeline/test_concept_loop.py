@@ -14,7 +14,7 @@ from agile_pipeline.defs.concepts import (
     expansion_candidates,
     registered_model,
 )
-from agile_pipeline.defs.resources import AgileHome
+from agile_pipeline.defs.resources import AgileResources
 from agile_pipeline.lib.loop import pending_items
 from agile_pipeline.lib.state import LabelEvent
 from agile_pipeline.lib.tracking import model_versions
@@ -34,14 +34,14 @@ def corpus(agile_home, tmp_path):
     src = tmp_path / "corpus"
     write_real_like_images(src, 800, seed=11)
     run_corpus([str(src)])
-    agile = AgileHome()
+    agile = AgileResources()
     return agile
 
 
 def _env(agile):
     from agile_pipeline.defs.concepts import loop_env
 
-    return loop_env(agile)
+    return loop_env(agile.state, agile.vectors, agile.encoder)
 
 
 def _rate(env, concept, items, truth, rater="owner", purpose="train"):
@@ -189,7 +189,7 @@ def test_uploaded_exemplar_drives_expansion_trains_and_never_joins_a_split(corpu
     from agile_pipeline.lib.uploads import add_uploaded_exemplar
 
     env = _env(corpus)
-    encoder = corpus.load_encoder()
+    encoder = corpus.encoder.load()
     env.store.create_concept("uploaded", ["x"])
     run_concept_start("uploaded")
     first = pending_items(env, "uploaded")

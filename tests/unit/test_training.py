@@ -296,6 +296,7 @@ def test_optional_standardization_still_learns(task):
     (1, [0, 0, 0], 0),         # a follow-up on the first batch's labels: still the first model
     (1, [0, 0, 1], 1),         # a label from an active-learning batch: the later model
     (2, [0, None, 1], 2),      # labels from outside any batch (CLI import) don't change that
+    (1, [0, 0, None], 0),      # ... nor make a follow-up on the first batch (+ an exemplar) later
     (3, [None, None], 3),
 ])
 def test_first_model_is_the_one_trained_on_the_first_batch(round_index, label_rounds, expected):  # type: ignore[no-untyped-def]
