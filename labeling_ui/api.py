@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, Response
 
 from agile_pipeline.lib.state import StateError
 from labeling_ui.config import UiSettings, valid_rater_name
+from labeling_ui.context import IMAGE_ID
 from labeling_ui.security import AuthGate
-from labeling_ui.service import IMAGE_ID, LabelingService
+from labeling_ui.service import LabelingService
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     @router.get("/api/session", include_in_schema=False)
     def session(request: Request) -> dict[str, Any]:
         user = signed_in(request)
-        return {"auth": gate.enabled, "user": user, "concepts": service.concept_names()}
+        return {"auth": gate.enabled, "user": user, "concepts": service.ratings.concept_names()}
 
     @router.get("/api/batch", include_in_schema=False)
     def batch(request: Request, concept: str, rater: str = "", purpose: str = "train") -> dict[str, Any]:
@@ -174,7 +175,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         if purpose not in ("train", "eval"):
             raise HTTPException(status_code=400, detail="purpose is train or eval")
         try:
-            return service.batch_view(concept, who, purpose)  # type: ignore[arg-type]
+            return service.ratings.batch_view(concept, who, purpose)  # type: ignore[arg-type]
         except StateError as exc:
             raise user_error(exc) from exc
 
@@ -188,7 +189,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         try:
             from starlette.concurrency import run_in_threadpool
 
-            result = await run_in_threadpool(service.record_labels, events, rater=who)
+            result = await run_in_threadpool(service.ratings.record_labels, events, rater=who)
         except StateError as exc:
             raise user_error(exc) from exc
         return JSONResponse({"ok": True, "rater": who, "acked": [str(e.get("event_id")) for e in events], **result})
@@ -206,7 +207,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             from starlette.concurrency import run_in_threadpool
 
             exemplars = await run_in_threadpool(
-                service.add_exemplar, str(body.get("concept", "")), image_id, rater=who, polarity=str(polarity),
+                service.exemplars.add_exemplar, str(body.get("concept", "")), image_id, rater=who, polarity=str(polarity),
             )
         except StateError as exc:
             raise user_error(exc) from exc
@@ -255,7 +256,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
 
         try:
             result = await run_in_threadpool(
-                service.upload_exemplar, concept, b"".join(parts), rater=who, polarity=polarity,
+                service.exemplars.upload_exemplar, concept, b"".join(parts), rater=who, polarity=polarity,
                 filename=name, max_bytes=cap,
             )
         except UploadRejected as exc:
@@ -281,7 +282,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         """Images nearest to a few words, to find an exemplar when no batch holds a positive."""
         signed_in(request)
         try:
-            return {"items": service.search_images(concept, q, k)}
+            return {"items": service.exemplars.search_images(concept, q, k)}
         except StateError as exc:
             raise user_error(exc) from exc
         except Exception as exc:  # no embeddings yet, model files missing ...
@@ -293,7 +294,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     def health(request: Request) -> dict[str, Any]:
         """Whether the round worker is warm (everything a round needs is loaded)."""
         signed_in(request)
-        return service.health()
+        return service.rounds.health()
 
     @router.post("/api/concepts", include_in_schema=False)
     async def create_concept(request: Request) -> JSONResponse:
@@ -303,12 +304,12 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         from starlette.concurrency import run_in_threadpool
 
         def create() -> dict[str, Any]:
-            c = service.create_concept(
+            c = service.ratings.create_concept(
                 str(body.get("name", "")), _phrases(body.get("positives")),
                 _phrases(body.get("negatives")), str(body.get("instructions") or ""), owner=who,
             )
-            view = service.start_concept(c.name, requested_by=who)
-            return {"concept": service.concept_view(c.name), "round": view.to_dict()}
+            view = service.rounds.start_concept(c.name, requested_by=who)
+            return {"concept": service.ratings.concept_view(c.name), "round": view.to_dict()}
 
         try:
             return JSONResponse(await run_in_threadpool(create))
@@ -327,8 +328,8 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         concept = str(body.get("concept", ""))
         from starlette.concurrency import run_in_threadpool
 
-        ask = {"round": service.request_round, "eval": service.request_eval,
-               "start": service.start_concept}[job]
+        ask = {"round": service.rounds.request_round, "eval": service.rounds.request_eval,
+               "start": service.rounds.start_concept}[job]
         try:
             view = await run_in_threadpool(lambda: ask(concept, requested_by=who))
         except StateError as exc:
@@ -340,19 +341,19 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         """The concept's latest round request: state, run, whether a new batch is there."""
         signed_in(request)
         try:
-            name = service.concept(concept).name
+            name = service.ratings.concept(concept).name
         except StateError as exc:
             raise user_error(exc) from exc
-        return service.round_view(name).to_dict()
+        return service.rounds.round_view(name).to_dict()
 
     @router.get("/api/models", include_in_schema=False)
     def models(request: Request, concept: str) -> dict[str, Any]:
         """Every round's model, and the metrics of the latest evaluation (``null`` before)."""
         signed_in(request)
         try:
-            name = service.concept(concept).name
-            metrics, mtime = service.metrics_report(name)
-            return {"rounds": service.rounds_table(name), "metrics": metrics, "metrics_mtime": mtime}
+            name = service.ratings.concept(concept).name
+            metrics, mtime = service.export.metrics_report(name)
+            return {"rounds": service.rounds.rounds_table(name), "metrics": metrics, "metrics_mtime": mtime}
         except StateError as exc:
             raise user_error(exc) from exc
 
@@ -360,7 +361,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     def export(concept: str, round_index: int, request: Request) -> Response:
         signed_in(request)
         try:
-            name, data = service.export_zip(concept, round_index)
+            name, data = service.export.export_zip(concept, round_index)
         except StateError as exc:
             raise HTTPException(status_code=404, detail=str(exc).strip("'\"")) from exc
         return Response(
@@ -372,7 +373,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     def metrics(concept: str, request: Request) -> Response:
         signed_in(request)
         try:
-            path = service.metrics_png(concept)
+            path = service.export.metrics_png(concept)
         except StateError as exc:
             raise HTTPException(status_code=404, detail="not found") from exc
         if path is None:

@@ -24,8 +24,9 @@ from labeling_ui import handlers
 from labeling_ui.api import build_router
 from labeling_ui.config import UiSettings
 from labeling_ui.handlers import NO_CHANGE, View
+from labeling_ui.rounds import RoundPolicy
 from labeling_ui.security import AuthGate, GuardMiddleware, LoginThrottle
-from labeling_ui.service import LabelingService, RoundPolicy
+from labeling_ui.service import LabelingService
 from labeling_ui.session import LabelingSession
 from labeling_ui.trigger import DagsterGraphQLTrigger, InProcessTrigger, PipelineTrigger
 
@@ -232,7 +233,7 @@ def make_service(settings: UiSettings, *, store: Any = None, trigger: PipelineTr
         trigger = in_process if settings.trigger == "in-process" else DagsterGraphQLTrigger(settings.dagster_url)
     return LabelingService(
         store, trigger, home=home, fallback=None if trigger is in_process else in_process,
-        encoder_spec=os.environ.get("AGILE_ENCODER", "bundled"),
+        encoder_spec=agile_settings.default_encoder_spec(),
         policy=RoundPolicy(auto=settings.auto_round, lookahead=settings.lookahead),
     )
 
@@ -242,8 +243,8 @@ def build_app(settings: UiSettings | None = None, *, service: LabelingService | 
     settings = settings or UiSettings.from_env()
     service = service or make_service(settings)
     # the widget follows the round policy the service really has (a given service brings its own)
-    settings = dataclasses.replace(settings, auto_round=service.policy.auto,
-                                   lookahead=service.policy.lookahead)
+    settings = dataclasses.replace(settings, auto_round=service.rounds.policy.auto,
+                                   lookahead=service.rounds.policy.lookahead)
     gate = AuthGate(enabled=settings.auth_enabled)
     app = FastAPI(title=settings.title, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(build_router(service, gate, settings))

@@ -61,7 +61,7 @@ class UiSettings:
     process as a run of the named Dagster job, recorded in ``$DAGSTER_HOME`` (the Dagster UI
     shows it); ``"dagster"`` submits it to the Dagster webserver, whose daemon launches it in a
     fresh process (a queue wait and a cold start each round).
-    ``auto_round`` / ``lookahead``: the :class:`~labeling_ui.service.RoundPolicy` (rounds start
+    ``auto_round`` / ``lookahead``: the :class:`~labeling_ui.rounds.RoundPolicy` (rounds start
     by themselves as ratings arrive; with ``lookahead`` L the next round starts when L images
     of the batch are left, so the next batch is ready when the rater finishes). ``warm``:
     load everything a round needs when the app starts (in-process trigger only).

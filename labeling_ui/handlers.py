@@ -14,7 +14,9 @@ import gradio as gr
 
 from agile_pipeline.lib.state import StateError
 from labeling_ui.config import UiSettings, valid_rater_name
-from labeling_ui.service import LabelingService, RoundView, load_snippet
+from labeling_ui.export import load_snippet
+from labeling_ui.rounds import RoundView
+from labeling_ui.service import LabelingService
 from labeling_ui.session import LabelingSession
 
 NO_CHANGE: Any = object()
@@ -69,7 +71,7 @@ def empty_form() -> dict[str, Any]:
 
 
 def concept_form(service: LabelingService, concept: str) -> dict[str, Any]:
-    v = service.concept_view(concept)
+    v = service.ratings.concept_view(concept)
     return {
         "name": v["name"],
         "positives": "\n".join(v["positives"][1:]),  # the name leads; it is always a phrase
@@ -92,7 +94,7 @@ def on_load(
     service: LabelingService, settings: UiSettings, session: LabelingSession, query_concept: str | None,
 ) -> View:
     """A page (re)load: reopen ``query_concept`` (``?concept=`` or the browser's last one)."""
-    names = service.concept_names()
+    names = service.ratings.concept_names()
     wanted = None
     if query_concept:
         norm = " ".join(query_concept.strip().lower().split())
@@ -106,7 +108,7 @@ def open_concept(
     service: LabelingService, settings: UiSettings, session: LabelingSession, concept: str | None,
     *, names: list[str] | None = None, on_load: bool = False,
 ) -> View:
-    names = names if names is not None else service.concept_names()
+    names = names if names is not None else service.ratings.concept_names()
     if not concept:
         session = session.with_concept(None)
         return View(
@@ -120,8 +122,8 @@ def open_concept(
     except StateError as exc:
         raise user_error(exc) from exc
     session = session.with_concept(form["name"])
-    view = service.round_view(session.concept or "")
-    has_batch = service.latest_batch(form["name"]) is not None
+    view = service.rounds.round_view(session.concept or "")
+    has_batch = service.batches.latest(form["name"]) is not None
     return View(
         session, choices=names, concept=form["name"], form=form,
         status=concept_status(service, form["name"], view),
@@ -133,9 +135,9 @@ def open_concept(
 
 
 def concept_status(service: LabelingService, concept: str, view: RoundView) -> str:
-    batch = service.latest_batch(concept)
-    counts = service.label_counts(concept)
-    rounds = len(service.rounds_table(concept))
+    batch = service.batches.latest(concept)
+    counts = service.batches.label_counts(concept)
+    rounds = len(service.rounds.rounds_table(concept))
     parts = [f"**{html.escape(concept)}** · {counts['positive']} yes / {counts['negative']} no ratings"
              f" · {rounds} model{'s' if rounds != 1 else ''} trained"]
     if view.in_flight:
@@ -168,13 +170,13 @@ def on_create(
     if owner == "anonymous":
         raise gr.Error("Tell us your name first (top right): every rating is stored under it.", title="Your name")
     try:
-        concept = service.create_concept(name, positives, negatives, instructions, owner=owner)
+        concept = service.ratings.create_concept(name, positives, negatives, instructions, owner=owner)
     except StateError as exc:
         raise user_error(exc) from exc
     session = session.with_concept(concept.name)
-    view = service.start_concept(concept.name, requested_by=owner)
+    view = service.rounds.start_concept(concept.name, requested_by=owner)
     out = View(
-        session, choices=service.concept_names(), concept=concept.name,
+        session, choices=service.ratings.concept_names(), concept=concept.name,
         form=concept_form(service, concept.name), status=concept_status(service, concept.name, view),
         widget=widget_value(session, settings, view), model=model_panel(service, concept.name),
         raters=raters_panel(service, settings, concept.name), tab="rate", timer=view.in_flight,
@@ -190,11 +192,11 @@ def on_save(
     if not session.concept:
         raise gr.Error("Open a concept first, or create one.")
     try:
-        service.update_concept(session.concept, positives, negatives, instructions)
+        service.ratings.update_concept(session.concept, positives, negatives, instructions)
     except StateError as exc:
         raise user_error(exc) from exc
     session = session.bumped()
-    view = service.round_view(session.concept or "")
+    view = service.rounds.round_view(session.concept or "")
     out = View(session, form=concept_form(service, session.concept or ""),
                status=concept_status(service, session.concept or "", view),
                widget=widget_value(session, settings, view))
@@ -209,7 +211,7 @@ def on_find_again(
     if not session.concept:
         raise gr.Error("Open a concept first, or create one.")
     try:
-        view = service.start_concept(session.concept, requested_by=requester(session, rater), in_process=in_process)
+        view = service.rounds.start_concept(session.concept, requested_by=requester(session, rater), in_process=in_process)
     except StateError as exc:
         raise user_error(exc) from exc
     out = View(session, status=concept_status(service, session.concept, view),
@@ -240,15 +242,15 @@ def on_widget_action(
     who = requester(session, data.get("rater"))
     try:
         if action in ("round", "round_in_process"):
-            view = service.request_round(concept, requested_by=who, in_process=action == "round_in_process")
+            view = service.rounds.request_round(concept, requested_by=who, in_process=action == "round_in_process")
         elif action in ("eval", "eval_in_process"):
-            view = service.request_eval(concept, requested_by=who, in_process=action == "eval_in_process")
+            view = service.rounds.request_eval(concept, requested_by=who, in_process=action == "eval_in_process")
         elif action in ("start", "start_in_process"):
-            view = service.start_concept(concept, requested_by=who, in_process=action == "start_in_process")
+            view = service.rounds.start_concept(concept, requested_by=who, in_process=action == "start_in_process")
         elif action == "purpose":
             purpose = "eval" if data.get("purpose") == "eval" else "train"
             session = LabelingSession(session.concept, session.user, purpose, session.nonce + 1)
-            return View(session, widget=widget_value(session, settings, service.round_view(concept)))
+            return View(session, widget=widget_value(session, settings, service.rounds.round_view(concept)))
         else:
             raise gr.Error(f"unknown action {action!r}")
     except StateError as exc:
@@ -264,7 +266,7 @@ def on_tick(service: LabelingService, settings: UiSettings, session: LabelingSes
     """Poll the run; once finished, refresh everything that depends on it and stop polling."""
     if not session.concept:
         return View(session, timer=False)
-    view = service.round_view(session.concept)
+    view = service.rounds.round_view(session.concept)
     out = View(session, widget=widget_value(session, settings, view), timer=view.in_flight)
     if not view.in_flight:
         out.status = concept_status(service, session.concept, view)
@@ -289,15 +291,15 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
     esc = html.escape
     if not concept:
         return '<div class="am-panel am-muted">Open or create a concept to see its models.</div>'
-    rows = service.rounds_table(concept)
-    counts = service.label_counts(concept)
+    rows = service.rounds.rounds_table(concept)
+    counts = service.batches.label_counts(concept)
     q = esc(concept, quote=True)
     parts = [f'<div class="am-panel"><h3>Models for “{esc(concept)}”</h3>',
              f'<p class="am-muted">Ratings so far: <b>{counts["positive"]}</b> yes, '
              f'<b>{counts["negative"]}</b> no.</p>']
     if not rows:
         parts.append('<p>No model yet. Rate the first batch: the first model trains by itself as you '
-                     'finish it.</p>' if service.policy.auto else
+                     'finish it.</p>' if service.rounds.policy.auto else
                      '<p>No model yet. Rate the first batch, then press <b>Train the next model</b>.</p>')
     else:
         parts.append('<table class="am-table"><thead><tr><th>Model</th><th>Trained on</th>'
@@ -326,7 +328,7 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
         )
     # ---- evaluation plot: written by the evaluation part of the pipeline (metrics.png) ----
     parts.append('<h4>How good is it?</h4>')
-    if service.metrics_png(concept) is not None:
+    if service.export.metrics_png(concept) is not None:
         parts.append(f'<img class="am-metrics" alt="AUC-PR vs number of labels" '
                      f'src="/metrics/{q}.png?t={int(time.time())}">')
     else:
@@ -341,7 +343,7 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
     esc = html.escape
     if not concept:
         return '<div class="am-panel am-muted">Open or create a concept to invite raters.</div>'
-    c = service.concept_view(concept)
+    c = service.ratings.concept_view(concept)
     link = f"/?concept={esc(concept, quote=True).replace(' ', '%20')}"
     sign = ("Each rater signs in with the name and password the owner configured "
             "(<code>AGILE_APP_AUTH</code>)." if settings.auth_enabled else
@@ -355,7 +357,7 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
         f'<p class="am-muted">Owner: {esc(c["owner"])}. When raters disagree, the owner’s rating wins; '
         "otherwise the majority does.</p>",
     ]
-    stats = service.rater_stats(concept)
+    stats = service.ratings.rater_stats(concept)
     if stats:
         parts.append('<table class="am-table"><thead><tr><th>Rater</th><th>Images rated</th>'
                      '<th>Last rating</th></tr></thead><tbody>')

@@ -34,5 +34,5 @@ def serve(
                     "(set AGILE_APP_AUTH=name:password,...)", settings.host)
     app = build_app(settings)
     print(f"Agile Modeling app: http://{settings.host}:{settings.port}/  "  # noqa: T201
-          f"(rounds via {app.state.service.trigger.describe()})", flush=True)
+          f"(rounds via {app.state.service.rounds.trigger.describe()})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -25,16 +25,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from agile_pipeline.defs.selections import (  # the job and selection names, defined once
+    CONCEPT_PARTITIONS,
+    EVAL_ASSETS,
+    FOLLOWUP_ASSETS,
+    ROUND_JOB,
+    START_JOB,
+)
+
 log = logging.getLogger(__name__)
 
-START_JOB = "concept_start_job"
-ROUND_JOB = "concept_round_job"
-EVAL_ASSETS = ("eval_set", "model_metrics")  # re-scored after the eval set is rated
-# the round on the batch's full labels after a lookahead round already queued the next batch
-FOLLOWUP_ASSETS = ("classifier", "registered_model", "eval_set", "model_metrics")
-# a lookahead round: train, select the next batch, register; the eval work is the follow-up's
-LOOKAHEAD_ASSETS = ("classifier", "al_candidates", "registered_model")
-PARTITIONS_DEF = "concepts"
 PARTITION_TAG = "dagster/partition"
 
 RunState = Literal["queued", "running", "success", "failure", "canceled"]
@@ -251,7 +251,7 @@ class DagsterGraphQLTrigger:
 
     def ensure_partition(self, concept: str, job: str = START_JOB) -> None:
         selector = self._repository_selector(job)
-        res = self._gql(_ADD_PARTITION, {"selector": selector, "def": PARTITIONS_DEF, "key": concept})
+        res = self._gql(_ADD_PARTITION, {"selector": selector, "def": CONCEPT_PARTITIONS, "key": concept})
         out = res.get("addDynamicPartition") or {}
         kind = out.get("__typename")
         if kind in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError"):
@@ -445,9 +445,9 @@ class InProcessTrigger:
     def _agile(self) -> Any:
         with self._lock:
             if self._agile_obj is None:
-                from agile_pipeline.defs.resources import AgileHome
+                from agile_pipeline.defs.resources import AgileResources
 
-                self._agile_obj = AgileHome(home=self._home or "")
+                self._agile_obj = AgileResources(home=self._home or "")
             return self._agile_obj
 
     # -- runs

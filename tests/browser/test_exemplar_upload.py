@@ -43,8 +43,8 @@ def test_no_positive_offers_upload_and_an_uploaded_file_becomes_an_exemplar(
     ids = ingest_images(store, tmp_path / "pictures", 30, seed=6)
     trig = FakeTrigger(store, ids, batch_size=6)
     service = LabelingService(store, trig, home=agile_home, encoder_spec="random:32")
-    service.create_concept("rare bird", "a rare bird", "", "", owner="Cy")
-    service.start_concept("rare bird", requested_by="Cy")
+    service.ratings.create_concept("rare bird", "a rare bird", "", "", owner="Cy")
+    service.rounds.start_concept("rare bird", requested_by="Cy")
     mine = write_real_like_images(tmp_path / "mine", 2, seed=1234)
     not_image = tmp_path / "holiday.jpg"
     not_image.write_bytes(b"<html>this is a web page saved with a .jpg name</html>\n" * 20)
@@ -71,7 +71,7 @@ def test_no_positive_offers_upload_and_an_uploaded_file_becomes_an_exemplar(
         _shot(page, artifacts_dir, "16-uploaded")
         assert [(e["image_id"], e["polarity"], e["added_by"]) for e in store.exemplars("rare bird")] == [
             (first, "positive", "Cy")]
-        assert service.label_counts("rare bird")["positive"] == 1
+        assert service.batches.label_counts("rare bird")["positive"] == 1
         assert store.image_rows([first])[0]["split"] == UPLOAD_SPLIT
         paths = Paths(agile_home)
         assert has_vector(VectorStore(paths.lancedb, cache_dir=paths.cache), "random-32", first)

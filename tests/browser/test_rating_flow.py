@@ -248,7 +248,7 @@ def test_automatic_rounds_have_the_next_batch_ready_when_the_batch_ends(
     settings = UiSettings(home=agile_home, trigger="in-process", lookahead=10)
     app = build_app(settings)
     service: LabelingService = app.state.service
-    assert service.trigger.wait_warm(240)  # type: ignore[attr-defined]
+    assert service.rounds.trigger.wait_warm(240)  # type: ignore[attr-defined]
     with live_server(app) as url:
         page.goto(url + "/")
         page.wait_for_selector("[data-testid=rater-input]", timeout=30000)
@@ -264,9 +264,9 @@ def test_automatic_rounds_have_the_next_batch_ready_when_the_batch_ends(
         except Exception:  # say where it stopped
             state = page.evaluate("JSON.stringify({round: window.__agileRater?.state.round, "
                                   "batch: window.__agileRater?.state.batch, cfg: window.__agileRater?.state.cfg})")
-            raise AssertionError(f"no first image: app {service.round_view('cool tones')}; widget {state}") from None
+            raise AssertionError(f"no first image: app {service.rounds.round_view('cool tones')}; widget {state}") from None
         first_image_s = time.perf_counter() - t0
-        first = service.latest_batch("cool tones")
+        first = service.batches.latest("cool tones")
         assert first is not None and len(first.order) == 100
         for k in range(90):
             _rate_one(page, "y" if k % 4 == 0 else "n", k + 1)
@@ -282,7 +282,7 @@ def test_automatic_rounds_have_the_next_batch_ready_when_the_batch_ends(
         page.wait_for_selector("[data-testid=seconds-to-batch]", timeout=5000)
         shown = float(page.inner_text("[data-testid=seconds-to-batch]").split()[0])
         _shot(page, artifacts_dir, "13-next-batch-at-once")
-        nxt = service.latest_batch("cool tones")
+        nxt = service.batches.latest("cool tones")
         assert nxt is not None and nxt.kind == "al" and nxt.batch_id > first.batch_id
         assert not set(nxt.order) & set(first.order)
         # the follow-up round trains on all 100 ratings in the background
@@ -312,9 +312,9 @@ def test_unreachable_dagster_keeps_ratings_and_runs_the_round_in_the_app(
     dagster = FakeTrigger(store, ids, batch_size=6, unreachable=True)
     inside = FakeTrigger(store, ids, batch_size=6, kind="in-process", delay_s=0.5)
     service = LabelingService(store, dagster, home=agile_home, fallback=inside)
-    service.create_concept("round shapes", "circle\nball", "square", "", owner="Bob")
+    service.ratings.create_concept("round shapes", "circle\nball", "square", "", owner="Bob")
     dagster.unreachable = False
-    service.start_concept("round shapes", requested_by="Bob")
+    service.rounds.start_concept("round shapes", requested_by="Bob")
     dagster.unreachable = True
     app = build_app(UiSettings(home=agile_home), service=service)
     with live_server(app) as url:
@@ -342,8 +342,8 @@ def test_sign_in_screen_and_signed_in_rating(agile_home: Path, tmp_path: Path, p
     ids = ingest_images(store, tmp_path / "pictures", 20, seed=4)
     trig = FakeTrigger(store, ids, batch_size=5)
     service = LabelingService(store, trig, home=agile_home)
-    service.create_concept("stripes", "", "", "Stripes in any direction.", owner="carol")
-    service.start_concept("stripes", requested_by="carol")
+    service.ratings.create_concept("stripes", "", "", "Stripes in any direction.", owner="carol")
+    service.rounds.start_concept("stripes", requested_by="carol")
     app = build_app(UiSettings(home=agile_home, auth=[("carol", "s3cret")]), service=service)
     with live_server(app) as url:
         page.goto(url + "/?concept=stripes")
@@ -366,8 +366,8 @@ def test_no_positive_offers_recovery_and_exemplar_in_one_key(agile_home: Path, t
     ids = ingest_images(store, tmp_path / "pictures", 30, seed=5)
     trig = FakeTrigger(store, ids, batch_size=6)
     service = LabelingService(store, trig, home=agile_home)
-    service.create_concept("rare thing", "a rare thing", "", "", owner="Cy")
-    service.start_concept("rare thing", requested_by="Cy")
+    service.ratings.create_concept("rare thing", "a rare thing", "", "", owner="Cy")
+    service.rounds.start_concept("rare thing", requested_by="Cy")
     app = build_app(UiSettings(home=agile_home), service=service)
     with live_server(app) as url:
         _reject_first_batch(page, url, "rare thing")
@@ -381,7 +381,7 @@ def test_no_positive_offers_recovery_and_exemplar_in_one_key(agile_home: Path, t
         page.wait_for_selector(f"[data-testid=exemplars] img[data-id='{last}']", timeout=10000)
         _saved(page)
         assert [e["image_id"] for e in store.exemplars("rare thing")] == [last]
-        assert service.label_counts("rare thing")["positive"] == 1
+        assert service.batches.label_counts("rare thing")["positive"] == 1
         page.wait_for_selector("[data-testid=recovery]", state="hidden", timeout=5000)
         _shot(page, artifacts_dir, "14-exemplar")
         assert page.errors == []  # type: ignore[attr-defined]

@@ -52,8 +52,8 @@ def world(agile_home: Path, picture_folder: Path) -> World:
 
 @pytest.fixture
 def concept_with_batch(world: World) -> str:
-    world.service.create_concept("red things", "red apple\nfire truck", "orange", "Only red.", owner="alice")
-    world.service.start_concept("red things", requested_by="alice")
+    world.service.ratings.create_concept("red things", "red apple\nfire truck", "orange", "Only red.", owner="alice")
+    world.service.rounds.start_concept("red things", requested_by="alice")
     return "red things"
 
 

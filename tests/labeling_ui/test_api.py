@@ -13,7 +13,7 @@ SECRET = b"root:x:0:0:secret-marker"
 
 def _labels(client: TestClient, world: World, concept: str, n: int = 1, *, rater: str | None = "bob",
             label: str = "positive", prefix: str = "ev", **headers: str):  # type: ignore[no-untyped-def]
-    batch = world.service.latest_batch(concept)
+    batch = world.service.batches.latest(concept)
     assert batch is not None
     events = [{"concept": concept, "image_id": i, "label": label, "event_id": f"{prefix}-{k:06d}",
                "batch_id": batch.batch_id, "ts": 1.0e9} for k, i in enumerate(batch.order[:n])]
@@ -55,7 +55,7 @@ def test_post_labels_refuses_forms_and_other_origins(client: TestClient, world: 
 
 
 def test_post_labels_with_a_bad_event_writes_nothing(client: TestClient, world: World, concept_with_batch: str) -> None:
-    batch = world.service.latest_batch(concept_with_batch)
+    batch = world.service.batches.latest(concept_with_batch)
     assert batch is not None
     events = [
         {"concept": concept_with_batch, "image_id": batch.order[0], "label": "positive", "event_id": "good-000001", "batch_id": batch.batch_id},
@@ -212,7 +212,7 @@ def test_raters_posting_at_once_lose_nothing(server: str, world: World, concept_
     import threading
     import urllib.request
 
-    batch = world.service.latest_batch(concept_with_batch)
+    batch = world.service.batches.latest(concept_with_batch)
     assert batch is not None
     errors: list[str] = []
 

@@ -91,7 +91,7 @@ def dagster_dev(agile_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def _wait_round(service, concept: str, timeout: float = 300):  # type: ignore[no-untyped-def]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        view = service.round_view(concept)
+        view = service.rounds.round_view(concept)
         if not view.in_flight:
             return view
         time.sleep(1)
@@ -102,7 +102,7 @@ def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home:
     settings = UiSettings(home=agile_home, trigger="dagster", dagster_url=dagster_dev, auto_round=False)
     app = build_app(settings)
     service = app.state.service
-    assert isinstance(service.trigger, DagsterGraphQLTrigger)
+    assert isinstance(service.rounds.trigger, DagsterGraphQLTrigger)
 
     # create + start through the Gradio handler: partition added, concept_start_job launched
     view = handlers.on_create(service, settings, LabelingSession(), "sunny colours", "yellow\norange", "grey",
@@ -111,7 +111,7 @@ def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home:
     assert started["kind"] == "dagster" and started["run_url"].startswith(dagster_dev + "/runs/")
     first = _wait_round(service, "sunny colours")
     assert first.new_batch, first.message
-    batch = service.latest_batch("sunny colours")
+    batch = service.batches.latest("sunny colours")
     assert batch is not None and len(batch.order) == 100
 
     # rate the batch through the app's JSON endpoint
@@ -133,7 +133,7 @@ def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home:
     rounds = service.store.rounds("sunny colours")
     assert len(rounds) == 1 and rounds[0]["run_id"] == asked_round["run_id"]
     assert rounds[0]["n_pos"] == 25 and rounds[0]["n_neg"] == 75
-    nxt = service.latest_batch("sunny colours")
+    nxt = service.batches.latest("sunny colours")
     assert nxt is not None and nxt.kind == "al" and not set(nxt.order) & set(batch.order)
 
     # Dagster recorded the run under the concept's partition, with who asked
@@ -150,8 +150,8 @@ def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev:
     settings = UiSettings(home=agile_home, dagster_url=dagster_dev, lookahead=10)
     app = build_app(settings)
     service = app.state.service
-    assert service.trigger.kind == "in-process"
-    assert service.trigger.wait_warm(240), "the round worker did not warm up"
+    assert service.rounds.trigger.kind == "in-process"
+    assert service.rounds.trigger.wait_warm(240), "the round worker did not warm up"
     with TestClient(app) as client:
         assert client.get("/api/health").json()["warm"] is True
         r = client.post("/api/concepts", json={"name": "sunny colours", "positives": ["yellow"],
@@ -161,7 +161,7 @@ def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev:
         assert started["run_url"] == f"{dagster_dev}/runs/{started['run_id']}"
         first = _wait_round(service, "sunny colours")
         assert first.state == "success" and first.new_batch, first.message
-        batch = service.latest_batch("sunny colours")
+        batch = service.batches.latest("sunny colours")
         assert batch is not None and len(batch.order) == 100
         events = [{"concept": "sunny colours", "image_id": i, "label": "positive" if k % 4 == 0 else "negative",
                    "event_id": f"dana-{k:05d}", "batch_id": batch.batch_id} for k, i in enumerate(batch.order)]
@@ -171,7 +171,7 @@ def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev:
         assert look["job"] == "round" and look["lookahead"] is True and look["auto"] is True
         done = _wait_round(service, "sunny colours")
         assert done.state == "success" and done.new_batch, done.message
-        nxt = service.latest_batch("sunny colours")
+        nxt = service.batches.latest("sunny colours")
         assert nxt is not None and nxt.kind == "al" and not set(nxt.order) & set(batch.order)
         # the last 10: a follow-up round trains on all 100 labels, in the background
         assert client.post("/api/labels", json={"rater": "dana", "events": events[90:]}).status_code == 200
@@ -182,7 +182,7 @@ def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev:
     assert [(r["n_pos"] + r["n_neg"]) for r in rounds] == [90, 100]
     assert all(r["model_version"] for r in rounds)  # both registered in MLflow
     assert models["metrics"] is not None and len(models["rounds"]) == 2
-    assert service.latest_batch("sunny colours").batch_id == nxt.batch_id  # type: ignore[union-attr]
+    assert service.batches.latest("sunny colours").batch_id == nxt.batch_id  # type: ignore[union-attr]
 
     # the webserver's instance has every run, under the named jobs, with partition and tags
     runs = _graphql(dagster_dev, """query { runsOrError(filter: {tags: [{key: "dagster/partition", value: "sunny colours"}]}) {

@@ -19,7 +19,7 @@ def test_exemplar_is_stored_shown_and_counted_as_a_positive(client: TestClient, 
     assert r.status_code == 200, r.text
     assert r.json()["exemplars"] == [{"image_id": image_id, "polarity": "positive", "added_by": "bob"}]
     assert [e["image_id"] for e in world.store.exemplars(concept_with_batch)] == [image_id]
-    assert world.service.label_counts(concept_with_batch)["positive"] == 1
+    assert world.service.batches.label_counts(concept_with_batch)["positive"] == 1
     rows = world.store.label_events(concept_with_batch)
     assert [(x["rater"], x["label"], x["source"]) for x in rows] == [("bob", "positive", "exemplar")]
     # the rating widget gets the exemplars and the counts with the batch

@@ -77,9 +77,9 @@ def test_signed_in_user_is_the_requester(world: World, concept_with_batch: str) 
 def test_round_from_the_widget_then_tick_until_done(world: World, concept_with_batch: str) -> None:
     world.trigger.delay_s = 0.2
     session = LabelingSession().with_concept(concept_with_batch)
-    batch = world.service.latest_batch(concept_with_batch)
+    batch = world.service.batches.latest(concept_with_batch)
     assert batch is not None
-    world.service.record_labels([{"concept": concept_with_batch, "image_id": batch.order[0], "label": "positive",
+    world.service.ratings.record_labels([{"concept": concept_with_batch, "image_id": batch.order[0], "label": "positive",
                                   "event_id": "e-00000001", "batch_id": batch.batch_id}], rater="bob")
     view = handlers.on_widget_action(world.service, SETTINGS, session, {"action": "round", "concept": concept_with_batch})
     assert view.timer is True
@@ -119,7 +119,7 @@ def test_unreachable_dagster_is_said_plainly(world: World, concept_with_batch: s
 
 def test_panels_escape_user_text(world: World) -> None:
     _create(world)
-    world.service.update_concept("red things", "", "", "<script>alert(1)</script>")
+    world.service.ratings.update_concept("red things", "", "", "<script>alert(1)</script>")
     html = handlers.raters_panel(world.service, SETTINGS, "red things")
     assert "<script>" not in html and "&lt;script&gt;" in html
 

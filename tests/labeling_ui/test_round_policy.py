@@ -3,7 +3,9 @@ that prepares the next batch while the rater finishes the current one."""
 
 from collections.abc import Sequence
 
-from labeling_ui.service import FOLLOWUP_ASSETS, LabelingService, RoundPolicy
+from labeling_ui.rounds import RoundPolicy
+from labeling_ui.service import LabelingService
+from labeling_ui.trigger import FOLLOWUP_ASSETS
 from tests.labeling_ui.conftest import World
 
 ROUND = "concept_round_job"
@@ -15,14 +17,14 @@ def _service(world: World, lookahead: int) -> LabelingService:
 
 
 def _start(service: LabelingService) -> None:
-    service.create_concept("red things", "red apple", "", "", owner="alice")
-    service.start_concept("red things", requested_by="alice")
+    service.ratings.create_concept("red things", "red apple", "", "", owner="alice")
+    service.rounds.start_concept("red things", requested_by="alice")
 
 
 def _rate(service: LabelingService, items: Sequence[str], labels: Sequence[str], batch_id: int,
           rater: str = "alice") -> None:
     for image_id, label in zip(items, labels, strict=True):
-        service.record_labels([{"concept": "red things", "image_id": image_id, "label": label,
+        service.ratings.record_labels([{"concept": "red things", "image_id": image_id, "label": label,
                                 "event_id": f"e-{rater}-{image_id[:16]}", "batch_id": batch_id}],
                               rater=rater)
 
@@ -35,7 +37,7 @@ def _rounds(world: World) -> list[tuple[dict[str, str], dict]]:
 def test_lookahead_round_starts_when_few_images_are_left_and_skips_them(world: World) -> None:
     service = _service(world, lookahead=3)
     _start(service)
-    first = service.latest_batch("red things")
+    first = service.batches.latest("red things")
     assert first is not None and len(first.order) == 10
     order = list(first.order)
     _rate(service, order[:6], ["positive", "negative"] * 3, first.batch_id)
@@ -48,7 +50,7 @@ def test_lookahead_round_starts_when_few_images_are_left_and_skips_them(world: W
     assert cfg["run_config"]["ops"]["al_candidates"]["config"] == {"exclude_pending": True}
     # train, select, register; the eval work is the follow-up's
     assert cfg["selection"] == ["classifier", "al_candidates", "registered_model"]
-    nxt = service.latest_batch("red things")
+    nxt = service.batches.latest("red things")
     assert nxt is not None and nxt.batch_id > first.batch_id
     assert not set(nxt.order) & set(order[7:])  # the 3 images still to rate are not reused
     # more ratings of the same batch start nothing new until it is finished
@@ -60,15 +62,15 @@ def test_lookahead_round_starts_when_few_images_are_left_and_skips_them(world: W
     assert len(rounds) == 2
     tags, cfg = rounds[1]
     assert tags["agile/followup"] == "1" and cfg["selection"] == list(FOLLOWUP_ASSETS)
-    assert service.latest_batch("red things").batch_id == nxt.batch_id  # type: ignore[union-attr]
-    view = service.round_view("red things")
+    assert service.batches.latest("red things").batch_id == nxt.batch_id  # type: ignore[union-attr]
+    view = service.rounds.round_view("red things")
     assert view.job == "followup" and view.batch_id == nxt.batch_id
 
 
 def test_without_lookahead_the_round_starts_when_the_batch_is_done(world: World) -> None:
     service = _service(world, lookahead=0)
     _start(service)
-    first = service.latest_batch("red things")
+    first = service.batches.latest("red things")
     assert first is not None
     order = list(first.order)
     _rate(service, order[:9], ["positive"] + ["negative"] * 8, first.batch_id)
@@ -77,14 +79,14 @@ def test_without_lookahead_the_round_starts_when_the_batch_is_done(world: World)
     rounds = _rounds(world)
     assert len(rounds) == 1 and rounds[0][0]["agile/lookahead"] == "0"
     assert rounds[0][1]["run_config"] == {}
-    view = service.round_view("red things")
+    view = service.rounds.round_view("red things")
     assert view.state == "success" and view.new_batch
 
 
 def test_no_automatic_round_without_a_positive(world: World) -> None:
     service = _service(world, lookahead=3)
     _start(service)
-    first = service.latest_batch("red things")
+    first = service.batches.latest("red things")
     assert first is not None
     _rate(service, list(first.order), ["negative"] * 10, first.batch_id)
     assert _rounds(world) == []  # the app's recovery notice applies instead
@@ -94,7 +96,7 @@ def test_policy_off_starts_nothing(world: World) -> None:
     service = LabelingService(world.store, world.trigger, home=world.home, encoder_spec="random:32",
                               policy=RoundPolicy(auto=False, lookahead=3))
     _start(service)
-    first = service.latest_batch("red things")
+    first = service.batches.latest("red things")
     assert first is not None
     _rate(service, list(first.order), ["positive"] * 10, first.batch_id)
     assert _rounds(world) == []
@@ -103,7 +105,7 @@ def test_policy_off_starts_nothing(world: World) -> None:
 def test_two_raters_one_batch_start_one_round(world: World) -> None:
     service = _service(world, lookahead=2)
     _start(service)
-    first = service.latest_batch("red things")
+    first = service.batches.latest("red things")
     assert first is not None
     order = list(first.order)
     _rate(service, order[:5], ["positive"] * 5, first.batch_id, rater="alice")
@@ -119,29 +121,35 @@ def test_an_automatic_round_queues_behind_a_run_still_in_flight(world: World) ->
     behind it, never dropped (else no next batch would ever come)."""
     service = _service(world, lookahead=0)
     _start(service)
-    first = service.latest_batch("red things")
+    first = service.batches.latest("red things")
     assert first is not None
     order = list(first.order)
     _rate(service, order[:5], ["positive"] * 5, first.batch_id)
     world.trigger.delay_s = 30.0
-    early = service.request_round("red things", requested_by="alice")  # "train now", still running
+    early = service.rounds.request_round("red things", requested_by="alice")  # "train now", still running
     assert early.in_flight
     _rate(service, order[5:], ["negative"] * 5, first.batch_id)
     rounds = _rounds(world)
     assert len(rounds) == 2 and rounds[1][0]["agile/auto"] == "1"
-    view = service.round_view("red things")
+    view = service.rounds.round_view("red things")
     assert view.run_id != early.run_id and view.auto
 
 
 def test_the_app_names_the_round_job_assets_the_code_location_defines() -> None:
-    """labeling_ui does not import the Dagster definitions (the app starts without Dagster);
-    its copies of the round job's asset selections must match them."""
-    from agile_pipeline.defs import concepts
-    from labeling_ui import trigger
+    """The app asks for runs and partial runs by the names in ``defs/selections.py`` (it
+    starts without Dagster); the code location's jobs, built from the same names, run exactly
+    those assets, and every partial selection is a real subset of the round job."""
+    from agile_pipeline.definitions import defs
+    from agile_pipeline.defs import concepts, selections
 
-    assert trigger.FOLLOWUP_ASSETS == concepts.FOLLOWUP_ASSETS
-    assert trigger.EVAL_ASSETS == concepts.EVAL_ASSETS
-    assert trigger.LOOKAHEAD_ASSETS == concepts.LOOKAHEAD_ASSETS
-    assert set(concepts.FOLLOWUP_ASSETS) <= {a.key.path[-1] for a in concepts.ROUND_ASSETS}
-    assert trigger.ROUND_JOB == concepts.concept_round_job.name
-    assert trigger.START_JOB == concepts.concept_start_job.name
+    d = defs()
+    round_job = d.resolve_job_def(selections.ROUND_JOB)
+    start_job = d.resolve_job_def(selections.START_JOB)
+    in_round = {k.path[-1] for k in round_job.asset_layer.executable_asset_keys}
+    assert in_round == {a.key.path[-1] for a in (concepts.classifier, concepts.al_candidates,
+                                                 concepts.registered_model, concepts.eval_set,
+                                                 concepts.model_metrics)}
+    assert {k.path[-1] for k in start_job.asset_layer.executable_asset_keys} == {
+        concepts.expansion_candidates.key.path[-1], concepts.zero_shot_scores.key.path[-1]}
+    for partial in (selections.FOLLOWUP_ASSETS, selections.EVAL_ASSETS, selections.LOOKAHEAD_ASSETS):
+        assert set(partial) < in_round
