@@ -1,120 +1,50 @@
-"""``agile bench``: the performance suite of ``benchmarks/`` (issue 7) from the CLI.
+"""``agile bench`` and ``agile bench-session``: the source checkout's benchmarks, launched.
 
-The suite lives in the ``benchmarks`` package next to ``agile_pipeline`` in a source checkout
-(it is a development tool, not installed with the wheel). Register the command with::
-
-    from agile_pipeline.bench import bench_command
-    app.command("bench")(bench_command)
+The benchmarks live in the ``benchmarks`` package next to ``agile_pipeline`` in a source
+checkout (a development tool, not installed with the wheel). They import ``agile_pipeline``;
+``agile_pipeline`` never imports them. These commands run ``python -m benchmarks`` /
+``python -m benchmarks.session`` from the checkout in a child process with the same Python,
+the checkout on its ``PYTHONPATH`` and the command's own name in ``AGILE_BENCH_PROG`` (its usage
+lines and the command it records then read ``agile bench ...``).
 """
 
-import shlex
+import os
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
 
-import typer
-
-
-def _import_suite() -> Any:
-    try:
-        from benchmarks import suite
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "benchmarks" / "suite.py").exists():
-            raise ImportError(
-                "the benchmark suite ships with the source checkout (benchmarks/ next to "
-                "agile_pipeline/); run `agile bench` from a clone of the repository"
-            ) from None
-        sys.path.insert(0, str(root))
-        from benchmarks import suite
-    return suite
+PROG_ENV = "AGILE_BENCH_PROG"  # read by benchmarks.cli.prog_name
 
 
-def run_bench(
-    sizes: list[int],
-    out: Path,
-    dim: int = 512,
-    repeats: int = 3,
-    *,
-    workdir: Path | None = None,
-    keep: bool = False,
-    plain_epochs: int = 10,
-    random_negatives: int = 500_000,
-    ann: bool = True,
-    baseline_round: bool = True,
-    baseline_round_repeats: int = 2,
-    committed_first_load_max_n: int = 2_000_000,
-    baseline_round_max_n: int = 2_000_000,
-    ray: bool = False,
-    log: Any = None,
-    command: str = "",
-) -> dict[str, Any]:
-    """Run the suite for every corpus size; write ``out/results.json`` and return it.
+def checkout_root() -> Path:
+    """The source checkout holding ``benchmarks/`` next to this package.
 
-    ``{"machine": str, "results": [{"name", "n", "seconds", "baseline_seconds",
-    "peak_rss_gib", ...}], ...}`` with names ``corpus_write``, ``first_load``, ``cache_load``,
-    ``expansion_exact``, ``expansion_cached``, ``train``, ``al_round``, ``eval_set``,
-    ``round_end_to_end``, ``expansion_ann``.
-
-    ``workdir`` holds the synthetic corpora (default ``out/work``; a 10M x 512 corpus needs
-    about 45 GB); they are deleted after each size unless ``keep``. ``plain_epochs=0`` skips the
-    plain-recipe training baseline (minutes: it walks every random negative each epoch).
+    Raises ``ImportError`` with what to do when there is none (an installed wheel).
     """
-    suite = _import_suite()
-    if not sizes or any(n < 1000 for n in sizes):
-        raise ValueError("sizes must be at least 1000 rows each")
-    cfg = suite.SuiteConfig(
-        sizes=list(sizes), out=Path(out), dim=dim, repeats=repeats,
-        workdir=Path(workdir) if workdir else None, keep=keep, plain_epochs=plain_epochs,
-        random_negatives=random_negatives, ann=ann, baseline_round=baseline_round,
-        baseline_round_repeats=baseline_round_repeats,
-        committed_first_load_max_n=committed_first_load_max_n,
-        baseline_round_max_n=baseline_round_max_n, ray=ray,
-        log=log or typer.echo,
-        command=command or "agile bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-    )
-    return suite.run_suite(cfg)
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__init__.py").exists():
+        raise ImportError(
+            "the benchmark suite ships with the source checkout (benchmarks/ next to "
+            "agile_pipeline/); run `agile bench` from a clone of the repository"
+        )
+    return root
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        return [int(float(s.replace("_", ""))) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"sizes must be comma-separated integers, got {text!r}") from None
+def run_benchmark(module: str, args: Sequence[str], *, prog: str) -> int:
+    """Run ``python -m module args`` from the checkout; its exit status.
 
-
-def bench_command(
-    sizes: Annotated[str, typer.Option(help="Corpus sizes, comma-separated (e.g. 1000000,10000000).")] = "1000000",
-    out: Annotated[Path, typer.Option(help="Results folder (results.json is written there).")] = Path("bench-out"),
-    dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 512,
-    repeats: Annotated[int, typer.Option(help="Runs per measurement (the median is reported).")] = 3,
-    workdir: Annotated[Path | None, typer.Option(help="Where the synthetic corpora go (default OUT/work).")] = None,
-    keep: Annotated[bool, typer.Option(help="Keep the synthetic corpora (reused by the next run).")] = False,
-    plain_epochs: Annotated[int, typer.Option(help="Epochs of the plain-recipe training baseline (0: skip it).")] = 10,
-    ann: Annotated[bool, typer.Option(help="Build an IVF-PQ index and measure ANN expansion.")] = True,
-    baseline_round: Annotated[bool, typer.Option(help="Also time whole rounds on the straightforward path.")] = True,
-    baseline_round_max_n: Annotated[int, typer.Option(help="Largest size whose straightforward rounds are timed (they take minutes).")] = 2_000_000,
-    ray: Annotated[bool, typer.Option(help="Also time the AL round with its scan on a local Ray instance.")] = False,
-) -> None:
-    """Benchmark the loop at scale on synthetic corpora with a planted concept (see BENCHMARKS.md)."""
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    free = _free_gib(workdir or out)
-    need = max(_sizes(sizes)) * dim * 9 / 2**30
-    if free < need:
-        typer.secho(f"warning: {free:.0f} GiB free where the corpora go; the largest size needs "
-                    f"about {need:.0f} GiB", fg=typer.colors.YELLOW, err=True)
-    doc = run_bench(_sizes(sizes), out, dim, repeats, workdir=workdir, keep=keep,
-                    plain_epochs=plain_epochs, ann=ann, baseline_round=baseline_round,
-                    baseline_round_max_n=baseline_round_max_n, ray=ray)
-    typer.echo(f"wrote {Path(out) / 'results.json'} ({len(doc['results'])} rows)")
-
-
-def _free_gib(path: Path) -> float:
-    import shutil
-
-    p = Path(path).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free / 2**30
+    The child shares the terminal: a Ctrl-C reaches it directly and it decides how to stop
+    (the suite deletes its synthetic corpora on the way out); this process waits for it.
+    """
+    root = checkout_root()
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": str(root) + (os.pathsep + path if path else ""),
+           PROG_ENV: prog}
+    # -P: not the current folder first on the path (a `benchmarks` folder there is not ours)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", module, *args], env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue

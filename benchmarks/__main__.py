@@ -1,8 +1,6 @@
-"""``python -m benchmarks --sizes 1000000,10000000 --out DIR`` (same as ``agile bench``)."""
+"""``python -m benchmarks --sizes 1000000,10000000 --out DIR`` (also ``agile bench``)."""
 
-import typer
-
-from agile_pipeline.bench import bench_command
+from benchmarks.cli import main
 
 if __name__ == "__main__":
-    typer.run(bench_command)
+    main()

@@ -1052,7 +1052,7 @@ def _prepare_corpus(o: Options, out: Path, env: Mapping[str, str], doc: dict[str
                             "note": "random text encoder: phrases carry no meaning"}
         return truth, synth.CONCEPT, [synth.MODE_PHRASE], [synth.NEG_PHRASE]
 
-    from agile_pipeline.lib.simulate import concept_phrase, load_dataset
+    from agile_pipeline.lib.labeled_dataset import concept_phrase, load_dataset
 
     assert o.dataset is not None
     dataset = o.dataset.expanduser().resolve()

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from agile_pipeline.lib.simulate import (
+from agile_pipeline.research.simulate import (
     FEW_SHOT_VARIANTS,
     SimConfig,
     attach_negative_phrases,
@@ -65,12 +65,12 @@ def main() -> None:
                     help="comma-separated lookaheads (the app's pipelined rounds; 0 = the paper's protocol)")
     a = ap.parse_args()
 
-    from agile_pipeline.defs.resources import AgileHome
+    from agile_pipeline.defs.resources import AgileResources
     from agile_pipeline.runner import prepare_simulation
 
-    agile = AgileHome()
+    agile = AgileResources()
     data = prepare_simulation(a.dataset, min_test_pos=a.min_test_pos, agile=agile)
-    attach_negative_phrases(data, Path(a.dataset), agile.load_encoder())
+    attach_negative_phrases(data, Path(a.dataset), agile.encoder.load())
     names = sorted(data.positives)
     seeds = [int(s) for s in a.seeds.split(",")]
     out = Path(a.out)

@@ -4,7 +4,7 @@ Run from the repo root after `agile ingest .agile/demo_corpus` (with AGILE_HOME 
 mean AUC-PR after expansion and two AL rounds for each prior weight β.
 """
 
-from agile_pipeline.lib.simulate import SimConfig, run_all, summarize
+from agile_pipeline.research.simulate import SimConfig, run_all, summarize
 from agile_pipeline.runner import prepare_simulation
 
 

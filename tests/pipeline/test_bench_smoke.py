@@ -4,7 +4,7 @@ import json
 import math
 from pathlib import Path
 
-from agile_pipeline.bench import run_bench
+from benchmarks.cli import run_bench
 
 REQUIRED = {"expansion_exact", "expansion_ann", "al_round", "train", "eval_set", "round_end_to_end"}
 

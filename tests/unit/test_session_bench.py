@@ -40,7 +40,7 @@ def _tree(root: Path, files: dict[str, int]) -> None:
 
 
 def test_choose_concept_takes_the_largest_leaf(tmp_path: Path) -> None:
-    from agile_pipeline.lib.simulate import load_dataset
+    from agile_pipeline.lib.labeled_dataset import load_dataset
 
     _tree(tmp_path, {"animals/cat": 3, "animals/dog": 5, "food/cake": 5, "food/bread": 2, "_other": 9})
     ds = load_dataset(tmp_path)

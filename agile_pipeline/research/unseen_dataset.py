@@ -15,7 +15,7 @@ capitals (filled capitals are distractors), a *mirrored* capital ``R`` (plain ``
 distractor), the Greek lambda and the ampersand. Everything else is a distractor: the other
 digits, the other letters, shapes.
 
-Layout, read by ``agile simulate --dataset`` (:func:`agile_pipeline.lib.simulate.load_dataset`)::
+Layout, read by ``agile simulate --dataset`` (:func:`agile_pipeline.lib.labeled_dataset.load_dataset`)::
 
     DEST/train/<concept>/<nnnnn>.png   DEST/train/<concept>/negatives.txt
     DEST/test/<concept>/<nnnnn>.png    (negative phrases, one a line)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agile_pipeline.lib.simulate import load_dataset
-from agile_pipeline.lib.unseen_dataset import (
+from agile_pipeline.lib.labeled_dataset import load_dataset
+from agile_pipeline.research.unseen_dataset import (
     CONCEPTS,
     OTHER,
     render_digit,
@@ -46,7 +46,7 @@ def test_small_dataset_layout_and_determinism(tmp_path: Path) -> None:
 
 
 def test_renderers_shapes_and_styles() -> None:
-    from agile_pipeline.lib.unseen_dataset import font_dir
+    from agile_pipeline.research.unseen_dataset import font_dir
 
     rng = np.random.default_rng(0)
     img = render_digit(np.eye(8) * 16, rng, 48)

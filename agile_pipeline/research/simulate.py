@@ -3,17 +3,33 @@
 For each concept: zero-shot, text-to-image expansion (100 images rated), then N rounds of
 active learning with batch B, retraining after every batch. After each model, AUC-PR and
 AUC-ROC are measured on the *whole* labeled test split (ground truth makes that possible) and
-on the paper's stratified eval set. The same library functions as the product are used
-(expansion sampling, the MLP recipe, margin selection, SipHash stratified eval sets).
+on the paper's stratified eval set.
+
+Each step the product has as a pure function is that function, called on in-memory matrices
+instead of the state store and LanceDB: the expansion sample
+(:func:`~agile_pipeline.lib.selection.sample_expansion`); the round policy
+(:func:`~agile_pipeline.lib.loop.plan_round`: train, keep the last model, or a recovery batch
+while no positive is known) and the round numbers it gives; the training recipe
+(:func:`~agile_pipeline.lib.training.train_classifier`) with the product's first-model rule
+(:func:`~agile_pipeline.lib.loop.architecture_round`); margin selection with labeled images
+excluded (:func:`~agile_pipeline.lib.selection.select_margin`,
+:func:`~agile_pipeline.lib.selection.select_margin_positive`); the SipHash stratified eval set
+(:func:`~agile_pipeline.lib.evalset.stratified_eval_set`); the zero-shot calibration
+(:func:`~agile_pipeline.lib.evalset.zero_shot_calibration`, ``zero_shot_to_unit``).
+
+The simulator's own parts: the nearest-neighbour lists (a matrix product over the train split
+standing in for the vector store), the rater (ground truth), which images a recovery batch
+holds (the phrases' next-nearest images, widened each time, plus ``recovery_random`` of the
+batch at random; the product's :func:`~agile_pipeline.lib.loop.build_expansion` reads them
+from the store and takes them round-robin), the exemplar a stuck user gives, and the
+few-label variants of :mod:`agile_pipeline.research.few_shot`.
 """
 
 import csv
 import json
 import logging
 import math
-import os
 import random
-import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -25,96 +41,13 @@ import numpy as np
 
 from agile_pipeline import settings
 from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
+from agile_pipeline.lib.labeled_dataset import SimData, load_dataset
+from agile_pipeline.lib.loop import RoundFacts, RoundPlan, architecture_round, plan_round
 from agile_pipeline.lib.metrics import compute_metrics
 from agile_pipeline.lib.selection import sample_expansion, select_margin, select_margin_positive
+from agile_pipeline.research import few_shot
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-@dataclass
-class LabeledDataset:
-    """Images (paths) and the concepts each is positive for; optional given split."""
-
-    root: Path
-    images: list[Path]
-    positives: dict[str, set[int]]  # concept -> indices into images
-    split: list[str | None]  # "train"/"test" when the dataset defines it
-    descriptions: dict[str, str] = field(default_factory=dict)
-    negatives: dict[str, list[str]] = field(default_factory=dict)  # concept -> negative phrases
-
-
-def concept_phrase(name: str) -> str:
-    """Folder name -> phrase: separators become spaces (``animal-mammal`` -> ``animal mammal``)."""
-    return " ".join(re.split(r"[-_/\s]+", name)).strip()
-
-
-def load_dataset(path: Path) -> LabeledDataset:
-    """A folder tree (every subfolder is a concept; an image is positive for every folder above
-    it; top-level ``train/`` and ``test/`` are the split) or a CSV of ``image,concept`` rows.
-
-    A concept folder may hold ``description.txt``: its text is added to the concept's phrases,
-    and ``negatives.txt``: the concept's negative phrases, one a line. Folders whose name starts
-    with ``_`` are not concepts (their images are negatives for every concept).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
-    if path.is_file():
-        return _load_csv(path)
-    top = {p.name for p in path.iterdir() if p.is_dir()}
-    roots = [(path / "train", "train"), (path / "test", "test")] if {"train", "test"} <= top else [(path, None)]
-    images: list[Path] = []
-    split: list[str | None] = []
-    positives: dict[str, set[int]] = {}
-    descriptions: dict[str, str] = {}
-    negatives: dict[str, list[str]] = {}
-    for root, sp in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(root)
-            for d in rel.parts:
-                desc = Path(dirpath) / "description.txt"
-                if d == rel.parts[-1] and desc.exists():
-                    descriptions[d] = desc.read_text(encoding="utf-8", errors="replace").strip()
-                neg = Path(dirpath) / "negatives.txt"
-                if d == rel.parts[-1] and neg.exists():
-                    text = neg.read_text(encoding="utf-8", errors="replace")
-                    negatives[d] = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            for f in sorted(filenames):
-                if Path(f).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                k = len(images)
-                images.append(Path(dirpath) / f)
-                split.append(sp)
-                for d in rel.parts:
-                    if not d.startswith("_"):
-                        positives.setdefault(d, set()).add(k)
-    return LabeledDataset(path, images, positives, split, descriptions, negatives)
-
-
-def _load_csv(path: Path) -> LabeledDataset:
-    images: list[Path] = []
-    index: dict[str, int] = {}
-    positives: dict[str, set[int]] = {}
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = {c.lower(): c for c in reader.fieldnames or []}
-        img_col = cols.get("image") or cols.get("path")
-        con_col = cols.get("concept") or cols.get("label")
-        if not img_col or not con_col:
-            raise ValueError(f"{path} needs columns image (or path) and concept")
-        for row in reader:
-            p = Path(row[img_col])
-            if not p.is_absolute():
-                p = path.parent / p
-            key = str(p)
-            if key not in index:
-                index[key] = len(images)
-                images.append(p)
-            positives.setdefault(row[con_col].strip(), set()).add(index[key])
-    return LabeledDataset(path, images, positives, [None] * len(images))
 
 
 @dataclass
@@ -155,22 +88,6 @@ FEW_SHOT_VARIANTS: dict[str, str] = {
     "mlp-pseudo": "the paper's MLP with the phrase vectors added as labeled points",
     "prior-decay": "the paper's MLP blended with the zero-shot prior, β = c / n_pos",
 }
-
-
-@dataclass
-class SimData:
-    """Embedded dataset: train/test matrices aligned with image ids."""
-
-    embedding_model: str
-    train_ids: list[str]
-    test_ids: list[str]
-    X_train: np.ndarray
-    X_test: np.ndarray
-    positives: dict[str, set[str]]  # concept -> image ids
-    phrases: dict[str, list[str]]   # concept -> text phrases
-    text_vectors: dict[str, np.ndarray]  # concept -> (n_phrases, dim); first = concept name
-    negative_phrases: dict[str, list[str]] = field(default_factory=dict)
-    negative_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # (n_neg_phrases, dim)
 
 
 def attach_negative_phrases(data: SimData, dataset_path: Path, encoder: Any) -> SimData:
@@ -224,13 +141,18 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     picked = [int(k) for k, _ in sample_expansion(found, cfg.expansion, cfg.seed)]
     labeled = np.zeros(len(data.train_ids), dtype=bool)
     labeled[picked] = True
-    order: list[int] = list(picked)
     last_batch: list[int] = list(picked)  # the batch just rated, in the order it was shown
     rounds: list[dict[str, Any]] = []
     first_pos_round = 0 if y_train[picked].any() else None
     eval_scores: dict[str, np.ndarray] = {"zero-shot": zs_unit}
     widen = 1
     exemplar: int | None = None
+    book = _ProductRounds(concept, y_train)
+
+    def fit(rows: np.ndarray, plan: RoundPlan) -> _RoundModel:
+        return _fit_round(X_train, rows, y_train[rows], book.architecture(plan, rows), cfg,
+                          concept, text, neg_text)
+
     for r in range(cfg.rounds + 1):
         if cfg.exemplar_when_stuck and exemplar is None and not y_train[labeled].any():
             # the batch just rated held no positive: the app offers search / upload / ★
@@ -238,55 +160,76 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
             if pool.size:
                 exemplar = int(np.random.default_rng(cfg.seed + 7919 * (r + 1)).choice(pool))
                 labeled[exemplar] = True
-                order.append(exemplar)
+                book.exemplar(exemplar)
                 sims = np.concatenate([sims, (X_train @ X_train[exemplar])[:, None]], axis=1)
                 if first_pos_round is None:
                     first_pos_round = r
         idx = np.flatnonzero(labeled)
         y = y_train[idx]
         entry: dict[str, Any] = {"round": r, "n_labels": int(labeled.sum()), "n_pos": int(y.sum())}
+        # The app's lookahead round on this batch started with its last `lookahead` images
+        # unrated; it comes before the follow-up measured here (so it is planned first) and
+        # trains only when the product's policy says so (its labels hold a positive).
+        idx_early = np.empty(0, dtype=np.int64)
+        early_plan: RoundPlan | None = None
+        early_model: _RoundModel | None = None  # the lookahead round's model when it keeps the last one
+        if y.sum() > 0 and cfg.lookahead > 0 and r < cfg.rounds:
+            early = labeled.copy()
+            early[np.array(last_batch[-cfg.lookahead:], dtype=np.int64)] = False
+            idx_early = np.flatnonzero(early)
+            early_plan = book.plan(idx_early)
+            if early_plan.action == "train":
+                book.trained(early_plan, idx_early)  # fitted below, where it selects
+            elif early_plan.action == "reuse":
+                early_model = book.last_model
+            else:
+                early_plan = None
+        plan = book.plan(idx)
         model = None
-        if y.sum() > 0:
+        if plan.action == "reuse":
+            model = book.last_model
+        if plan.action in ("train", "reuse"):
             t0 = time.perf_counter()
-            model = _fit_round(X_train, idx, y, r, cfg, concept, text, neg_text)
+            if model is None:
+                model = fit(idx, plan)
+                book.trained(plan, idx, model)
             entry["train_s"] = round(time.perf_counter() - t0, 3)
             entry["model_kind"] = model.kind
             p_test = model.predict(X_test, zs_unit)
             entry["auc_pr"], entry["auc_roc"] = _auc(y_test, p_test)
             eval_scores[f"round-{r}"] = p_test
             es = stratified_eval_set(data.test_ids, eval_scores, key=settings.EVAL_KEY,
-                                     per_stratum=cfg.eval_per_stratum)
+                                     per_stratum=cfg.eval_per_stratum,
+                                     n_strata=settings.EVAL_STRATA)
             sel = np.array([test_index[k] for k in es.keys], dtype=np.int64)
             if 0 < y_test[sel].sum() < len(sel):
                 entry["auc_pr_stratified"], _ = _auc(y_test[sel], p_test[sel])
             else:
                 entry["auc_pr_stratified"] = float("nan")
-        else:
+        elif plan.action == "recovery":  # no positive yet
             entry.update(train_s=0.0, auc_pr=float("nan"), auc_roc=float("nan"),
                          auc_pr_stratified=float("nan"), model=False)
+        else:
+            raise RuntimeError(f"unexpected round plan {plan}")
         if r == cfg.rounds:
             entry["select_s"] = 0.0
             rounds.append(entry)
             break
         t0 = time.perf_counter()
         eligible = ~labeled
-        selector = model
+        selector, selector_round = model, book.last_round
         if model is not None and cfg.lookahead > 0:
-            # the lookahead round started with the batch's last images unrated (app: only
-            # when its labels already held a positive; else the round waits for the batch)
-            held = np.array(last_batch[-cfg.lookahead:], dtype=np.int64)
-            early = labeled.copy()
-            early[held] = False
-            idx_early = np.flatnonzero(early)
-            if y_train[idx_early].sum() > 0:
-                selector = _fit_round(X_train, idx_early, y_train[idx_early], r, cfg, concept, text, neg_text)
-            entry["lookahead_labels"] = int(early.sum()) if selector is not model else int(labeled.sum())
+            if early_plan is not None:  # the lookahead round's model selects the next batch
+                selector = early_model or fit(idx_early, early_plan)
+                selector_round = early_plan.round_index
+            entry["lookahead_labels"] = len(idx_early) if selector is not model else int(labeled.sum())
         if selector is not None:
             p_train = selector.predict(X_train, zs_train_unit)
             if cfg.strategy == "margin-positive":
                 nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
             else:
                 nxt = select_margin(p_train, cfg.batch, eligible=eligible)
+            book.batch(nxt, "al", selector_round, int(labeled.sum()))
         else:  # no positive yet: widen the expansion to the next-nearest images per phrase
             widen += 1
             cand = []
@@ -301,10 +244,10 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                 rest = np.flatnonzero(eligible & ~np.isin(np.arange(len(eligible)), nxt))
                 extra = rng.choice(rest, size=min(n_rand, rest.size), replace=False)
                 nxt = np.concatenate([nxt, np.sort(extra)]).astype(np.int64)
+            book.batch(nxt, "expansion", book.last_round, int(labeled.sum()))
         entry["select_s"] = round(time.perf_counter() - t0, 4)
         rounds.append(entry)
         labeled[nxt] = True
-        order += [int(k) for k in nxt]
         last_batch = [int(k) for k in nxt]
         if first_pos_round is None and y_train[nxt].any():
             first_pos_round = r + 1
@@ -321,6 +264,53 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     }
 
 
+class _ProductRounds:
+    """The product's view of one simulated concept, so that its pure rules decide.
+
+    The round policy (:func:`~agile_pipeline.lib.loop.plan_round`: train round n, keep the last
+    model, or a recovery batch while no positive is known) and the first-model rule
+    (:func:`~agile_pipeline.lib.loop.architecture_round`) read what the state store would hold:
+    the latest round and the labels it saw (labels only accumulate here, so their number is
+    the label cutoff), the latest batch, and the round of the batch each label was rated in (a
+    batch's labels train the round after the model that chose it; an exemplar has none).
+    """
+
+    def __init__(self, concept: str, y_train: np.ndarray) -> None:
+        self.concept = concept
+        self.y_train = y_train
+        self.label_round = np.zeros(len(y_train), dtype=np.int64)  # the expansion: round 0
+        self.last_round: int | None = None
+        self.last_cutoff: int | None = None
+        self.last_model: _RoundModel | None = None
+        self.batch_kind = "expansion"
+        self.batch_cutoff = 0
+
+    def plan(self, rows: np.ndarray) -> RoundPlan:
+        n_pos = int(self.y_train[rows].sum())
+        return plan_round(RoundFacts(
+            self.concept, n_pos, len(rows) - n_pos, len(rows), self.last_round, self.last_cutoff,
+            self.batch_kind, self.batch_cutoff))
+
+    def architecture(self, plan: RoundPlan, rows: np.ndarray) -> int:
+        assert plan.round_index is not None
+        return architecture_round(plan.round_index,
+                                  [None if v < 0 else int(v) for v in self.label_round[rows]])
+
+    def trained(self, plan: RoundPlan, rows: np.ndarray, model: "_RoundModel | None" = None) -> None:
+        """Round ``plan.round_index`` trained on ``rows`` (``model``: kept for a later reuse)."""
+        self.last_round, self.last_cutoff = plan.round_index, len(rows)
+        self.last_model = model
+
+    def exemplar(self, row: int) -> None:
+        self.label_round[row] = -1  # rated in no batch
+
+    def batch(self, rows: np.ndarray, kind: str, chosen_by: int | None, n_labels: int) -> None:
+        """The next batch, chosen by round ``chosen_by`` (``None``: before any model) when
+        ``n_labels`` labels were known."""
+        self.label_round[rows] = 0 if chosen_by is None else chosen_by + 1
+        self.batch_kind, self.batch_cutoff = kind, n_labels
+
+
 @dataclass
 class _RoundModel:
     """A round's model in the simulation: its kind, scorer and blended-prior weight."""
@@ -331,15 +321,16 @@ class _RoundModel:
 
     def predict(self, X: np.ndarray, zs_unit: np.ndarray) -> np.ndarray:
         p = self.scorer.predict_proba(X)
-        return _with_prior(p, zs_unit, self.beta) if self.beta else p
+        return few_shot.blend_logits(p, zs_unit, self.beta) if self.beta else p
 
 
-def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, r: int, cfg: SimConfig,
-               concept: str, text: np.ndarray, neg_text: np.ndarray | None) -> _RoundModel:
-    """Train round ``r``'s model on the labeled rows ``idx`` of ``X_train`` per ``cfg.few_shot``."""
+def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: int,
+               cfg: SimConfig, concept: str, text: np.ndarray,
+               neg_text: np.ndarray | None) -> _RoundModel:
+    """Train a round's model on the labeled rows ``idx`` of ``X_train`` per ``cfg.few_shot``;
+    ``arch_round`` is :func:`architecture_round`'s answer (0: the recipe's first model)."""
     from dataclasses import replace
 
-    from agile_pipeline.lib import few_shot
     from agile_pipeline.lib.training import TrainConfig, train_classifier
 
     variant, args = cfg.few_shot, dict(cfg.few_shot_args)
@@ -357,20 +348,13 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, r: int, cfg:
     if variant == "mlp-pseudo":
         Xp, yp = few_shot.phrase_pseudo_labels(text, neg_text, X_train.shape[1])
         X_lab, y_lab = np.concatenate([X_lab, Xp]), np.concatenate([y, yp])
-    model = train_classifier(X_lab, y_lab, X_train, round_index=r,
+    model = train_classifier(X_lab, y_lab, X_train, round_index=arch_round,
                              config=TrainConfig(seed=cfg.seed, **cfg.train),
                              exclude_from_pool=idx, concept=concept)
     beta = cfg.zero_shot_prior
     if variant == "prior-decay":
         beta = few_shot.decayed_prior_weight(float(args.get("c", 1.0)), n_pos)
     return _RoundModel("mlp", model, beta)
-
-
-def _with_prior(p: np.ndarray, zs_unit: np.ndarray, beta: float) -> np.ndarray:
-    eps = 1e-6
-    lp = np.log(np.clip(p, eps, 1 - eps) / np.clip(1 - p, eps, 1))
-    lz = np.log(np.clip(zs_unit, eps, 1 - eps) / np.clip(1 - zs_unit, eps, 1))
-    return (1.0 / (1.0 + np.exp(-(lp + beta * lz)))).astype(np.float32)
 
 
 def _worker(args: tuple[SimData, str, SimConfig]) -> dict[str, Any]:

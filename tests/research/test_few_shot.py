@@ -1,11 +1,12 @@
-"""Pure logic of agile_pipeline.lib.few_shot (fast: small synthetic data)."""
+"""Pure logic of agile_pipeline.research.few_shot (fast: small synthetic data)."""
 
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from agile_pipeline.lib.few_shot import (
+from agile_pipeline.lib.metrics import compute_metrics
+from agile_pipeline.research.few_shot import (
     LinearModel,
     PriorLinearConfig,
     blend_logits,
@@ -16,7 +17,6 @@ from agile_pipeline.lib.few_shot import (
     prior_weights,
     row_weights,
 )
-from agile_pipeline.lib.metrics import compute_metrics
 
 
 def _planted(seed: int = 0, n: int = 3000, d: int = 32, prevalence: float = 0.02):
@@ -124,7 +124,7 @@ def test_pseudo_labels_and_priors() -> None:
 
 
 def _sim_data():  # type: ignore[no-untyped-def]
-    from agile_pipeline.lib.simulate import SimData
+    from agile_pipeline.lib.labeled_dataset import SimData
 
     X, y, c = _planted(5, n=1200, d=16, prevalence=0.03)
     ids = [f"i{k:04d}" for k in range(len(y))]
@@ -140,7 +140,7 @@ def _sim_data():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("variant", ["plain", "linear", "prior-linear", "hybrid", "mlp-pseudo",
                                      "prior-decay"])
 def test_simulated_concept_with_each_variant(variant: str) -> None:
-    from agile_pipeline.lib.simulate import SimConfig, format_table, run_concept, summarize
+    from agile_pipeline.research.simulate import SimConfig, format_table, run_concept, summarize
 
     data = _sim_data()
     cfg = SimConfig(rounds=1, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5,
@@ -157,7 +157,7 @@ def test_simulated_concept_with_each_variant(variant: str) -> None:
 
 
 def test_unknown_variant_is_refused() -> None:
-    from agile_pipeline.lib.simulate import SimConfig, run_concept
+    from agile_pipeline.research.simulate import SimConfig, run_concept
 
     with pytest.raises(ValueError, match="few_shot"):
         run_concept(_sim_data(), "planted", SimConfig(few_shot="magic"))
@@ -167,7 +167,7 @@ def test_a_stuck_user_gives_an_exemplar_and_gets_a_model() -> None:
     """A text-unfriendly concept (its phrase points away from it): the plain recipe finds no
     positive and trains nothing; with the app's recovery path (one exemplar after a batch with
     no positive) a model is trained from round 0 and finds more positives."""
-    from agile_pipeline.lib.simulate import SimConfig, run_concept
+    from agile_pipeline.research.simulate import SimConfig, run_concept
 
     data = _sim_data()
     data.text_vectors["planted"] = -data.text_vectors["planted"]  # the words mislead
@@ -186,7 +186,7 @@ def test_a_stuck_user_gives_an_exemplar_and_gets_a_model() -> None:
 
 
 def test_simulated_lookahead_selects_with_the_early_model_and_measures_the_full_one() -> None:
-    from agile_pipeline.lib.simulate import SimConfig, run_concept
+    from agile_pipeline.research.simulate import SimConfig, run_concept
 
     data = _sim_data()
     base = SimConfig(rounds=2, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5)
