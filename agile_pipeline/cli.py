@@ -620,6 +620,48 @@ def evaluate(name: Annotated[str, typer.Argument(help="Concept name.")]) -> None
 
 
 @app.command()
+def predict(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    version: Annotated[int | None, typer.Option(help="MLflow model version (default: the alias).")] = None,
+    alias: Annotated[str, typer.Option(help="MLflow alias: champion (best on the eval set) or latest.")] = "champion",
+    threshold: Annotated[float, typer.Option(help="P(concept) at or above this is the concept.")] = 0.5,
+) -> None:
+    """Score images with a concept's registered classifier (the MLflow model any MLflow tool
+    loads too): prints path, P(concept), yes/no, and why an image could not be read."""
+    from agile_pipeline.lib.tracking import load_classifier_model
+
+    paths_ = _data_dir()
+    if not 0.0 <= threshold <= 1.0:
+        fail("--threshold is a probability between 0 and 1")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        fail(f"no such file or folder: {', '.join(missing)}")
+    concept = _guard(lambda: _store().get_concept(name))
+
+    def load():  # type: ignore[no-untyped-def]
+        try:
+            return load_classifier_model(paths_.mlflow_uri(), concept.name, version=version, alias=alias)
+        except Exception as exc:
+            fail(f"no registered model for {concept.name!r} at "
+                 f"{'version ' + str(version) if version is not None else '@' + alias}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+                 "(train one with `agile round`; `agile predict --help` lists the options)")
+
+    import pandas as pd
+
+    model, uri = load()
+    out = model.predict(pd.DataFrame({"image": [str(p.resolve()) for p in paths]}),
+                        params={"threshold": threshold})
+    typer.echo(f"# {uri}  threshold {threshold}", err=True)
+    typer.echo("image\tprobability\tis_concept\terror")
+    for r in out.to_dict(orient="records"):
+        prob = "" if r["probability"] != r["probability"] else f"{r['probability']:.4f}"
+        verdict = "" if r["is_concept"] is None else ("yes" if r["is_concept"] else "no")
+        typer.echo(f"{r['image']}\t{prob}\t{verdict}\t{r['error']}")
+
+
+@app.command()
 def candidates(
     name: Annotated[str, typer.Argument(help="Concept name.")],
     rater: Annotated[str | None, typer.Option(help="Only images this rater has not rated.")] = None,

@@ -37,6 +37,12 @@ def default_encoder_spec() -> str:
     return os.environ.get("AGILE_ENCODER", DEFAULT_ENCODER)
 
 
+def dagster_ui_url() -> str:
+    """The Dagster webserver's address (``$AGILE_DAGSTER_URL``, default what the quickstart
+    serves), for links from MLflow runs back to the Dagster runs that made them."""
+    return os.environ.get("AGILE_DAGSTER_URL", "http://127.0.0.1:3000").rstrip("/")
+
+
 @dataclass(frozen=True)
 class Paths:
     """Layout of the data directory (``home`` is made absolute: MLflow artifact URIs and

@@ -28,6 +28,7 @@ class ModelExport:
         self.store = ctx.store
         self.home = ctx.home
         self.encoder_spec = ctx.encoder_spec
+        self.tracking_uri = ctx.paths.mlflow_uri()
         self._rounds = rounds
 
     def model_dir(self, concept: str, round_index: int) -> Path:
@@ -84,10 +85,17 @@ class ModelExport:
         return p if p.is_file() and not p.is_symlink() else None
 
 
-def load_snippet(model_dir: str | Path) -> str:
+def load_snippet(concept: str, tracking_uri: str) -> str:
+    """Python that scores images with the concept's champion model through MLflow (any MLflow
+    tool can load it the same way: ``mlflow models predict``, ``spark_udf``, ...)."""
+    from agile_pipeline.lib.tracking import registered_model_name
+
     return (
-        "from agile_pipeline.lib.training import TrainedClassifier; "
-        f"clf = TrainedClassifier.load({str(model_dir)!r})"
+        "import mlflow, pandas as pd\n"
+        f"mlflow.set_registry_uri({tracking_uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{registered_model_name(concept)}@champion')\n"
+        "model.predict(pd.DataFrame({'image': ['photo.jpg', 'a/folder/of/images']}))\n"
+        "# -> image, probability (P(concept)), is_concept (>= 0.5), error"
     )
 
 

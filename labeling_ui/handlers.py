@@ -6,6 +6,7 @@ mistakes raise ``gr.Error`` with the store's own advice (``StateError`` messages
 
 import html
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,6 +288,15 @@ def _fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "—"
 
 
+def _auc_cell(row: dict | None) -> str:
+    """``0.81 (0.72–0.88)``: a model's AUC-PR on the eval ratings and its bootstrap interval."""
+    if not row or row.get("auc_pr") != row.get("auc_pr"):
+        return "—"
+    lo, hi = row.get("auc_pr_lo"), row.get("auc_pr_hi")
+    band = f' <span class="am-muted">({lo:.2f}–{hi:.2f})</span>' if lo == lo and hi == hi and lo is not None else ""
+    return f"{row['auc_pr']:.2f}{band}"
+
+
 def model_panel(service: LabelingService, concept: str | None) -> str:
     esc = html.escape
     if not concept:
@@ -302,16 +312,22 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
                      'finish it.</p>' if service.rounds.policy.auto else
                      '<p>No model yet. Rate the first batch, then press <b>Train the next model</b>.</p>')
     else:
+        report, _mtime = service.export.metrics_report(concept)
+        scored = {m["model"]: m for m in (report or {}).get("models", [])} if (report or {}).get(
+            "n_eval_labels") else {}
         parts.append('<table class="am-table"><thead><tr><th>Model</th><th>Trained on</th>'
-                     '<th>MLflow version</th><th>Training time</th><th>Finished</th><th>Download</th>'
-                     '</tr></thead><tbody>')
+                     '<th title="on every evaluation rating so far; in brackets a 90% bootstrap '
+                     'interval">AUC-PR</th><th>MLflow version</th><th>Training time</th>'
+                     '<th>Finished</th><th>Download</th></tr></thead><tbody>')
         for r in reversed(rows):
             href = f"/export/{esc(concept, quote=True)}/round-{r['round']}.zip"
+            model_key = f"round-{r['round']}"
             note = (' <span class="am-muted" title="trained while the last images of a batch were '
                     'still being rated, to have the next batch ready in time">(early: picked the next '
                     'batch)</span>') if r.get("lookahead") else ""
             parts.append(
                 f"<tr><td>{r['round'] + 1}{note}</td><td>{r['positive']} yes / {r['negative']} no</td>"
+                f"<td>{_auc_cell(scored.get(model_key))}</td>"
                 f"<td>{esc(str(r['model_version'] or '—'))}</td>"
                 f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
                 f'<td><a class="am-download" href="{href}" download>⬇ model {r["round"] + 1} (.zip)</a></td></tr>'
@@ -319,22 +335,36 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
         parts.append("</tbody></table>")
         last = rows[-1]
         parts.append(
-            '<h4>Use the latest model in Python</h4>'
-            f'<pre class="am-code"><code>{esc(load_snippet(last["model_dir"] or ""))}</code></pre>'
-            '<p class="am-muted">The download holds <code>model.pt</code>, <code>meta.json</code> and a README '
-            'with the embedding model to use and the threshold (0.5).'
+            '<h4>Use the model (MLflow)</h4>'
+            f'<pre class="am-code"><code>{esc(load_snippet(concept, service.export.tracking_uri))}</code></pre>'
+            '<p class="am-muted">The same from a shell: <code>agile predict '
+            f'{esc(shlex.quote(concept))} PHOTO_OR_FOLDER</code>. The download holds <code>model.pt</code>, '
+            '<code>meta.json</code> and a README with the embedding model to use and the threshold (0.5).'
             + (f' MLflow run <code>{esc(str(last["mlflow_run_id"]))}</code>.' if last["mlflow_run_id"] else "")
             + "</p>"
         )
     # ---- evaluation plot: written by the evaluation part of the pipeline (metrics.png) ----
     parts.append('<h4>How good is it?</h4>')
-    if service.export.metrics_png(concept) is not None:
+    report, _mtime = service.export.metrics_report(concept)
+    n_eval = int((report or {}).get("n_eval_labels") or 0)
+    to_rate = len(service.store.pending_items(concept, None, purpose="eval"))
+    if n_eval and service.export.metrics_png(concept) is not None:
+        pos = int(next(iter(report["models"]), {}).get("n_eval_pos", 0)) if report else 0
+        parts.append(f'<p class="am-muted">Every model and zero-shot are scored on the same '
+                     f'<b>{n_eval}</b> evaluation ratings ({pos} yes); the range beside each AUC-PR is '
+                     'a 90% bootstrap interval. The evaluation set over-samples likely positives, '
+                     'so compare models with each other rather than reading a figure as the '
+                     'share of the whole collection.</p>')
         parts.append(f'<img class="am-metrics" alt="AUC-PR vs number of labels" '
                      f'src="/metrics/{q}.png?t={int(time.time())}">')
-    else:
-        parts.append('<div class="am-placeholder" data-slot="evaluation-plot">The evaluation plot '
-                     '(AUC-PR on the evaluation set against the zero-shot baseline, per round) '
-                     'appears here once the evaluation set is rated.</div>')
+    if to_rate:
+        parts.append(f'<div class="am-placeholder" data-slot="evaluation-prompt">Rate <b>{to_rate}</b> '
+                     'images of the evaluation set (Rate tab → <b>Evaluation set</b>) to see how good '
+                     'your model is — a good moment is while the next model trains.</div>')
+    elif not n_eval:
+        parts.append('<div class="am-placeholder" data-slot="evaluation-prompt">The evaluation set '
+                     'is built with the first model: test images sampled across model scores. '
+                     'Rate it to see how good each model is.</div>')
     parts.append("</div>")
     return "".join(parts)
 

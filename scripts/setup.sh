@@ -28,8 +28,14 @@ fi
 stamp=.venv/.agile-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> installing the project and its dependencies (first run: a few minutes)"
-  python -m pip install -q --upgrade pip >/dev/null
-  python -m pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # pip's local-index notices and setuptools' boxed "Editable installation" note are not
+  # problems: keep them out of a newcomer's way (errors still print, and fail the step)
+  python -m pip install -q -e '.[dev]' 2>&1 | awk '
+    /is ignored: it is neither a file nor a directory/ { next }
+    /BuildBackendWarning: Editable installation/ { skip = 1; next }
+    skip && /with strategy, WheelFile/ { skip = 0; next }
+    !skip { print }'
   touch "$stamp"
 fi
 export AGILE_HOME="${AGILE_HOME:-$ROOT/.agile}"

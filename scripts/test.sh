@@ -10,6 +10,6 @@ export AGILE_HOME="$(mktemp -d)/agile"   # tests never touch your data directory
 echo "==> ruff"
 ruff check .
 echo "==> import-linter (layers, pure library, no cycles: pyproject.toml [tool.importlinter])"
-lint-imports --no-cache
+lint-imports --no-cache --no-logo
 echo "==> pytest"
 python -m pytest "$@"

@@ -26,7 +26,7 @@ concept_partitions = dg.DynamicPartitionsDefinition(name=selections.CONCEPT_PART
 def loop_env(state: StateResource, vectors: VectorsResource, encoder: EncoderResource) -> LoopEnv:
     """What the loop functions work on: the state store, the vector store, the model id and
     the data directory's layout."""
-    return LoopEnv(state.store(), vectors.vectors(), encoder.model_id(), state.paths)
+    return LoopEnv(state.store(), vectors.vectors(), encoder.model_id(), state.paths, encoder.spec)
 
 
 class ExpansionConfig(dg.Config):
@@ -356,6 +356,9 @@ def model_metrics(
     if latest is not None:
         numbers["model_round"] = dg.MetadataValue.int(int(latest["round"]))
         numbers["training_labels"] = dg.MetadataValue.int(int(latest["n_labels"]))
+    champion = _move_champion(context, env, report)
+    if champion:
+        numbers["champion_version"] = dg.MetadataValue.int(int(champion))
     return dg.MaterializeResult(metadata={
         **numbers,
         "eval_labels": report["n_eval_labels"],
@@ -366,6 +369,20 @@ def model_metrics(
         "plot_path": dg.MetadataValue.path(report["plot"]),
     }, check_results=[_with_severity(_check("beats_zero_shot", lambda: checks.beats_zero_shot(report)),
                                      dg.AssetCheckSeverity.WARN)])
+
+
+def _move_champion(context: dg.AssetExecutionContext, env: LoopEnv, report: dict) -> str | None:
+    """Point the MLflow ``champion`` alias by the rule of :func:`tracking.choose_champion`,
+    from every model's AUC-PR on the merged eval set (none before the first eval rating)."""
+    from agile_pipeline.lib.tracking import choose_champion
+
+    auc = {str(r["model_version"]): float(r["auc_pr"]) for r in report["models"]
+           if r.get("model_version") and report["n_eval_labels"]}
+    try:
+        return choose_champion(env.paths.mlflow_uri(), context.partition_key, auc)
+    except Exception as exc:  # the alias is bookkeeping: never fail the metrics for it
+        context.log.warning(f"champion alias not moved: {exc}")
+        return None
 
 
 def _check(name: str, fn):  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ from agile_pipeline.lib.evalset import (
     zero_shot_unit_split,
 )
 from agile_pipeline.lib.loop import CandidateBatch, LoopEnv, LoopError
-from agile_pipeline.lib.metrics import compute_metrics
+from agile_pipeline.lib.metrics import bootstrap_auc_pr, compute_metrics
 from agile_pipeline.lib.scan import exact_scores
 from agile_pipeline.lib.split_cache import SplitCache, has_cache, split_cache
 from agile_pipeline.lib.state import LabelRule
@@ -124,7 +124,9 @@ def evaluate(
     rule: LabelRule = LabelRule(),
     tracking: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of every model and zero-shot on the rated eval set; writes a JSON and a plot."""
+    """Metrics of every model and zero-shot on the same ratings — every eval rating so far (the
+    eval sets of all rounds, merged) — with a 90% bootstrap interval for AUC-PR; writes a JSON
+    and a plot."""
     c = env.store.get_concept(concept)
     labels = env.store.effective_labels(c.name, purpose="eval", rule=rule)
     if has_cache(env.vectors):  # score only the rated rows, no scan of the test split
@@ -147,10 +149,13 @@ def evaluate(
             "model_version": r["model_version"] if r else None, "threshold": thr,
             "auc_pr": float("nan"), "auc_roc": float("nan"), "f1": float("nan"),
             "accuracy": float("nan"), "n_eval": len(rated), "n_eval_pos": int(y.sum()),
+            "auc_pr_lo": float("nan"), "auc_pr_hi": float("nan"),
         }
         if rated:  # nothing to measure until the user has rated part of the eval set
             m = compute_metrics(y, sel, threshold=thr)
-            row.update(auc_pr=m.auc_pr, auc_roc=m.auc_roc, f1=m.f1, accuracy=m.accuracy)
+            lo, hi = bootstrap_auc_pr(y, sel)
+            row.update(auc_pr=m.auc_pr, auc_roc=m.auc_roc, f1=m.f1, accuracy=m.accuracy,
+                       auc_pr_lo=lo, auc_pr_hi=hi)
         rows.append(row)
     report = {"concept": c.name, "n_eval_labels": len(rated), "models": rows}
     out_dir = env.concept_dir(c.name)

@@ -39,6 +39,7 @@ class LoopEnv:
     vectors: VectorStore
     model_id: str
     paths: settings.Paths
+    encoder_spec: str = ""  # how to embed new images for ``model_id`` (empty: the default)
 
     def concept_dir(self, concept: str) -> Path:
         d = self.paths.home / "concepts" / concept.replace(" ", "_")
@@ -463,6 +464,14 @@ def _train_round(
     return result
 
 
+def dagster_run_link(run_id: str | None) -> dict[str, str]:
+    """``{"dagster_run_url": ...}`` for a Dagster run id (``AGILE_DAGSTER_UI_URL``, default
+    what the quickstart's webserver serves), or nothing without a run."""
+    if not run_id:
+        return {}
+    return {"dagster_run_url": f"{settings.dagster_ui_url()}/runs/{run_id}"}
+
+
 def register_round(env: LoopEnv, concept_name: str, round_index: int | None = None, *,
                    run_id: str | None = None) -> tuple[str | None, str | None, bool]:
     """Log a trained round to MLflow (run + registered-model version) unless it already is.
@@ -494,7 +503,10 @@ def register_round(env: LoopEnv, concept_name: str, round_index: int | None = No
                  "train_seconds": r["train_seconds"] or 0.0},
         tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or r.get("run_id") or "",
               "agile/label_cutoff": str(r["label_cutoff"]),
-              "agile/lookahead": "1" if info.get("lookahead") else "0"},
+              "agile/lookahead": "1" if info.get("lookahead") else "0",
+              **dagster_run_link(run_id or r.get("run_id"))},
+        encoder_spec=env.encoder_spec or settings.default_encoder_spec(),
+        embedding_model=env.model_id,
     )
     env.store.update_round(concept_name, int(r["round"]), mlflow_run_id=logged.run_id,
                            model_version=logged.version)

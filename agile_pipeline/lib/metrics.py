@@ -90,3 +90,23 @@ def zero_shot_scores(
         norms = np.linalg.norm(chunk, axis=1)
         np.divide(dots, norms, out=out[start : start + chunk.shape[0]], where=norms > 0)
     return out
+
+
+def bootstrap_auc_pr(y_true: np.ndarray, scores: np.ndarray, *, n_boot: int = 500, level: float = 0.9,
+                     seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval (``level``, default 90%) for AUC-PR: the eval ratings
+    resampled with replacement ``n_boot`` times (seeded; resamples with one class only are
+    skipped). ``(nan, nan)`` when there are too few ratings of both kinds to resample."""
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    if y.size < 2 or not 0 < int(y.sum()) < y.size:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, y.size, size=(n_boot, y.size))
+    vals = [float(average_precision_score(y[d], s[d])) for d in draws if 0 < int(y[d].sum()) < y.size]
+    if len(vals) < n_boot // 2:
+        return math.nan, math.nan
+    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

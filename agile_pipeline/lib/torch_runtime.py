@@ -48,10 +48,12 @@ def ensure_torchvision_importable() -> None:
             _TORCHVISION_STUBS.append(lib)
             import torchvision  # noqa: F401
 
-            logger.warning(
+            # expected with the registry's CPU torch (nothing the product uses is missing), so
+            # not a warning a newcomer reads as breakage; visible with --log-level INFO
+            logger.info(
                 "torchvision's compiled ops do not load with this torch build (%s); defined stub "
-                "schemas for torchvision::nms/qnms so its Python parts import. "
-                "torchvision.ops.nms is unavailable.",
+                "schemas for torchvision::nms/qnms so its Python parts import "
+                "(torchvision.ops.nms is unavailable; timm and open_clip do not use it).",
                 exc,
             )
 

@@ -1,9 +1,12 @@
 """MLflow bookkeeping: one run and one registered-model version per trained model.
 
 The store is embedded by default (sqlite under the data directory, artifacts beside it);
-``AGILE_MLFLOW_URI`` points it at a server. No MLflow model flavour is used: the artifact
-is the classifier's own ``model.pt`` + ``meta.json``, loaded with
-``agile_pipeline.lib.training.TrainedClassifier.load`` — fast to log and to load.
+``AGILE_MLFLOW_URI`` points it at a server. Each version is a real MLflow model (a pyfunc
+that scores images or embeddings: :mod:`.mlflow_model`) with its signature, input example,
+requirements and the embedding model as config; the run has the label snapshot as its
+training dataset input and a link back to the Dagster run. ``models:/NAME/latest`` is the
+newest version (MLflow's own), the ``champion`` alias the best on the eval set
+(:func:`choose_champion`).
 """
 
 import logging
@@ -91,10 +94,17 @@ def log_model_version(
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
+    encoder_spec: str = "bundled",
+    embedding_model: str = "",
 ) -> LoggedModel:
-    """Create the run (params, metrics, tags, artifacts) and register a new model version."""
+    """Create the run (params, metrics, tags, the label snapshot as its dataset input, the
+    MLflow model) and register a new model version; point the ``latest`` alias at it."""
+    import tempfile
+
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
+
+    from agile_pipeline.lib.mlflow_model import save_pyfunc
 
     client = _client(tracking_uri)
     exp_name = experiment_name(concept)
@@ -118,19 +128,131 @@ def log_model_version(
         params=[Param(k, str(v)[:6000]) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
-    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    _log_label_snapshot(client, run_id, concept, model_dir)
+    with tempfile.TemporaryDirectory(prefix="agile-mlflow-model-") as tmp:
+        save_pyfunc(Path(tmp) / "model", Path(model_dir), encoder_spec=encoder_spec,
+                    embedding_model=embedding_model, input_example=_input_example(model_dir))
+        client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path="model")
     client.set_terminated(run_id)
     name = registered_model_name(concept)
     try:
-        client.create_registered_model(name, tags={"agile/concept": concept})
+        client.create_registered_model(name, tags={"agile/concept": concept}, description=(
+            f"Agile Modeling classifier for {concept!r}: P(concept) for images or embeddings. "
+            "Aliases: latest (newest version), champion (best on the merged eval set)."))
     except MlflowException:
         pass  # exists
     mv = client.create_model_version(
         name, source=f"runs:/{run_id}/model", run_id=run_id, tags=all_tags,
-        description=f"{concept}: round {round_index}",
+        description=f"{concept}: round {round_index} (Model {round_index + 1} in the app)",
     )
+    # (``latest`` needs no alias: MLflow reserves it, ``models:/NAME/latest`` is the newest)
+    if "champion" not in client.get_registered_model(name).aliases:
+        client.set_registered_model_alias(name, "champion", str(mv.version))  # the first model
     return LoggedModel(run_id=run_id, version=str(mv.version), name=name,
                        artifact_uri=f"{run.info.artifact_uri}/model")
+
+
+def _input_example(model_dir: Path) -> Any:
+    """One zero embedding of the classifier's width: an example that needs no image file."""
+    import json
+
+    try:
+        dim = int(json.loads((Path(model_dir) / "meta.json").read_text())["input_dim"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    import pandas as pd
+
+    return pd.DataFrame({"embedding": [[0.0] * dim]})
+
+
+def _log_label_snapshot(client: Any, run_id: str, concept: str, model_dir: Path) -> None:
+    """The labels the model was trained on (``training_labels.json``) as the run's training
+    dataset input, named by concept and label cutoff."""
+    import json
+
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    path = Path(model_dir) / "training_labels.json"
+    if not path.exists():
+        return
+    snap = json.loads(path.read_text())
+    labels = dict(snap.get("labels") or {})
+    df = pd.DataFrame({"image_id": list(labels), "label": [float(v) for v in labels.values()]})
+    ds = mlflow.data.from_pandas(df, source=str(path.resolve()), targets="label",
+                                 name=f"{concept}-labels@{snap.get('label_cutoff', 0)}")
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def champion_after(current: str | None, newest: str | None, auc_pr: Mapping[str, float]) -> str | None:
+    """The champion rule (README, "Using a classifier"): with no eval ratings yet (``auc_pr``
+    empty) the champion is the newest version; with them, a version newer than the champion
+    takes its place only with a strictly higher AUC-PR on the merged eval set, and an older
+    version never takes it back. ``auc_pr`` maps version -> AUC-PR (NaN ignored)."""
+    scored = {str(v): float(a) for v, a in auc_pr.items() if a == a}
+    if not scored:
+        return newest or current
+    if current is None:
+        return max(sorted(scored, key=int), key=lambda v: scored[v])
+    best = current
+    for v in sorted(scored, key=int):
+        if int(v) > int(best) and scored[v] > scored.get(best, float("-inf")):
+            best = v
+    return best
+
+
+def choose_champion(tracking_uri: str, concept: str, auc_pr: Mapping[str, float]) -> str | None:
+    """Move the registered model's ``champion`` alias by :func:`champion_after`; returns it."""
+    client = _client(tracking_uri)
+    name = registered_model_name(concept)
+    try:
+        found = dict(client.get_registered_model(name).aliases).get("champion")
+    except Exception:
+        return None  # nothing registered yet
+    current = None if found is None else str(found)
+    best = champion_after(current, newest_version(client, name), auc_pr)
+    if best is not None and best != current:
+        client.set_registered_model_alias(name, "champion", str(best))
+    return best
+
+
+def load_classifier_model(tracking_uri: str, concept: str, *, version: str | int | None = None,
+                          alias: str = "champion") -> tuple[Any, str]:
+    """The concept's registered MLflow model (a pyfunc: :mod:`.mlflow_model`) by version, or by
+    alias; returns ``(model, model URI)``."""
+    import mlflow
+    import mlflow.pyfunc
+
+    _client(tracking_uri)  # the embedded store exists and MLflow's logs are quiet
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    name = registered_model_name(concept)
+    if version is not None:
+        uri = f"models:/{name}/{version}"
+    elif alias == "latest":  # MLflow's own: the newest version
+        uri = f"models:/{name}/latest"
+    else:
+        uri = f"models:/{name}@{alias}"
+    return mlflow.pyfunc.load_model(uri), uri
+
+
+def newest_version(client: Any, name: str) -> str | None:
+    versions = client.search_model_versions(f"name = '{name}'")
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def version_for_alias(tracking_uri: str, concept: str, alias: str) -> str | None:
+    """The version an alias points at (``latest``: the newest version), or ``None``."""
+    client = _client(tracking_uri)
+    name = registered_model_name(concept)
+    try:
+        if alias == "latest":
+            return newest_version(client, name)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        return None
 
 
 def ui_links(tracking_uri: str, run_id: str, concept: str, version: str | None,
@@ -164,7 +286,7 @@ def model_versions(tracking_uri: str, concept: str) -> list[dict[str, Any]]:
     except Exception:
         return []
     return sorted(
-        ({"version": v.version, "run_id": v.run_id, "tags": dict(v.tags), "source": v.source}
-         for v in versions),
+        ({"version": v.version, "run_id": v.run_id, "tags": dict(v.tags), "source": v.source,
+          "aliases": list(v.aliases)} for v in versions),
         key=lambda d: int(d["version"]),
     )

@@ -94,3 +94,20 @@ def test_zero_shot_scores_chunks_and_float16():
     assert (zero_shot_scores(X, np.zeros(16)) == 0).all()
     with pytest.raises(ValueError, match="shape"):
         zero_shot_scores(X, np.ones(3))
+
+
+def test_bootstrap_interval_brackets_auc_pr_and_narrows_with_more_ratings():
+    from agile_pipeline.lib.metrics import bootstrap_auc_pr
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (40, 400):
+        y = (rng.random(n) < 0.3).astype(int)
+        s = np.clip(0.35 * y + rng.random(n) * 0.8, 0, 1)
+        lo, hi = bootstrap_auc_pr(y, s)
+        point = compute_metrics(y, s).auc_pr
+        assert lo <= point <= hi
+        widths.append(hi - lo)
+        assert bootstrap_auc_pr(y, s) == (lo, hi)  # seeded: the same interval every time
+    assert widths[1] < widths[0] / 2
+    assert all(np.isnan(bootstrap_auc_pr(np.array([1, 1]), np.array([0.2, 0.9]))))  # one class
