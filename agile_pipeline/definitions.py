@@ -30,12 +30,14 @@ def definitions_for(resources: "AgileResources") -> dg.Definitions:
             concepts.registered_model,
             concepts.eval_set,
             concepts.model_metrics,
+            concepts.concept_predictions,
         ],
         asset_checks=[corpus.image_embeddings_complete, corpus.image_manifest_unique_ids],
         jobs=[corpus.corpus_refresh_job, corpus.vectors_housekeeping_job,
-              concepts.concept_start_job, concepts.concept_round_job],
+              concepts.concept_start_job, concepts.concept_round_job,
+              concepts.concept_predictions_job],
         schedules=[corpus.corpus_refresh_schedule, corpus.vectors_housekeeping_schedule],
-        sensors=[corpus.new_images_sensor],
+        sensors=[corpus.new_images_sensor, concepts.predictions_after_refresh],
         resources=resources.as_dict(),
     )
 

@@ -11,6 +11,7 @@ import dagster as dg
 
 from agile_pipeline import settings
 from agile_pipeline.defs import selections
+from agile_pipeline.defs.corpus import corpus_refresh_job
 from agile_pipeline.defs.resources import (
     EncoderResource,
     StateResource,
@@ -369,6 +370,73 @@ def model_metrics(
         "plot_path": dg.MetadataValue.path(report["plot"]),
     }, check_results=[_with_severity(_check("beats_zero_shot", lambda: checks.beats_zero_shot(report)),
                                      dg.AssetCheckSeverity.WARN)])
+
+
+@dg.asset(
+    group_name="concept",
+    partitions_def=concept_partitions,
+    deps=[model_metrics],
+    kinds={"parquet"},
+    description=(
+        "The champion classifier applied to every embedded image of the corpus: "
+        "$AGILE_HOME/predictions/<concept>.parquet (image_id, split, path, probability, "
+        "is_concept, model_version), DuckDB-queryable. Rescored when the champion changes, "
+        "extended with only the new images after a corpus refresh."
+    ),
+)
+def concept_predictions(
+    context: dg.AssetExecutionContext,
+    state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
+    from pathlib import Path
+
+    from agile_pipeline.lib.predictions import predictions_path, score_corpus
+    from agile_pipeline.lib.tracking import version_for_alias
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    env = loop_env(state, vectors, encoder)
+    concept = env.store.get_concept(context.partition_key).name
+    t0 = time.perf_counter()
+    version = version_for_alias(env.paths.mlflow_uri(), concept, "champion")
+    row = next((r for r in env.store.rounds(concept) if version and r["model_version"] == version), None)
+    if row is None:
+        return dg.MaterializeResult(metadata={"status": "no registered champion yet: nothing scored"})
+    res = score_corpus(store=env.store, vectors=env.vectors, model_id=env.model_id,
+                       model=TrainedClassifier.load(Path(row["model_uri"])), model_version=version,
+                       out=predictions_path(env.paths.home, env.concept_dir(concept).name))
+    top = "\n".join(["| image | P(concept) |", "|---|---|"]
+                    + [f"| {name} | {p:.3f} |" for name, p in res.top])
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(res.path)),
+        "rows": dg.MetadataValue.int(res.rows),
+        "scored_now": dg.MetadataValue.int(res.scored_now),
+        "rescored_all": res.rescored_all,
+        "champion_version": dg.MetadataValue.int(int(version)),
+        "champion_round": dg.MetadataValue.int(int(row["round"])),
+        "top_images": dg.MetadataValue.md(top),
+        "query": dg.MetadataValue.text(
+            f"duckdb -c \"SELECT path, probability FROM '{res.path}' ORDER BY probability DESC LIMIT 20\""),
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+
+
+concept_predictions_job = dg.define_asset_job(
+    selections.PREDICTIONS_JOB,
+    selection=dg.AssetSelection.assets(concept_predictions),
+    executor_def=dg.in_process_executor,
+    description="Score the corpus with a concept's champion (after a corpus refresh).",
+)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[corpus_refresh_job],
+    request_job=concept_predictions_job,
+    description="After a corpus refresh, score the new images with every concept's champion.",
+)
+def predictions_after_refresh(context: dg.RunStatusSensorContext):  # type: ignore[no-untyped-def]
+    for concept in context.instance.get_dynamic_partitions(selections.CONCEPT_PARTITIONS):
+        yield dg.RunRequest(run_key=f"{context.dagster_run.run_id}:{concept}", partition_key=concept)
 
 
 def _move_champion(context: dg.AssetExecutionContext, env: LoopEnv, report: dict) -> str | None:

@@ -148,7 +148,7 @@ def test_the_app_names_the_round_job_assets_the_code_location_defines() -> None:
     in_round = {k.path[-1] for k in round_job.asset_layer.executable_asset_keys}
     assert in_round == {a.key.path[-1] for a in (concepts.classifier, concepts.al_candidates,
                                                  concepts.registered_model, concepts.eval_set,
-                                                 concepts.model_metrics)}
+                                                 concepts.model_metrics, concepts.concept_predictions)}
     assert {k.path[-1] for k in start_job.asset_layer.executable_asset_keys} == {
         concepts.expansion_candidates.key.path[-1], concepts.zero_shot_scores.key.path[-1]}
     for partial in (selections.FOLLOWUP_ASSETS, selections.EVAL_ASSETS, selections.LOOKAHEAD_ASSETS):

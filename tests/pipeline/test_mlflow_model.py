@@ -144,3 +144,32 @@ def test_mlflow_models_predict_and_agile_predict_agree(trained, tmp_path):
         [str(Path(sys.executable).with_name("agile")), "predict", "dots", str(files[0]), "--version", "99"],
         check=False, env=environ, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "no registered model for 'dots' at version 99" in missing.stderr
+
+
+def test_concept_predictions_score_the_corpus_with_the_champion_incrementally(trained, tmp_path):
+    import duckdb
+
+    from agile_pipeline.defs.concepts import concept_predictions
+    from agile_pipeline.runner import metadata_of
+
+    env, _src = trained
+    table = env.paths.home / "predictions" / f"{env.concept_dir('dots').name}.parquet"
+    champion = version_for_alias(env.paths.mlflow_uri(), "dots", "champion")
+    rows = duckdb.sql(f"SELECT image_id, probability, model_version, path FROM '{table}'").fetchall()
+    n_images = lambda: sum(env.store.count_images().values())  # noqa: E731
+    assert len(rows) == n_images() and {r[2] for r in rows} == {champion}
+    clf = TrainedClassifier.load(Path(next(r for r in env.store.rounds("dots")
+                                          if r["model_version"] == champion)["model_uri"]))
+    ids = [r[0] for r in rows]
+    want = clf.predict_proba(env.vectors.vectors_for(env.model_id, ids))
+    assert np.allclose([r[1] for r in rows], want, atol=1e-6)
+    assert all(Path(r[3]).exists() for r in rows[:20])
+
+    again = metadata_of(run_concept_round("dots", selection=["concept_predictions"]), concept_predictions)
+    assert again["scored_now"] == 0 and again["rows"] == len(rows)  # nothing new: nothing scored
+    more = tmp_path / "more"
+    write_real_like_images(more, 12, seed=99)
+    run_corpus([str(more)])
+    after = metadata_of(run_concept_round("dots", selection=["concept_predictions"]), concept_predictions)
+    assert after["scored_now"] == n_images() - len(rows) > 0
+    assert after["rows"] == n_images() and not after["rescored_all"]
