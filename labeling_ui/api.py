@@ -67,16 +67,12 @@ def render_thumbnail(service: LabelingService, image_id: str, max_side: int) -> 
         return None
     try:
         data = read_bytes(path, max_bytes=DEFAULT_MAX_BYTES)
-    except ImageRejected as exc:
-        log.warning("image %s unreadable: %s", image_id, exc)
-        return None
-    if hashlib.blake2b(data, digest_size=16).hexdigest() != image_id:
-        log.warning("image %s: file %s changed since ingestion; not served", image_id, path)
-        return None
-    try:
+        if hashlib.blake2b(data, digest_size=16).hexdigest() != image_id:
+            log.warning("image %s: file %s changed since ingestion; not served", image_id, path)
+            return None
         im = load_rgb(data, max_side=max_side)
     except ImageRejected as exc:
-        log.warning("image %s cannot be decoded: %s", image_id, exc)
+        log.warning("image %s unreadable or undecodable: %s", image_id, exc)
         return None
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=88, optimize=False)

@@ -513,18 +513,24 @@ class InProcessTrigger:
         return {"agile/trigger": "app-in-process", WORKER_TAG: worker_id(),
                 **{str(k): str(v) for k, v in dict(tags or {}).items()}}
 
+    def _runner(self, name: str, concept: str, tags: Mapping[str, str] | None,
+                **kwargs: Any) -> Callable[[str], str]:
+        """A run of ``agile_pipeline.runner.<name>`` for the pool, as a function of its run id."""
+
+        def run(run_id: str) -> str:
+            from agile_pipeline import runner
+
+            fn = getattr(runner, name)
+            return str(fn(concept, agile=self._agile(), tags=self._tags(tags), run_id=run_id,
+                          **kwargs).run_id)
+
+        return run
+
     def start_concept(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
         if self._custom_start is not None:
             custom = self._custom_start
             return self._submit(START_JOB, concept, lambda _rid: custom(concept))
-
-        def run(run_id: str) -> str:
-            from agile_pipeline.runner import run_concept_start
-
-            return str(run_concept_start(concept, agile=self._agile(), tags=self._tags(tags),
-                                         run_id=run_id).run_id)
-
-        return self._submit(START_JOB, concept, run)
+        return self._submit(START_JOB, concept, self._runner("run_concept_start", concept, tags))
 
     def run_round(
         self,
@@ -541,32 +547,19 @@ class InProcessTrigger:
             custom = self._custom_round
             return submit(ROUND_JOB, concept, lambda _rid: custom(concept, cfg))
 
-        def run(run_id: str) -> str:
-            from agile_pipeline.runner import run_concept_round
-
-            ops = dict(cfg.get("ops", {}))
-            return str(run_concept_round(
-                concept,
-                training=dict(ops.get("classifier", {}).get("config", {})),
-                sampling=dict(ops.get("al_candidates", {}).get("config", {})),
-                agile=self._agile(), tags=self._tags(tags), run_id=run_id,
-                selection=list(selection) if selection is not None else None,
-            ).run_id)
-
-        return submit(ROUND_JOB, concept, run)
+        ops = dict(cfg.get("ops", {}))
+        return submit(ROUND_JOB, concept, self._runner(
+            "run_concept_round", concept, tags,
+            training=dict(ops.get("classifier", {}).get("config", {})),
+            sampling=dict(ops.get("al_candidates", {}).get("config", {})),
+            selection=list(selection) if selection is not None else None))
 
     def run_eval(self, concept: str, *, tags: Mapping[str, str] | None = None) -> RunHandle:
         if self._custom_eval is not None:
             custom = self._custom_eval
             return self._submit(ROUND_JOB, concept, lambda _rid: custom(concept))
 
-        def run(run_id: str) -> str:
-            from agile_pipeline.runner import run_concept_eval
-
-            return str(run_concept_eval(concept, agile=self._agile(), tags=self._tags(tags),
-                                        run_id=run_id).run_id)
-
-        return self._submit(ROUND_JOB, concept, run)
+        return self._submit(ROUND_JOB, concept, self._runner("run_concept_eval", concept, tags))
 
     def status(self, run_id: str) -> RunStatus:
         with self._lock:

@@ -213,36 +213,6 @@ def _maybe_len(items: Iterable[Any]) -> int | None:
     return len(items) if isinstance(items, Sized) else None
 
 
-def embed_stream(
-    items: Iterable[tuple[str, Any]],
-    load: Callable[[Any], Image.Image],
-    encoder: ImageTextEncoder,
-    *,
-    batch_size: int = 64,
-    workers: int = 2,
-    progress: bool = True,
-    log: logging.Logger | None = None,
-    stats: EmbedStats | None = None,
-) -> Iterator[EmbeddedBatch]:
-    """Embed ``(image_id, source)`` pairs as a stream of :class:`EmbeddedBatch`.
-
-    Thin generator over :class:`EmbeddingRun`. Pass an :class:`EmbedStats` as ``stats`` to
-    read the counts and images/second once the iterator is exhausted.
-    """
-    run = EmbeddingRun(
-        items,
-        load,
-        encoder,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-        log=log,
-    )
-    if stats is not None:
-        run.stats = stats
-    yield from run.batches()
-
-
 def sequential_embed(
     items: Iterable[tuple[str, Any]],
     load: Callable[[Any], Image.Image],

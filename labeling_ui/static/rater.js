@@ -23,7 +23,7 @@
     cfg: {}, concept: null, purpose: "train", batch: null, items: [], cursor: -1,
     history: [], mode: localStorage.getItem(LS_MODE) === "grid" ? "grid" : "single",
     cache: new Map(), lastRatingAt: null, flushing: false, retryMs: 1000, flushTimer: null,
-    round: null, roundAskedAt: null, loading: false, banner: null, loadSeq: 0,
+    round: null, roundAskedAt: null, loading: false, banner: null, loadSeq: 0, afterRoundFor: null,
     tick: null, error: null, nextReady: null, pollTimer: null, polling: false,
   };
   const LS_DURATIONS = "agile.round-seconds.v1";
@@ -221,6 +221,11 @@
     st.concept = concept;
     st.purpose = st.cfg.purpose === "eval" ? "eval" : "train";
     const seq = ++st.loadSeq;
+    // a load that replaces one started for a batch switch (a newer round state can arrive
+    // while it is in flight) keeps its "after a round" meaning, so the rater still sees when
+    // the next batch came
+    if (opts.afterRound) st.afterRoundFor = concept;
+    else if (st.afterRoundFor && st.afterRoundFor !== concept) st.afterRoundFor = null;
     const rater = who();
     if (!concept) { st.batch = null; st.items = []; render(); return; }
     st.loading = true;
@@ -240,6 +245,8 @@
     }
     if (seq !== st.loadSeq) return;
     st.loading = false;
+    const afterRound = st.afterRoundFor === concept;
+    st.afterRoundFor = null;
     const sameBatch = st.batch && data.batch && st.batch.batch_id === data.batch.batch_id;
     if (!sameBatch) { st.cache = new Map(); st.history = []; st.nextReady = null; }
     st.batch = data.batch;
@@ -254,8 +261,8 @@
     for (const it of st.items) if (mine.has(it.image_id)) it.label = mine.get(it.image_id);
     if (!st.round && data.round) st.round = data.round;
     st.cursor = firstUnrated(0);
-    if (opts.afterRound) st.switchedAt = Date.now();  // a follow-up round may start now: watch it
-    if (opts.afterRound && st.lastRatingAt) {
+    if (afterRound) st.switchedAt = Date.now();  // a follow-up round may start now: watch it
+    if (afterRound && st.lastRatingAt) {
       const secs = ((Date.now() - st.lastRatingAt) / 1000).toFixed(1);
       const r = st.round || {};
       if (data.recovery) st.banner = `<b>No model yet: none of your ratings is a yes.</b> Here are ${st.items.length} more images (half the next-nearest of every phrase and exemplar, half at random from the corpus), <b data-testid="seconds-to-batch">${secs} s</b> after your last rating.`;

@@ -198,4 +198,5 @@ def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev:
     assets = [m["assetKey"]["path"][-1] for m in look_run["assetMaterializations"]]
     assert assets == ["classifier", "al_candidates", "registered_model"]  # eval: the follow-up's
     follow_assets = [m["assetKey"]["path"][-1] for m in by_id[follow.run_id]["assetMaterializations"]]  # type: ignore[index]
-    assert follow_assets == ["classifier", "registered_model", "eval_set", "model_metrics"]
+    assert follow_assets == ["classifier", "registered_model", "eval_set", "model_metrics",
+                             "concept_predictions"]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from agile_pipeline.lib import encoders, torch_runtime
-from agile_pipeline.lib.embedding import EmbeddedBatch, EmbeddingRun, EmbedStats, embed_stream
+from agile_pipeline.lib.embedding import EmbeddedBatch, EmbeddingRun
 from agile_pipeline.lib.encoders import (
     ImageTextEncoder,
     RandomEncoder,
@@ -187,7 +187,7 @@ def test_open_clip_tiny_offline(tiny_open_clip: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(from_file.embed_texts(["a dog"])[0], texts[0], atol=1e-5)
 
 
-# ---- embed_stream ---------------------------------------------------------------------------
+# ---- EmbeddingRun (streamed) ---------------------------------------------------------------------------
 
 
 def _loader(sources: dict[str, Image.Image]):
@@ -200,7 +200,7 @@ def _loader(sources: dict[str, Image.Image]):
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
-def test_embed_stream_keeps_ids_aligned_and_reports_failures(workers: int) -> None:
+def test_embedding_run_streams_keeps_ids_aligned_and_reports_failures(workers: int) -> None:
     enc = RandomEncoder(8)
     sources = {f"src{i}": _image(i, size=(20 + i, 30)) for i in range(23)}
     items = []
@@ -208,18 +208,10 @@ def test_embed_stream_keeps_ids_aligned_and_reports_failures(workers: int) -> No
         items.append((f"id{i}", f"src{i}"))
         if i % 5 == 0:
             items.append((f"broken{i}", f"bad{i}"))
-    stats = EmbedStats()
-    batches = list(
-        embed_stream(
-            iter(items),
-            _loader(sources),
-            enc,
-            batch_size=4,
-            workers=workers,
-            progress=False,
-            stats=stats,
-        )
-    )
+    run = EmbeddingRun(iter(items), _loader(sources), enc, batch_size=4, workers=workers,
+                       progress=False)
+    batches = list(run.batches())
+    stats = run.stats
     assert all(isinstance(b, EmbeddedBatch) for b in batches)
     ids = [i for b in batches for i in b.ids]
     assert ids == [f"id{i}" for i in range(23)]  # every good id, in input order
