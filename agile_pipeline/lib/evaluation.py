@@ -189,7 +189,13 @@ def plot_auc_pr(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     xs = [r["n_labels"] for r in models]
     ys = [r["auc_pr"] for r in models]
     if xs:
-        ax.plot(xs, ys, "o-", color="#1f77b4", label="agile model (each dot a round)")
+        ax.plot(xs, ys, "o-", color="#1f77b4", label="agile model (each dot a round; bar: 90% interval)")
+        lo = [r.get("auc_pr_lo", float("nan")) for r in models]
+        hi = [r.get("auc_pr_hi", float("nan")) for r in models]
+        bars = [(x, y, y - a, b - y) for x, y, a, b in zip(xs, ys, lo, hi, strict=True) if a == a and b == b]
+        if bars:
+            bx, by, blo, bhi = (list(t) for t in zip(*bars, strict=True))
+            ax.errorbar(bx, by, yerr=[blo, bhi], fmt="none", ecolor="#1f77b4", alpha=0.5, capsize=3)
     zs = next((r["auc_pr"] for r in rows if r["model"] == ZERO_SHOT), float("nan"))
     if zs == zs:
         ax.axhline(zs, color="#d62728", linestyle="--", label=f"zero-shot ({zs:.2f})")
@@ -198,7 +204,8 @@ def plot_auc_pr(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to explain before the first eval ratings
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
