@@ -92,7 +92,7 @@ def load_snippet(concept: str, tracking_uri: str) -> str:
 
     return (
         "import mlflow, pandas as pd\n"
-        f"mlflow.set_registry_uri({tracking_uri!r})\n"
+        f"mlflow.set_tracking_uri({tracking_uri!r})\n"
         f"model = mlflow.pyfunc.load_model('models:/{registered_model_name(concept)}@champion')\n"
         "model.predict(pd.DataFrame({'image': ['photo.jpg', 'a/folder/of/images']}))\n"
         "# -> image, probability (P(concept)), is_concept (>= 0.5), error"

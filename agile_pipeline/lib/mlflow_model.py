@@ -8,6 +8,7 @@ config (``encoder_spec`` and ``embedding_model``: images are embedded with that 
 must give that model id). So any MLflow tool can use it::
 
     import mlflow, pandas as pd
+    mlflow.set_tracking_uri("sqlite:///.agile/mlflow.db")
     m = mlflow.pyfunc.load_model("models:/bird-classifier@champion")
     m.predict(pd.DataFrame({"image": ["photo.jpg", "more_photos/"]}))  # -> image, probability, ...
     m.predict(pd.DataFrame({"embedding": [[0.1, ...]]}))                # precomputed embeddings
@@ -16,8 +17,8 @@ must give that model id). So any MLflow tool can use it::
 
 Inputs (one column per row kind; a row uses one of them):
 
-* ``image`` — a path to an image file, or to a folder (every image in it, sorted; the output
-  then has one row per image);
+* ``image`` — a path to an image file, or to a folder (every image under it, sorted; the
+  output then has one row per image);
 * ``image_bytes`` — the encoded image itself;
 * ``embedding`` — a vector from the embedding model (skips the encoder entirely).
 
@@ -33,6 +34,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,8 @@ class ConceptClassifier(mlflow.pyfunc.PythonModel):
             self._encoder = enc
         return self._encoder
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        # (no type hints: MLflow would try to derive a second signature from them)
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         threshold = float((params or {}).get("threshold", 0.5))
         return score_rows(self.classifier, self.encoder, _records(model_input), threshold)
 
@@ -106,10 +108,11 @@ def _present(v: Any) -> bool:
 
 
 def expand_images(path: str | Path) -> list[Path]:
-    """An image file as itself, a folder as its image files (sorted, not recursive)."""
+    """An image file as itself, a folder as the image files under it (recursively, as ingestion
+    reads a folder; sorted by path)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
     return [p]
 
 
