@@ -88,6 +88,7 @@ class RoundView:
     round_index: int | None = None
     lookahead: bool = False
     auto: bool = False
+    eval_to_rate: int = 0  # images of the evaluation set nobody has rated yet
 
     @property
     def in_flight(self) -> bool:
@@ -248,9 +249,13 @@ class Rounds:
         with self._lock:
             req = self._requests.get(concept)
         if req is None:
-            return RoundView(concept=concept, round_index=self._last_round_index(concept))
-        self._poll(req)  # outside the lock: a slow pipeline never stalls other concepts
-        return self._view(req)
+            view = RoundView(concept=concept, round_index=self._last_round_index(concept))
+        else:
+            self._poll(req)  # outside the lock: a slow pipeline never stalls other concepts
+            view = self._view(req)
+        # the eval set waits to be rated: the widget offers it (a good use of a round's wait)
+        view.eval_to_rate = len(self.store.pending_items(concept, None, purpose="eval"))
+        return view
 
     def _last_round_index(self, concept: str) -> int | None:
         rounds = self.store.rounds(concept)

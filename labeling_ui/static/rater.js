@@ -602,9 +602,14 @@
     }
     return `<div class="am-round am-bad" data-state="${esc(r.state)}"><b>${what} did not finish.</b> ${esc(r.message)} ${runLink(r)}<div><button type="button" class="am-btn" data-act="${esc(r.job)}">Try again</button></div></div>`;
   }
+  function evalPromptHtml(r) {   // after a model exists: rating the eval set tells how good it is
+    if (!r || !r.eval_to_rate || st.purpose !== "train" || r.round_index === null || r.round_index === undefined) return "";
+    return `<div class="am-round am-quiet" data-testid="eval-prompt">Rate <b>${r.eval_to_rate}</b> images of the evaluation set to see how good your model is` +
+      `${r.in_flight ? " — a good moment is now, while the model trains" : ""}. <button type="button" class="am-link" data-purpose="eval">Rate the evaluation set</button></div>`;
+  }
   function renderRound() {
     const h = roundHtml(st.round);
-    ui.roundbox.innerHTML = h;
+    ui.roundbox.innerHTML = h + evalPromptHtml(st.round);
     const r = st.round;
     const worth = (r && r.state !== "idle" && r.state !== "success") || (st.nextReady && st.purpose === "train");
     ui.sideround.innerHTML = worth && st.cursor >= 0 ? h : "";

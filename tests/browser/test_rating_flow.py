@@ -191,7 +191,11 @@ def test_define_rate_reload_undo_train_next_batch(agile_home: Path, tmp_path: Pa
 
         # ---- the evaluation set (test split, built by the round) is rated in its own mode
         page.wait_for_function("() => window.__agileRater.state.round?.state === 'success'", timeout=120000)
-        page.click(".am-purpose[data-purpose=eval]")
+        # the widget offers the evaluation set once a model exists, and its button switches to it
+        prompt = page.wait_for_selector("[data-testid=eval-prompt]", timeout=15000)
+        assert prompt is not None and "images of the evaluation set" in prompt.inner_text()
+        _shot(page, artifacts_dir, "08b-evaluation-prompt")
+        prompt.query_selector("button[data-purpose=eval]").click()  # type: ignore[union-attr]
         page.wait_for_selector(STAGE_IMG, timeout=15000)
         _wait_progress(page, 0)
         eval_total = _progress(page)[1]
