@@ -24,6 +24,8 @@ concept_app = typer.Typer(help="Create, edit and list concepts.", no_args_is_hel
 app.add_typer(concept_app, name="concept")
 labels_app = typer.Typer(help="Label history (audit).", no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
+sources_app = typer.Typer(help="The corpus sources scheduled refreshes ingest.", no_args_is_help=True)
+app.add_typer(sources_app, name="sources")
 
 Strategy = Literal["margin", "margin-positive"]
 
@@ -31,6 +33,28 @@ Strategy = Literal["margin", "margin-positive"]
 def fail(message: str, code: int = 1) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _term_safe(text: object, *, keep_lines: bool = False) -> str:
+    """User text fit for a terminal: every character that is not printable (ESC, BEL, NUL,
+    U+202E, ...) is shown as its escape (``\\x1b``) instead of acting on the terminal; with
+    ``keep_lines``, newlines and tabs stay."""
+    return "".join(
+        ch if ch.isprintable() or (keep_lines and ch in "\n\t")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in str(text)
+    )
+
+
+def _rater_name(name: str, where: str = "--rater") -> str:
+    """A rater (or owner) name checked by the app's rule; otherwise one red line and exit 1."""
+    from agile_pipeline.lib.state import valid_rater_name
+
+    cleaned = name.strip()
+    if not valid_rater_name(cleaned):
+        fail(f"{where}: rater name {name[:80]!r} is not allowed: use 1-64 letters, digits, "
+             "spaces or .@'-_ (the app's rule), starting with a letter or digit")
+    return cleaned
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -231,7 +255,7 @@ def search(
     hits = _guard(lambda: env.vectors.search(env.model_id, q, k, split=split))
     paths = {r["id"]: r["path"] for r in env.store.image_rows([h[0] for h in hits])}
     for image_id, sp, score in hits:
-        typer.echo(f"{paths.get(image_id, image_id)}\t{sp}\t{score:.4f}")
+        typer.echo(f"{_term_safe(paths.get(image_id, image_id))}\t{sp}\t{score:.4f}")
 
 
 @concept_app.command("create")
@@ -248,6 +272,7 @@ def concept_create(
     from agile_pipeline.runner import ensure_partition, instance
 
     _setup_logging()
+    owner = _rater_name(owner, "--owner")
     store = _store()
     concept = _guard(lambda: store.create_concept(name, pos or [], neg or [], owner=owner, description=description))
     ensure_partition(instance(), concept.name)
@@ -301,6 +326,7 @@ def concept_exemplar(
     if image is not None and file is not None:
         fail("give either an ingested IMAGE or --file PATH, not both")
         return
+    rater = _rater_name(rater)
     store = _store()
     concept = _guard(lambda: store.get_concept(name))
     polarity = "negative" if negative else "positive"
@@ -378,21 +404,25 @@ def concept_list() -> None:
         labels = store.effective_labels(n)
         pos = sum(labels.values())
         typer.echo(f"{n}\t{pos}\t{len(labels) - pos}\t{len(store.rounds(n))}\t"
-                   + "; ".join(f"{'+' if k == 'positive' else '-'}{p}" for k, p in c.phrases))
+                   + "; ".join(f"{'+' if k == 'positive' else '-'}{_term_safe(p)}" for k, p in c.phrases))
 
 
 @concept_app.command("show")
 def concept_show(name: str) -> None:
     """Show a concept: phrases, labels, rounds and model versions."""
+    from agile_pipeline.lib.state import concept_storage_key
+
     store = _store()
     c = _guard(lambda: store.get_concept(name))
     labels = store.effective_labels(c.name)
     pos = sum(labels.values())
-    typer.echo(f"concept:      {c.name} (owner {c.owner})")
+    typer.echo(f"concept:      {c.name} (owner {_term_safe(c.owner)})")
     typer.echo(f"positives:    {[p for k, p in c.phrases if k == 'positive']}")
     typer.echo(f"negatives:    {list(c.negatives)}")
     if c.description:
-        typer.echo(f"instructions: {c.description}")
+        typer.echo("instructions: " + _term_safe(c.description, keep_lines=True).replace("\n", "\n" + " " * 14))
+    typer.echo(f"storage key:  {concept_storage_key(c.name)} (its folder under concepts/, its "
+               "predictions table under predictions/)")
     typer.echo(f"train labels: {pos} positive, {len(labels) - pos} negative")
     for r in store.rounds(c.name):
         typer.echo(f"round {r['round']}: {r['n_pos']} pos / {r['n_neg']} neg, trained in "
@@ -407,8 +437,9 @@ def label(
     purpose: Annotated[str, typer.Option(help="train, or eval for evaluation-set labels.")] = "train",
 ) -> None:
     """Record ratings from a CSV (image = id or path; label = positive/negative/skip)."""
-    from agile_pipeline.lib.state import LabelEvent
+    from agile_pipeline.lib.state import LabelEvent, valid_rater_name
 
+    rater = _rater_name(rater)
     store = _store()
     concept = _guard(lambda: store.get_concept(name))
     rows = _read_label_csv(from_csv)
@@ -425,10 +456,14 @@ def label(
                "0": "negative", "no": "negative"}.get(lab, lab)
         if lab not in ("positive", "negative", "skip"):
             fail(f"{from_csv}: line {lineno}: label {row['label']!r} is not positive, negative or skip; nothing was recorded")
+        who = (row.get("rater") or rater).strip() or rater
+        if not valid_rater_name(who):
+            fail(f"{from_csv}: line {lineno}: rater name {who[:80]!r} is not allowed: use 1-64 "
+                 "letters, digits, spaces or .@'-_ (the app's rule); nothing was recorded")
         it = provenance.get(image_id)
         events.append(LabelEvent(
             concept=concept.name, image_id=image_id, label=lab,
-            rater=(row.get("rater") or rater).strip() or rater, purpose=purpose,
+            rater=who, purpose=purpose,
             source=(it["source"] if it else "import"), detail=(it["detail"] if it else str(from_csv)),
             round=(batch["round"] if it and batch else None),
         ))
@@ -523,8 +558,13 @@ def labels_export(
         {c: pa.array([], pa.string()) for c in cols})
     con = duckdb.connect()  # in-memory analytics over Arrow: no file, no lock
     con.register("events", events)
-    query = ("SELECT seq, event_id, concept, image_id, image_path, label, rater, "
-             "to_timestamp(ts) AS time, purpose, source, detail, round FROM events ORDER BY seq")
+    col = {c: c for c in cols}
+    if fmt == "csv":  # no cell that a spreadsheet would run as a formula (OWASP: CSV injection)
+        col.update({c: _csv_formula_guard(c) for c in ("event_id", "concept", "image_id", "image_path",
+                                                       "label", "rater", "purpose", "source", "detail")})
+    query = (f"SELECT {col['seq']}, {col['event_id']}, {col['concept']}, {col['image_id']}, "
+             f"{col['image_path']}, {col['label']}, {col['rater']}, to_timestamp(ts) AS time, "
+             f"{col['purpose']}, {col['source']}, {col['detail']}, {col['round']} FROM events ORDER BY seq")
     if out is None:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -537,6 +577,13 @@ def labels_export(
     target = str(out).replace("'", "''")
     con.execute(f"COPY ({query}) TO '{target}' (FORMAT {fmt.upper()}{', HEADER' if fmt == 'csv' else ''})")
     typer.echo(f"wrote {len(rows)} label events of {concept.name!r} to {out}", err=True)
+
+
+def _csv_formula_guard(column: str) -> str:
+    """SQL for ``column`` with a cell that starts like a spreadsheet formula (``= + - @``, tab
+    or carriage return) prefixed by a single quote, so a spreadsheet shows it as text."""
+    return (f"CASE WHEN left({column}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) "
+            f"THEN '''' || {column} ELSE {column} END AS {column}")
 
 
 @app.command("round")
@@ -674,10 +721,45 @@ def candidates(
     items = store.pending_items(concept.name, rater, purpose="eval" if eval_ else "train")
     paths = {r["id"]: r["path"] for r in store.image_rows([it["image_id"] for it in items])}
     for it in items:
-        p = paths.get(it["image_id"], "")
+        p = _term_safe(paths.get(it["image_id"], ""))
         typer.echo(f"{it['image_id']}\t{p}" if with_ids else p)
     if not items:
         typer.echo("nothing to rate: run `agile round NAME` to select the next batch", err=True)
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """Print the registered corpus sources, one per line (what refreshes ingest)."""
+    from agile_pipeline.lib.corpus import registered_sources
+
+    paths = _data_dir()
+    known = _guard(lambda: registered_sources(paths.sources_file))
+    if not known:
+        typer.echo("no registered sources: `agile ingest PATH` registers one", err=True)
+    for src in known:
+        typer.echo(_term_safe(src))
+    for src in known:
+        if "://" not in src and not Path(src).exists():
+            typer.secho(f"warning: {_term_safe(src)} does not exist: refreshes fail until it is "
+                        f"back or removed with `agile sources remove {_term_safe(repr(src))}`",
+                        fg=typer.colors.YELLOW, err=True)
+
+
+@sources_app.command("remove")
+def sources_remove(
+    source: Annotated[str, typer.Argument(help="A registered source, as `agile sources list` prints it or as it was ingested.")],
+) -> None:
+    """Stop refreshing a source. Its images stay in the corpus (labels may name them)."""
+    from agile_pipeline.lib.corpus import SourceError, remove_source
+
+    paths = _data_dir()
+    try:
+        removed = _guard(lambda: remove_source(paths.sources_file, source))
+    except SourceError as exc:
+        fail(_term_safe(exc))
+        return
+    typer.echo(f"removed source {_term_safe(removed)}; its images stay in the corpus (refreshes "
+               "no longer read it)")
 
 
 @app.command()

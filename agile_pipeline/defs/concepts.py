@@ -379,7 +379,7 @@ def model_metrics(
     kinds={"parquet"},
     description=(
         "The champion classifier applied to every embedded image of the corpus: "
-        "$AGILE_HOME/predictions/<concept>.parquet (image_id, split, path, probability, "
+        "$AGILE_HOME/predictions/<concept storage key>.parquet (image_id, split, path, probability, "
         "is_concept, model_version), DuckDB-queryable. Rescored when the champion changes, "
         "extended with only the new images after a corpus refresh."
     ),

@@ -1,6 +1,5 @@
 """Corpus assets: ingestion + dedup -> train/test split -> image embeddings (LanceDB)."""
 
-import json
 import time
 from pathlib import Path
 
@@ -14,7 +13,8 @@ from agile_pipeline.defs.resources import (
     VectorsResource,
     quiet_third_party_logs,
 )
-from agile_pipeline.lib.corpus import SourceError, describe_source, ingest_source
+from agile_pipeline.lib import corpus
+from agile_pipeline.lib.corpus import SourceError, ingest_source
 from agile_pipeline.lib.keyed_hash import assign_split
 
 
@@ -37,24 +37,12 @@ class EmbeddingConfig(dg.Config):
 
 
 def registered_sources(state: StateResource) -> list[str]:
-    path = state.paths.sources_file
-    if not path.exists():
-        return []
-    return list(json.loads(path.read_text()))
+    return corpus.registered_sources(state.paths.sources_file)
 
 
 def register_sources(state: StateResource, sources: list[str]) -> list[str]:
     """Remember sources so the schedule and sensor refresh them; returns the full list."""
-    known = registered_sources(state)
-    for s in sources:
-        canonical = describe_source(s)
-        if canonical not in known:
-            known.append(canonical)
-    path = state.paths.sources_file
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    tmp.replace(path)
-    return known
+    return corpus.register_sources(state.paths.sources_file, sources)
 
 
 @dg.asset(
@@ -74,7 +62,6 @@ def image_manifest(context: dg.AssetExecutionContext, config: IngestConfig, stat
             "no corpus source configured: run `agile ingest PATH` once, or pass "
             "ops.image_manifest.config.sources in the launchpad"
         )
-    register_sources(state, sources)
     store = state.store()
     totals: dict[str, int] = {}
     per_source = []
@@ -83,6 +70,8 @@ def image_manifest(context: dg.AssetExecutionContext, config: IngestConfig, stat
             report = ingest_source(spec, store, blob_dir=state.paths.blobs, workers=config.workers)
         except SourceError as exc:
             raise dg.Failure(str(exc)) from exc
+        # registered once ingested: a source that cannot be read is never refreshed later
+        register_sources(state, [spec])
         md = report.as_metadata()
         per_source.append(md)
         for k, v in md.items():

@@ -6,9 +6,11 @@ content hash, so identical content is ingested once whatever its name; a URI alr
 is not read again (incremental refresh).
 """
 
+import fcntl
 import hashlib
 import http.client
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -18,6 +20,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,73 @@ def describe_source(spec: str) -> str:
     if _is_url(spec):
         return spec
     return str(Path(spec).expanduser().resolve())
+
+
+# ---- the registered sources: what scheduled refreshes and the sensor ingest ----------------
+def registered_sources(registry: Path) -> list[str]:
+    """The registered sources (canonical, see :func:`describe_source`), oldest first."""
+    try:
+        text = Path(registry).read_text()
+    except FileNotFoundError:
+        return []
+    return [str(s) for s in json.loads(text)]
+
+
+def _write_registry(registry: Path, sources: list[str]) -> None:
+    tmp = registry.with_name(registry.name + ".tmp")
+    tmp.write_text(json.dumps(sources, indent=1))
+    tmp.replace(registry)
+
+
+@contextmanager
+def _registry_lock(registry: Path) -> Iterator[None]:
+    """An exclusive lock around a read-modify-write of the registry (across processes)."""
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    with registry.with_name(registry.name + ".lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def register_sources(registry: Path, sources: list[str]) -> list[str]:
+    """Remember sources so the schedule and sensor refresh them; returns the full list.
+
+    Callers register a source only once it has been ingested: a source that cannot be read
+    (a mistyped path) is never registered, so it cannot make every later refresh fail.
+    """
+    registry = Path(registry)
+    with _registry_lock(registry):
+        known = registered_sources(registry)
+        added = False
+        for s in sources:
+            canonical = describe_source(s)
+            if canonical not in known:
+                known.append(canonical)
+                added = True
+        if added or not registry.exists():
+            _write_registry(registry, known)
+    return known
+
+
+def remove_source(registry: Path, spec: str) -> str:
+    """Unregister a source (as given, or its canonical form); returns the entry removed.
+
+    Its images stay in the corpus (labels may name them); only refreshes stop reading it.
+    Raises :class:`SourceError` listing the registered sources when ``spec`` is not one.
+    """
+    registry = Path(registry)
+    with _registry_lock(registry):
+        known = registered_sources(registry)
+        for candidate in (spec, describe_source(spec)):
+            if candidate in known:
+                known.remove(candidate)
+                _write_registry(registry, known)
+                return candidate
+    listed = ", ".join(repr(s) for s in known) or "none"
+    raise SourceError(f"{spec!r} is not a registered source (registered: {listed}); "
+                      "`agile sources list` shows them")
 
 
 def _is_url(s: str) -> bool:

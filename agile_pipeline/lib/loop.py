@@ -19,7 +19,7 @@ import numpy as np
 from agile_pipeline import settings
 from agile_pipeline.lib.selection import sample_expansion
 from agile_pipeline.lib.split_cache import has_cache, split_cache
-from agile_pipeline.lib.state import Concept, LabelRule, StateStore
+from agile_pipeline.lib.state import Concept, LabelRule, StateStore, concept_dir
 from agile_pipeline.lib.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,10 @@ class LoopEnv:
     encoder_spec: str = ""  # how to embed new images for ``model_id`` (empty: the default)
 
     def concept_dir(self, concept: str) -> Path:
-        d = self.paths.home / "concepts" / concept.replace(" ", "_")
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        """The concept's folder (created): :func:`agile_pipeline.lib.state.concept_dir`, keyed
+        collision-free by :func:`~agile_pipeline.lib.state.concept_storage_key`, an old-style
+        folder migrated there."""
+        return concept_dir(self.store, self.paths.home, concept)
 
 
 @contextmanager

@@ -1,12 +1,14 @@
 """The finished classifier applied to the whole corpus: one Parquet table per concept that a
 platform team queries (DuckDB, pandas, Spark), kept current incrementally.
 
-``$AGILE_HOME/predictions/<concept>.parquet`` has one row per embedded image: ``image_id``,
+``$AGILE_HOME/predictions/<key>.parquet`` (``<key>``: the concept's storage key, its name with
+spaces as ``_`` and a short hash, e.g. ``birds.b3697b1a``; see
+:func:`agile_pipeline.lib.state.concept_storage_key`) has one row per embedded image: ``image_id``,
 ``split``, ``path`` (as ingested), ``probability`` (P(concept), float32, the float32 answer of
 the champion on the image's stored embedding), ``is_concept`` (``>= 0.5``) and
 ``model_version`` (the MLflow version that scored it). For example::
 
-    duckdb -c "SELECT path, probability FROM '.agile/predictions/birds.parquet'
+    duckdb -c "SELECT path, probability FROM '.agile/predictions/birds.b3697b1a.parquet'
                ORDER BY probability DESC LIMIT 20"
 
 :func:`score_corpus` rescores everything when the champion changes and otherwise scores only

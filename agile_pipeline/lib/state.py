@@ -10,8 +10,11 @@ Every label is an *event* (append-only). Undo is a new event. The effective labe
 is resolved at read time (:meth:`StateStore.effective_labels`).
 """
 
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -33,6 +36,7 @@ PURPOSES = ("train", "eval")
 Label = Literal["positive", "negative", "skip"]
 
 _CONCEPT_NAME = re.compile(r"^[a-z0-9][a-z0-9 _\-]{0,62}[a-z0-9]$|^[a-z0-9]$")
+_RATER_NAME = re.compile(r"[\w][\w .@'\-]{0,62}[\w.]|\w", re.UNICODE)
 MAX_PHRASE_CHARS = 300
 MAX_PHRASES = 50
 
@@ -120,6 +124,10 @@ CREATE TABLE IF NOT EXISTS rounds (
     finished_at REAL NOT NULL,
     PRIMARY KEY (concept, round)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS exemplars (
     concept TEXT NOT NULL,
     image_id TEXT NOT NULL,
@@ -195,14 +203,50 @@ def validate_concept_name(name: str) -> str:
     return norm
 
 
+def valid_rater_name(name: str) -> bool:
+    """1-64 letters, digits, spaces and ``.@'-_``; no control characters or slashes.
+
+    The one rule for rater (and owner) names, used by the app and the CLI alike. The whole
+    string must match: a trailing newline is not a name character.
+    """
+    return isinstance(name, str) and _RATER_NAME.fullmatch(name) is not None
+
+
+def clean_text(raw: str, *, keep_lines: bool = False) -> str:
+    """User text with control and format characters removed (the rule phrases and
+    instructions share).
+
+    Characters that are neither printable nor whitespace are dropped: control characters
+    (NUL, BEL, ESC, so no terminal escape sequence survives as one), format characters such as
+    U+202E (right-to-left override) and zero-width marks, unassigned and private-use code
+    points. Every other whitespace character becomes a space, except, with ``keep_lines``,
+    newlines (``\r\n`` and ``\r`` become ``\n``) and tabs, which multi-line text such as rater
+    instructions legitimately uses. Leading and trailing whitespace is stripped.
+    """
+    text = str(raw)
+    if keep_lines:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    out = []
+    for ch in text:
+        if keep_lines and ch in "\n\t":
+            out.append(ch)
+        elif ch.isspace():
+            out.append(" ")
+        elif ch.isprintable():
+            out.append(ch)
+    return "".join(out).strip()
+
+
+def clean_instructions(text: str) -> str:
+    """Rater instructions cleaned like phrases (:func:`clean_text`), keeping lines and tabs."""
+    return clean_text(text, keep_lines=True)
+
+
 def validate_phrases(phrases: Iterable[str], kind: str) -> tuple[str, ...]:
     """Clean phrases: strip, drop control characters, reject over-long ones."""
     out: list[str] = []
     for raw in phrases:
-        cleaned = "".join(
-            " " if ch.isspace() else ch for ch in str(raw) if ch.isspace() or ch.isprintable()
-        )
-        cleaned = " ".join(cleaned.split())
+        cleaned = " ".join(clean_text(raw).split())
         if not cleaned:
             continue
         if len(cleaned) > MAX_PHRASE_CHARS:
@@ -215,6 +259,53 @@ def validate_phrases(phrases: Iterable[str], kind: str) -> tuple[str, ...]:
     if len(out) > MAX_PHRASES:
         raise StateError(f"too many {kind} phrases ({len(out)}); at most {MAX_PHRASES}")
     return tuple(out)
+
+
+# ---- where a concept's files live ----------------------------------------------------------
+CONCEPTS_DIR = "concepts"
+_KEYED_SINCE = "concept_dirs_keyed_since"  # meta key: when concept folders became keyed
+
+
+def _norm_name(name: str) -> str:
+    return " ".join(str(name).strip().lower().split())
+
+
+def concept_slug(name: str) -> str:
+    """The readable part of a concept's storage key (spaces as ``_``); not unique on its own:
+    ``sp ace`` and ``sp_ace`` share it. Also the base name of a model export."""
+    return _norm_name(name).replace(" ", "_")
+
+
+def concept_storage_key(name: str) -> str:
+    """THE mapping of a concept name to its storage (folder ``concepts/<key>/`` with its
+    rounds, zero-shot scores, eval set, metrics and round lock; ``predictions/<key>.parquet``).
+
+    ``<readable slug>.<8 hex of BLAKE2b of the exact (normalised) name>``, e.g.
+    ``sp_ace.1f0c9d2a``: two names that read alike (``sp ace``, ``sp_ace``) get different keys.
+    A concept name cannot hold a dot, so a key never equals an old-style folder name
+    (:func:`legacy_concept_dir_name`), and :meth:`StateStore.create_concept` refuses a name whose
+    key equals an existing concept's, so keys are unique by construction.
+    """
+    norm = _norm_name(name)
+    digest = hashlib.blake2b(norm.encode("utf-8"), digest_size=4).hexdigest()
+    return f"{concept_slug(norm)}.{digest}"
+
+
+def legacy_concept_dir_name(name: str) -> str:
+    """The folder name versions before keyed folders used (``name.replace(" ", "_")``), which
+    two names could share; only read to migrate such folders (:func:`concept_dir`)."""
+    return concept_slug(name)
+
+
+def _payload(concept: str, image_id: str, label: str, rater: str, purpose: str) -> tuple[str, ...]:
+    """What a label event says; a retried event must say the same."""
+    return (concept, image_id, label, rater, purpose)
+
+
+def _reused_event_message(event_id: str, where: str) -> str:
+    return (f"event id {event_id[:64]!r} is {where} for a different rating (another rater, "
+            "image, label, concept or purpose); nothing was stored: give every rating its own "
+            "event id")
 
 
 class StateStore:
@@ -383,6 +474,8 @@ class StateStore:
         name = validate_concept_name(name)
         pos = validate_phrases(positives, "positive")
         neg = validate_phrases(negatives, "negative")
+        desc = clean_instructions(description)
+        key = concept_storage_key(name)
         now = time.time()
         with self._write() as con:
             if con.execute("SELECT 1 FROM concepts WHERE name = ?", (name,)).fetchone():
@@ -390,9 +483,19 @@ class StateStore:
                     f"concept {name!r} already exists: open it, edit it with "
                     f"`agile concept edit`, or pick another name"
                 )
+            clash = [r["name"] for r in con.execute("SELECT name FROM concepts")
+                     if concept_storage_key(r["name"]) == key]
+            if clash:  # a hash collision of two names that read alike: astronomically rare
+                raise StateError(
+                    f"concept {name!r} would share its storage folder with {clash[0]!r}; "
+                    "pick another name"
+                )
+            # concepts created from now on never had an old-style (shared) folder
+            con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                        (_KEYED_SINCE, repr(now)))
             con.execute(
                 "INSERT INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, owner, description.strip(), json.dumps(pos), json.dumps(neg), now, now),
+                (name, owner, desc, json.dumps(pos), json.dumps(neg), now, now),
             )
         return self.get_concept(name)
 
@@ -407,7 +510,7 @@ class StateStore:
         current = self.get_concept(name)
         pos = validate_phrases(positives, "positive") if positives is not None else current.positives
         neg = validate_phrases(negatives, "negative") if negatives is not None else current.negatives
-        desc = description.strip() if description is not None else current.description
+        desc = clean_instructions(description) if description is not None else current.description
         with self._write() as con:
             con.execute(
                 "UPDATE concepts SET positives = ?, negatives = ?, description = ?, updated_at = ? "
@@ -440,7 +543,10 @@ class StateStore:
 
         Raises :class:`StateError` for an unknown concept, unknown image, bad label or
         purpose; nothing is written in that case. Re-sending an event (same ``event_id``)
-        is a no-op, so clients can retry safely.
+        is a no-op, so clients can retry safely. Event ids are global (not per rater): an
+        ``event_id`` already stored (or repeated in ``events``) with a different payload
+        (concept, image, label, rater or purpose) is refused with :class:`StateError` and
+        nothing is written, so an acknowledgement always means the event is stored.
         """
         if not events:
             return 0
@@ -468,7 +574,22 @@ class StateStore:
              e.source, e.detail, e.round)
             for e in events
         ]
+        payload: dict[str, tuple[str, ...]] = {}
+        for e in events:
+            p = _payload(e.concept, e.image_id, e.label, e.rater.strip(), e.purpose)
+            if payload.setdefault(e.event_id, p) != p:
+                raise StateError(_reused_event_message(e.event_id, "used twice in this request"))
         with self._write() as con:
+            ids_ = list(payload)
+            for i in range(0, len(ids_), 900):
+                chunk = ids_[i : i + 900]
+                for r in con.execute(
+                    "SELECT event_id, concept, image_id, label, rater, purpose FROM label_events "
+                    f"WHERE event_id IN ({','.join('?' * len(chunk))})", chunk,
+                ):
+                    stored = _payload(r["concept"], r["image_id"], r["label"], r["rater"], r["purpose"])
+                    if stored != payload[r["event_id"]]:
+                        raise StateError(_reused_event_message(r["event_id"], "already used"))
             before = con.total_changes
             con.executemany(
                 "INSERT OR IGNORE INTO label_events (event_id, concept, image_id, label, rater, ts, "
@@ -686,6 +807,90 @@ class StateStore:
             out.append(d)
         return out
 
+    def relocate_round_files(self, concept: str, old_dir: Path, new_dir: Path) -> int:
+        """Point the concept's rounds whose ``model_uri`` lies in ``old_dir`` at the same files
+        under ``new_dir`` (a moved concept folder); returns how many rounds changed."""
+        old = Path(old_dir).resolve()
+        with self._write() as con:
+            changed = []
+            for r in con.execute("SELECT round, model_uri FROM rounds WHERE concept = ?", (concept,)):
+                if not r["model_uri"]:
+                    continue
+                try:
+                    rel = Path(r["model_uri"]).resolve().relative_to(old)
+                except ValueError:
+                    continue
+                changed.append((str(Path(new_dir).resolve() / rel), concept, r["round"]))
+            con.executemany("UPDATE rounds SET model_uri = ? WHERE concept = ? AND round = ?", changed)
+        return len(changed)
+
+    def concepts_before_keyed_dirs(self) -> list[str]:
+        """Concepts created before this database's first concept with a keyed folder
+        (:func:`concept_storage_key`): only these can own an old-style folder."""
+        mark = self._read("SELECT value FROM meta WHERE key = ?", (_KEYED_SINCE,))
+        if not mark:
+            return self.concept_names()
+        rows = self._read("SELECT name FROM concepts WHERE created_at < ? ORDER BY name",
+                          (float(mark[0]["value"]),))
+        return [r["name"] for r in rows]
+
     def next_round_index(self, concept: str) -> int:
         rows = self._read("SELECT coalesce(max(round) + 1, 0) AS n FROM rounds WHERE concept = ?", (concept,))
         return int(rows[0]["n"])
+
+
+def concept_dir(store: StateStore, home: Path, concept: str, *, create: bool = True) -> Path:
+    """The folder of a concept's files, ``home/concepts/<concept_storage_key(concept)>/``
+    (created unless ``create=False``): the one place that maps a concept to its folder.
+
+    Old data: versions before keyed folders used ``concepts/<name with spaces as _>/``, which
+    ``sp ace`` and ``sp_ace`` shared. Such a folder is migrated the first time the concept's
+    folder is asked for, when it unambiguously belongs to this concept: it is renamed to the
+    keyed name, the rounds' stored ``model_uri`` paths are updated first (so a crash between
+    the two is finished by the next call), and ``predictions/<old>.parquet`` is renamed too.
+    Only concepts created before this database's first keyed concept can own an old folder (a
+    concept created since never wrote one). When several such concepts map to the same old
+    folder, its files are mixed and nobody can tell whose they are: :class:`StateError` says
+    so and how to resolve it (move or delete the folder), and nothing is moved.
+    """
+    home = Path(home)
+    d = home / CONCEPTS_DIR / concept_storage_key(concept)
+    if not d.is_dir():
+        _migrate_legacy_dir(store, home, _norm_name(concept), d)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _migrate_legacy_dir(store: StateStore, home: Path, name: str, target: Path) -> None:
+    root = home / CONCEPTS_DIR
+    legacy = root / legacy_concept_dir_name(name)
+    if legacy.is_symlink() or not legacy.is_dir():
+        return
+    owners = [n for n in store.concepts_before_keyed_dirs() if legacy_concept_dir_name(n) == legacy.name]
+    if name not in owners:
+        return  # a concept created since keyed folders: the old folder is not its own
+    if len(owners) > 1:
+        keys = "; ".join(f"{o!r}: {root / concept_storage_key(o)}" for o in owners)
+        raise StateError(
+            f"the folder {legacy} holds the files of the concepts "
+            f"{', '.join(repr(o) for o in owners)} together (older versions gave them one folder, "
+            "so each overwrote the other's rounds and scores): it cannot be told whose they are. "
+            f"Move it to the folder of the concept it belongs to ({keys}) or delete it, then "
+            "rebuild the files with `agile concept expand NAME` and `agile round NAME --force`"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".migrate.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # one migration at a time, across processes
+        try:
+            if target.exists() or legacy.is_symlink() or not legacy.is_dir():
+                return  # another process migrated it meanwhile
+            moved = store.relocate_round_files(name, legacy, target)
+            os.rename(legacy, target)
+            old_pred = home / "predictions" / f"{legacy.name}.parquet"
+            new_pred = home / "predictions" / f"{target.name}.parquet"
+            if old_pred.is_file() and not new_pred.exists():
+                os.replace(old_pred, new_pred)
+            log.info("moved %s to %s (%d round paths updated)", legacy, target, moved)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

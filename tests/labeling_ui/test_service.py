@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from agile_pipeline.lib.state import StateError
+from agile_pipeline.lib.state import StateError, concept_dir
 from labeling_ui.ratings import split_phrases
 from labeling_ui.service import LabelingService
 from tests.labeling_ui.conftest import World
@@ -226,7 +226,7 @@ def test_export_zip_holds_model_files_and_a_readme(world: World, concept_with_ba
 
 def test_metrics_png_is_shown_only_when_the_evaluation_wrote_it(world: World, concept_with_batch: str) -> None:
     assert world.service.export.metrics_png(concept_with_batch) is None
-    d = world.home / "concepts" / "red_things"
+    d = concept_dir(world.store, world.home, concept_with_batch, create=False)
     d.mkdir(parents=True)
     (d / "metrics.png").write_bytes(b"\x89PNG fake")
     assert world.service.export.metrics_png(concept_with_batch) == d / "metrics.png"
