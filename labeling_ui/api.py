@@ -16,23 +16,120 @@ thumbnail, never the file itself.
 
 import hashlib
 import io
+import json
 import logging
+import math
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from agile_pipeline.lib.state import StateError
 from labeling_ui.config import UiSettings, valid_rater_name
 from labeling_ui.context import IMAGE_ID
-from labeling_ui.security import AuthGate
+from labeling_ui.security import AuthGate, clip_echoes, scrub_home, shown
 from labeling_ui.service import LabelingService
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32
+INT64 = 2**63 - 1
+
+
+class BadJSON(ValueError):
+    """A JSON body the app cannot take (the message says why)."""
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or abs(int(text)) > INT64:
+        raise BadJSON(f"the number {shown(text, 30)} is out of range (at most 64-bit integers)")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"the number {shown(text, 30)} is out of range")
+    return value
+
+
+def _json_constant(text: str) -> Any:
+    raise BadJSON(f"{text} is not a number JSON allows")
+
+
+def _depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; :class:`BadJSON` for anything else: bytes that are not
+    UTF-8, malformed or too deeply nested JSON, numbers out of range (``1e999``, ``2**70``,
+    ``NaN``), a value that is not an object."""
+    try:
+        text = raw.decode("utf-8") if raw else "{}"
+    except UnicodeDecodeError:
+        raise BadJSON("the body is not valid UTF-8 text") from None
+    try:
+        body = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except BadJSON:
+        raise
+    except RecursionError:
+        raise BadJSON(f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError:  # JSONDecodeError, and int() on over-long digit strings
+        raise BadJSON("the body is not valid JSON") from None
+    if not _depth_ok(body):
+        raise BadJSON(f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    if not isinstance(body, dict):
+        raise BadJSON("the body must be a JSON object")
+    return body
+
+
+async def bad_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's validation errors (a query or path value of the wrong type) as a 400 that
+    names the value, not a 422."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    where = ", ".join(
+        dict.fromkeys(str(e.get("loc", ("", "?"))[-1]) for e in errors if isinstance(e, dict))
+    ) or "the request"
+    return JSONResponse({"detail": f"bad value for {shown(where)}: check its type and range"}, status_code=400)
+
+
+def public(value: Any, home: Path) -> Any:
+    """``value`` made fit to show a rater: JSON-safe (NaN and infinities become ``null``) and
+    with the server's data directory written ``$AGILE_HOME`` (no absolute server paths)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return scrub_home(value, home)
+    if isinstance(value, dict):
+        return {k: public(v, home) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [public(v, home) for v in value]
+    return value
+
+
+def public_path(path: str | None, home: Path) -> str | None:
+    """A server path as shown to raters: ``$AGILE_HOME/...`` inside the data directory, else
+    only its last component."""
+    if not path:
+        return path
+    p = Path(path)
+    try:
+        return "$AGILE_HOME/" + p.resolve().relative_to(Path(home).resolve()).as_posix()
+    except (ValueError, OSError):
+        return p.name
 
 
 class ThumbnailCache:
@@ -90,6 +187,21 @@ def _phrases(value: Any) -> list[str]:
     return list(value)
 
 
+def check_batch_ids(events: list[Any]) -> None:
+    """A 400 for a ``batch_id`` no batch can have (beyond 64 bits); the ratings check the rest."""
+    for e in events:
+        b = e.get("batch_id") if isinstance(e, dict) else None
+        if isinstance(b, bool):
+            raise HTTPException(status_code=400, detail="batch_id must be a number; reload the page")
+        if isinstance(b, int | float | str):
+            try:
+                n = int(b)
+            except (ValueError, OverflowError):
+                continue
+            if abs(n) > INT64:
+                raise HTTPException(status_code=400, detail=f"batch_id {shown(b, 30)} is out of range; reload the page")
+
+
 def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings) -> APIRouter:
     router = APIRouter()
     thumbs = ThumbnailCache()
@@ -108,7 +220,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             if claimed_s and claimed_s != user:
                 raise HTTPException(
                     status_code=403,
-                    detail=f"you are signed in as {user!r}; you cannot rate as {claimed_s!r}",
+                    detail=f"you are signed in as {user!r}; you cannot rate as {shown(claimed_s)!r}",
                 )
             return user
         if not claimed_s or not valid_rater_name(claimed_s):
@@ -130,18 +242,13 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         raw = await request.body()
         if len(raw) > MAX_JSON_BYTES:
             raise HTTPException(status_code=413, detail="request too large")
-        import json
-
         try:
-            body = json.loads(raw or b"{}")
-        except json.JSONDecodeError:
-            raise HTTPException(status_code=400, detail="body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPException(status_code=400, detail="body must be a JSON object")
-        return body
+            return parse_json_body(raw)
+        except BadJSON as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
 
     def user_error(exc: StateError) -> HTTPException:
-        return HTTPException(status_code=400, detail=str(exc).strip("'\""))
+        return HTTPException(status_code=400, detail=public(clip_echoes(str(exc).strip("'\"")), service.home))
 
     @router.get("/image/{image_id}", include_in_schema=False)
     def image(image_id: str, request: Request) -> Response:
@@ -171,7 +278,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         if purpose not in ("train", "eval"):
             raise HTTPException(status_code=400, detail="purpose is train or eval")
         try:
-            return service.ratings.batch_view(concept, who, purpose)  # type: ignore[arg-type]
+            return public(service.ratings.batch_view(concept, who, purpose), service.home)  # type: ignore[arg-type]
         except StateError as exc:
             raise user_error(exc) from exc
 
@@ -182,6 +289,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         events = body.get("events")
         if not isinstance(events, list):
             raise HTTPException(status_code=400, detail="events must be a list")
+        check_batch_ids(events)
         try:
             from starlette.concurrency import run_in_threadpool
 
@@ -245,20 +353,29 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
 
         from agile_pipeline.lib.uploads import (
             EmbeddingUnavailable,
+            UploadQuota,
+            UploadQuotaExceeded,
             UploadRejected,
             UploadsBusy,
             clean_filename,
         )
 
+        quota = UploadQuota(
+            per_rater=settings.uploads_per_rater_hour, bytes_per_rater=settings.upload_bytes_per_rater_hour,
+            per_concept=settings.uploads_per_concept, bytes_per_concept=settings.upload_bytes_per_concept,
+        )
         try:
             result = await run_in_threadpool(
                 service.exemplars.upload_exemplar, concept, b"".join(parts), rater=who, polarity=polarity,
-                filename=name, max_bytes=cap,
+                filename=name, max_bytes=cap, quota=quota,
             )
+        except UploadQuotaExceeded as exc:
+            retry = {"Retry-After": str(int(exc.retry_after) + 1)} if exc.retry_after else None
+            raise HTTPException(status_code=429, detail=f"upload refused: {exc}", headers=retry) from exc
         except UploadRejected as exc:
             status = 413 if exc.reason == "too_large_file" else 400
-            shown = clean_filename(name, 80)
-            what = f"“{shown}”" if shown else "this file"
+            file_name = clean_filename(name, 80)
+            what = f"“{file_name}”" if file_name else "this file"
             raise HTTPException(status_code=status, detail=f"cannot use {what} as an exemplar: {exc}") from exc
         except StateError as exc:
             raise user_error(exc) from exc
@@ -290,7 +407,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     def health(request: Request) -> dict[str, Any]:
         """Whether the round worker is warm (everything a round needs is loaded)."""
         signed_in(request)
-        return service.rounds.health()
+        return public(service.rounds.health(), service.home)
 
     @router.post("/api/concepts", include_in_schema=False)
     async def create_concept(request: Request) -> JSONResponse:
@@ -308,7 +425,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             return {"concept": service.ratings.concept_view(c.name), "round": view.to_dict()}
 
         try:
-            return JSONResponse(await run_in_threadpool(create))
+            return JSONResponse(public(await run_in_threadpool(create), service.home))
         except StateError as exc:
             raise user_error(exc) from exc
 
@@ -330,7 +447,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             view = await run_in_threadpool(lambda: ask(concept, requested_by=who))
         except StateError as exc:
             raise user_error(exc) from exc
-        return JSONResponse(view.to_dict())
+        return JSONResponse(public(view.to_dict(), service.home))
 
     @router.get("/api/round", include_in_schema=False)
     def round_state(request: Request, concept: str) -> dict[str, Any]:
@@ -340,7 +457,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             name = service.ratings.concept(concept).name
         except StateError as exc:
             raise user_error(exc) from exc
-        return service.rounds.round_view(name).to_dict()
+        return public(service.rounds.round_view(name).to_dict(), service.home)
 
     @router.get("/api/models", include_in_schema=False)
     def models(request: Request, concept: str) -> dict[str, Any]:
@@ -349,7 +466,9 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         try:
             name = service.ratings.concept(concept).name
             metrics, mtime = service.export.metrics_report(name)
-            return {"rounds": service.rounds.rounds_table(name), "metrics": metrics, "metrics_mtime": mtime}
+            rounds = [{**r, "model_dir": public_path(r.get("model_dir"), service.home)}
+                      for r in service.rounds.rounds_table(name)]
+            return public({"rounds": rounds, "metrics": metrics, "metrics_mtime": mtime}, service.home)
         except StateError as exc:
             raise user_error(exc) from exc
 
@@ -359,7 +478,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         try:
             name, data = service.export.export_zip(concept, round_index)
         except StateError as exc:
-            raise HTTPException(status_code=404, detail=str(exc).strip("'\"")) from exc
+            raise HTTPException(status_code=404, detail=user_error(exc).detail) from exc
         return Response(
             content=data, media_type="application/zip",
             headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},

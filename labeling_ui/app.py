@@ -19,13 +19,14 @@ from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from labeling_ui import handlers
-from labeling_ui.api import build_router
+from labeling_ui.api import bad_request, build_router
 from labeling_ui.config import UiSettings
 from labeling_ui.handlers import NO_CHANGE, View
 from labeling_ui.rounds import RoundPolicy
-from labeling_ui.security import AuthGate, GuardMiddleware, LoginThrottle
+from labeling_ui.security import AuthGate, GuardMiddleware, HostAllowList, LoginThrottle, scrub_home
 from labeling_ui.service import LabelingService
 from labeling_ui.session import LabelingSession
 from labeling_ui.trigger import DagsterGraphQLTrigger, InProcessTrigger, PipelineTrigger
@@ -63,7 +64,7 @@ def _read_static(name: str) -> str:
 def _outputs(view: View, settings: UiSettings) -> list[Any]:
     """A :class:`View` -> values for the fixed output list of every event (see ``OUTPUT_KEYS``)."""
     for msg in view.infos:
-        gr.Info(msg)
+        gr.Info(handlers.toast_text(msg))  # toasts render HTML: user text is shown as text
     skip = gr.skip()
     form = view.form
     vals: list[Any] = [
@@ -91,7 +92,7 @@ def _outputs(view: View, settings: UiSettings) -> list[Any]:
 
 def build_blocks(service: LabelingService, settings: UiSettings) -> gr.Blocks:
     """The Gradio UI (layout and wiring only; logic is in :mod:`labeling_ui.handlers`)."""
-    with gr.Blocks(title=settings.title, fill_width=True) as demo:
+    with gr.Blocks(title=settings.title, fill_width=True, analytics_enabled=False) as demo:
         session = gr.State(LabelingSession())
         rater_box = gr.Textbox(visible=False)
         concept_hint = gr.Textbox(visible=False)
@@ -159,7 +160,13 @@ def build_blocks(service: LabelingService, settings: UiSettings) -> gr.Blocks:
             # with sign-in on, who is acting always comes from the signed-in session, never
             # from anything the browser sends
             user = getattr(request, "username", None) if settings.auth_enabled else None
-            return _outputs(fn(service, settings, sess.with_user(user), *args), settings)
+            try:
+                view = fn(service, settings, sess.with_user(user), *args)
+            except gr.Error as exc:  # no server path in what a rater sees
+                exc.message = scrub_home(str(exc.message), service.home)
+                raise
+            view.infos = [scrub_home(m, service.home) for m in view.infos]
+            return _outputs(view, settings)
 
         def load(hint: str, request: gr.Request) -> list[Any]:
             return run(handlers.on_load, LabelingSession(), request, hint)
@@ -248,6 +255,7 @@ def build_app(settings: UiSettings | None = None, *, service: LabelingService | 
     gate = AuthGate(enabled=settings.auth_enabled)
     app = FastAPI(title=settings.title, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(build_router(service, gate, settings))
+    app.add_exception_handler(RequestValidationError, bad_request)
     blocks = build_blocks(service, settings)
     blocks.queue(default_concurrency_limit=8)
     app = gr.mount_gradio_app(
@@ -265,7 +273,8 @@ def build_app(settings: UiSettings | None = None, *, service: LabelingService | 
         sub = getattr(route, "app", None)
         if isinstance(sub, GradioApp):
             gate.bind(sub)
-    app.add_middleware(GuardMiddleware, throttle=LoginThrottle(free=settings.login_max_failures))
+    app.add_middleware(GuardMiddleware, throttle=LoginThrottle(free=settings.login_max_failures),
+                       hosts=HostAllowList(settings.host_names(), bound=settings.host))
     app.state.service = service
     app.state.blocks = blocks
     app.state.settings = settings

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from agile_pipeline.lib.encoders import ImageTextEncoder
     from agile_pipeline.lib.vectors import VectorStore
 
-IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+IMAGE_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 def check_rater(rater: str | None) -> str:

@@ -3,10 +3,13 @@ expansion as phrases do, and the text search that finds them when no batch holds
 """
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agile_pipeline.lib.state import StateError, validate_concept_name
 from labeling_ui.context import IMAGE_ID, ServiceContext, check_rater
+
+if TYPE_CHECKING:
+    from agile_pipeline.lib.uploads import UploadQuota
 
 
 class ExemplarSearch:
@@ -45,12 +48,15 @@ class ExemplarSearch:
         polarity: str = "positive",
         filename: str = "",
         max_bytes: int | None = None,
+        quota: "UploadQuota | None" = None,
     ) -> dict[str, Any]:
         """Make an uploaded image file an exemplar (checked, stored, embedded now; see
         :mod:`agile_pipeline.lib.uploads`). Returns the image id and the new exemplar list.
 
         Raises :class:`StateError` (rater, concept, polarity), ``UploadRejected`` (not a usable
-        image) or ``EmbeddingUnavailable`` (encoder or vector store unavailable, or busy).
+        image), ``UploadQuotaExceeded`` (over ``quota``: the rater's uploads per hour or the
+        concept's uploads) or ``EmbeddingUnavailable`` (encoder or vector store unavailable, or
+        busy).
         """
         from agile_pipeline.lib.uploads import (
             DEFAULT_MAX_UPLOAD_BYTES,
@@ -76,7 +82,7 @@ class ExemplarSearch:
             res = add_uploaded_exemplar(
                 self.store, self.ctx.vectors(), encoder, self.ctx.paths.blobs, c.name, data,
                 polarity=polarity, added_by=rater, filename=filename,
-                max_bytes=max_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+                max_bytes=max_bytes or DEFAULT_MAX_UPLOAD_BYTES, quota=quota,
             )
         finally:
             self._upload_slots.release()

@@ -9,13 +9,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agile_pipeline.lib.state import Concept, StateError
+from agile_pipeline.lib.state import (
+    Concept,
+    StateError,
+    concept_dir,
+    concept_slug,
+    concept_storage_key,
+)
 from labeling_ui.context import ServiceContext
 from labeling_ui.rounds import Rounds
 
 
 def concept_dir_name(concept: str) -> str:
-    return concept.replace(" ", "_")
+    """The name of the concept's folder under ``concepts/`` (and of its predictions table):
+    :func:`~agile_pipeline.lib.state.concept_storage_key`, the one mapping every caller uses."""
+    return concept_storage_key(concept)
 
 
 class ModelExport:
@@ -43,7 +51,7 @@ class ModelExport:
         c = self.store.get_concept(concept)
         model_dir = self.model_dir(c.name, round_index)
         if not model_dir.is_dir():
-            raise StateError(f"the files of round {round_index} are missing ({model_dir})")
+            raise StateError(f"the files of round {round_index} are missing ({public_path(str(model_dir), self.home)})")
         row = next(r for r in self._rounds.rounds_table(c.name) if r["round"] == round_index)
         embedding = "unknown"
         labels_file = model_dir / "training_labels.json"
@@ -52,8 +60,9 @@ class ModelExport:
                 embedding = json.loads(labels_file.read_text()).get("embedding_model", embedding)
             except (OSError, json.JSONDecodeError):
                 pass
-        base = f"{concept_dir_name(c.name)}-round-{round_index:03d}"
-        readme = export_readme(c, round_index, row, embedding, self.encoder_spec, base)
+        base = f"{concept_slug(c.name)}-round-{round_index:03d}"  # a download name, not storage
+        spec = public_spec(self.encoder_spec, self.home)  # no server path in the download
+        readme = export_readme(c, round_index, row, embedding, spec, base)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(model_dir.iterdir()):
@@ -62,7 +71,7 @@ class ModelExport:
             zf.writestr(f"{base}/README.md", readme)
             zf.writestr(f"{base}/classifier.json", json.dumps({
                 "concept": c.name, "round": round_index, "embedding_model": embedding,
-                "encoder_spec": self.encoder_spec, "threshold": 0.5, "model_version": row["model_version"],
+                "encoder_spec": spec, "threshold": 0.5, "model_version": row["model_version"],
                 "mlflow_run_id": row["mlflow_run_id"], "positive_labels": row["positive"],
                 "negative_labels": row["negative"],
             }, indent=2))
@@ -72,7 +81,7 @@ class ModelExport:
         """The latest evaluation's ``metrics.json`` (written by ``model_metrics``) and its
         modification time, or ``(None, None)`` before the first evaluation."""
         c = self.store.get_concept(concept)
-        p = self.home / "concepts" / concept_dir_name(c.name) / "metrics.json"
+        p = concept_dir(self.store, self.home, c.name, create=False) / "metrics.json"
         try:
             return json.loads(p.read_text()), p.stat().st_mtime
         except (OSError, json.JSONDecodeError):
@@ -81,18 +90,64 @@ class ModelExport:
     def metrics_png(self, concept: str) -> Path | None:
         """The evaluation plot another part of the pipeline writes, if it exists."""
         c = self.store.get_concept(concept)
-        p = self.home / "concepts" / concept_dir_name(c.name) / "metrics.png"
+        p = concept_dir(self.store, self.home, c.name, create=False) / "metrics.png"
         return p if p.is_file() and not p.is_symlink() else None
 
 
-def load_snippet(concept: str, tracking_uri: str) -> str:
+def public_path(path: str, home: Path | None) -> str:
+    """A server path as shown to raters: ``$AGILE_HOME/...`` inside the data directory, relative
+    inside the app's working directory, else ``PATH/TO/<name>`` (never the absolute path)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    for base, prefix in ((home, "$AGILE_HOME/"), (Path.cwd(), "")):
+        if base is None:
+            continue
+        try:
+            return prefix + p.resolve().relative_to(Path(base).resolve()).as_posix()
+        except (ValueError, OSError):
+            continue
+    return f"PATH/TO/{p.name}"
+
+
+def public_spec(spec: str, home: Path | None) -> str:
+    """An encoder spec as shown in an export: a local checkpoint path in it (``open_clip:MODEL:
+    /path/ckpt.pt``) through :func:`public_path`."""
+    parts = spec.split(":")
+    return ":".join(public_path(x, home) if x.startswith(("/", "~")) else x for x in parts)
+
+
+def public_tracking_uri(tracking_uri: str, home: Path | None) -> str:
+    """Python for the tracking URI in :func:`load_snippet`: a local store's path through
+    :func:`public_path` (``$AGILE_HOME`` expanded by ``os.path.expandvars``), a server's URL
+    without credentials."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    for scheme in ("sqlite:///", "file://"):
+        if tracking_uri.startswith(scheme) and Path(tracking_uri[len(scheme):]).is_absolute():
+            shown = scheme + public_path(tracking_uri[len(scheme):], home)
+            return f"os.path.expandvars({shown!r})" if "$AGILE_HOME" in shown else repr(shown)
+    if Path(tracking_uri).is_absolute():  # a bare path
+        shown = public_path(tracking_uri, home)
+        return f"os.path.expandvars({shown!r})" if "$AGILE_HOME" in shown else repr(shown)
+    parts = urlsplit(tracking_uri)
+    if parts.netloc and "@" in parts.netloc:
+        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+    return repr(urlunsplit(parts))
+
+
+def load_snippet(concept: str, tracking_uri: str, *, home: Path | None = None) -> str:
     """Python that scores images with the concept's champion model through MLflow (any MLflow
-    tool can load it the same way: ``mlflow models predict``, ``spark_udf``, ...)."""
+    tool can load it the same way: ``mlflow models predict``, ``spark_udf``, ...). The tracking
+    store's path is written relative to ``$AGILE_HOME`` (the data directory, ``home``), never as
+    the server's absolute path."""
     from agile_pipeline.lib.tracking import registered_model_name
 
+    uri = public_tracking_uri(tracking_uri, home)
     return (
-        "import mlflow, pandas as pd\n"
-        f"mlflow.set_tracking_uri({tracking_uri!r})\n"
+        ("import os, mlflow, pandas as pd\n# $AGILE_HOME: the app's data directory\n"
+         if uri.startswith("os.") else "import mlflow, pandas as pd\n")
+        + f"mlflow.set_tracking_uri({uri})\n"
         f"model = mlflow.pyfunc.load_model('models:/{registered_model_name(concept)}@champion')\n"
         "model.predict(pd.DataFrame({'image': ['photo.jpg', 'a/folder/of/images']}))\n"
         "# -> image, probability (P(concept)), is_concept (>= 0.5), error"

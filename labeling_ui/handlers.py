@@ -1,7 +1,9 @@
 """Gradio event handlers as plain functions: (service, session, inputs) -> :class:`View`.
 
 They never touch components: ``app.py`` turns a :class:`View` into component updates. User
-mistakes raise ``gr.Error`` with the store's own advice (``StateError`` messages).
+mistakes raise ``gr.Error`` with the store's own advice (``StateError`` messages). Gradio shows
+toast messages as HTML, so every message is escaped (:func:`toast_text`): user text in it is
+shown as text, never as markup.
 """
 
 import html
@@ -17,6 +19,7 @@ from agile_pipeline.lib.state import StateError
 from labeling_ui.config import UiSettings, valid_rater_name
 from labeling_ui.export import load_snippet
 from labeling_ui.rounds import RoundView
+from labeling_ui.security import clip_echoes, scrub_home, shown
 from labeling_ui.service import LabelingService
 from labeling_ui.session import LabelingSession
 
@@ -40,8 +43,14 @@ class View:
     infos: list[str] = field(default_factory=list)
 
 
+def toast_text(message: str) -> str:
+    """A message for ``gr.Error`` / ``gr.Warning`` / ``gr.Info``, which Gradio renders as HTML:
+    escaped (user text stays text) and with long echoes of user input cut short."""
+    return html.escape(clip_echoes(message), quote=False)
+
+
 def user_error(exc: Exception) -> gr.Error:
-    return gr.Error(str(exc).strip("'\""), title="Please check")
+    return gr.Error(toast_text(str(exc).strip("'\"")), title="Please check")
 
 
 def widget_value(
@@ -144,7 +153,7 @@ def concept_status(service: LabelingService, concept: str, view: RoundView) -> s
     if view.in_flight:
         parts.append(f"⏳ {run_phrase(view)}")
     elif batch is None and view.state in ("failure", "error", "unreachable"):
-        parts.append(f"⚠️ {html.escape(view.message)}")
+        parts.append(f"⚠️ {html.escape(scrub_home(view.message, service.home))}")
     elif batch is None:
         parts.append("No images found yet: press **Find images again**.")
     return "  \n".join(parts)
@@ -253,7 +262,7 @@ def on_widget_action(
             session = LabelingSession(session.concept, session.user, purpose, session.nonce + 1)
             return View(session, widget=widget_value(session, settings, service.rounds.round_view(concept)))
         else:
-            raise gr.Error(f"unknown action {action!r}")
+            raise gr.Error(toast_text(f"unknown action {shown(action)!r}"))
     except StateError as exc:
         raise user_error(exc) from exc
     out = View(session, widget=widget_value(session, settings, view), timer=view.in_flight,
@@ -336,7 +345,8 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
         last = rows[-1]
         parts.append(
             '<h4>Use the model (MLflow)</h4>'
-            f'<pre class="am-code"><code>{esc(load_snippet(concept, service.export.tracking_uri))}</code></pre>'
+            f'<pre class="am-code"><code>{esc(load_snippet(concept, service.export.tracking_uri, home=service.home))}'
+            '</code></pre>'
             '<p class="am-muted">The same from a shell: <code>agile predict '
             f'{esc(shlex.quote(concept))} PHOTO_OR_FOLDER</code>. The download holds <code>model.pt</code>, '
             '<code>meta.json</code> and a README with the embedding model to use and the threshold (0.5).'

@@ -26,7 +26,7 @@ from labeling_ui.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
-EVENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+EVENT_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}\Z")
 MAX_EVENTS_PER_POST = 500
 MAX_INSTRUCTIONS = 4000
 

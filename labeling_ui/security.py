@@ -5,17 +5,26 @@
   labels under another name).
 * :class:`GuardMiddleware` (pure ASGI, so Gradio's streamed queue responses pass untouched):
 
+  - refuses (400) a request whose ``Host`` is not one of the app's names
+    (:class:`HostAllowList`: the bound host, ``localhost``, ``127.0.0.1``, ``[::1]`` and
+    ``AGILE_APP_ALLOWED_HOSTS``), so a page on another site cannot reach the app through DNS
+    rebinding;
   - refuses any path with a dot-segment (``.``/``..`` traversal, dotfiles such as ``/.env``),
     checked on both the decoded and the raw path;
   - closes Gradio's upload routes (the app has no upload widget) and its generic file routes
     (``/gradio_api/file=...``, ``/file/...``, ``/proxy=``): corpus images are served only by
     id through ``/image/{id}``;
-  - throttles wrong passwords on ``/login`` per client address (exponential back-off);
+  - throttles wrong passwords on ``/login`` per client address (exponential back-off): the
+    address of the peer, which the server rewrites from ``X-Forwarded-For`` only for the
+    proxies configured in ``AGILE_APP_TRUSTED_PROXIES`` (:func:`labeling_ui.launch.server_config`);
   - adds ``nosniff`` / frame / referrer headers to every response.
 """
 
+import ipaddress
 import json
 import logging
+import re
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -121,6 +130,97 @@ class LoginThrottle:
             self._by_ip.pop(ip, None)
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """User text to echo in a message: printable, one line, at most ``limit`` characters."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip_echoes(message: str, limit: int = 80) -> str:
+    """``message`` with every quoted echo of user input (a ``repr``, in ``'...'`` or ``"..."``)
+    longer than ``limit`` characters cut to that: a 10,000-character name is not sent back whole."""
+    n = limit + 1
+    literal = re.compile(rf"'(?:[^'\\\n]|\\.){{{n},}}'|\"(?:[^\"\\\n]|\\.){{{n},}}\"")
+
+    def clip(m: re.Match[str]) -> str:
+        q = m.group(0)[0]
+        return q + m.group(0)[1 : limit + 1] + "…" + q
+
+    return literal.sub(clip, message)
+
+
+def scrub_home(text: str, home: object) -> str:
+    """``text`` with the server's data directory written ``$AGILE_HOME``: raters see no absolute
+    server paths (in messages, run errors, JSON)."""
+    root = str(home).rstrip("/\\")
+    return text.replace(root, "$AGILE_HOME") if len(root) > 1 else text
+
+
+def host_of(value: str) -> str | None:
+    """The name in a ``Host`` header (lower case, no port, no brackets), ``None`` if malformed."""
+    v = value.strip().lower()
+    if not v:
+        return None
+    if v.startswith("["):
+        end = v.find("]")
+        rest = v[end + 1 :] if end > 0 else "?"
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        return v[1:end]
+    if v.count(":") > 1:
+        return None  # an IPv6 address needs brackets
+    name, _, port = v.partition(":")
+    if _ and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    return name if name and re.fullmatch(r"[a-z0-9_.-]+", name) else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostAllowList:
+    """The host names a request may address the app by (its ``Host`` header).
+
+    ``names``: exact names (see :meth:`UiSettings.host_names`); an entry ``.example.org`` also
+    allows every sub-domain, ``*`` allows any host. When the app listens on every interface
+    (``0.0.0.0`` / ``::``), any IP address and this machine's host name are allowed too: a
+    request addressed by IP cannot come from a DNS-rebinding page.
+    """
+
+    def __init__(self, names: tuple[str, ...] | list[str], *, bound: str = "127.0.0.1") -> None:
+        self.any = "*" in names
+        self.names = tuple(n for n in names if n != "*")
+        self.wildcard_bind = bound.strip("[]") in ("0.0.0.0", "::", "")
+        if self.wildcard_bind:
+            self.names += (socket.gethostname().lower().rstrip("."),)
+
+    def allows(self, host_header: str | None) -> bool:
+        if self.any:
+            return True
+        name = host_of(host_header or "")
+        if name is None:
+            return False
+        if name in self.names:
+            return True
+        if any(n.startswith(".") and (name == n[1:] or name.endswith(n)) for n in self.names):
+            return True
+        return self.wildcard_bind and _is_ip(name)
+
+    def refusal(self, host_header: str | None) -> str:
+        names = ", ".join(f"[{n}]" if ":" in n else n for n in self.names if n)
+        if not host_header:
+            return "a request needs a Host header"
+        return (f"host {shown(host_header)!r} is not allowed: this app answers only to {names}. "
+                "To reach it under another name, add that name to AGILE_APP_ALLOWED_HOSTS "
+                "(comma-separated)")
+
+
 def has_dot_segment(path: str) -> bool:
     """True for ``/a/../b``, ``/.env``, ``/x/.git/config`` (any segment starting with a dot)."""
     for seg in path.replace("\\", "/").split("/"):
@@ -144,13 +244,22 @@ async def _send_json(send: Send, status: int, detail: str, extra: list[tuple[byt
 class GuardMiddleware:
     """See the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, throttle: LoginThrottle | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, throttle: LoginThrottle | None = None,
+                 hosts: HostAllowList | None = None) -> None:
         self.app = app
         self.throttle = throttle or LoginThrottle()
+        self.hosts = hosts or HostAllowList(("127.0.0.1", "localhost", "::1"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"host"), None)
+        if not self.hosts.allows(host):
+            if scope["type"] == "http":
+                await _send_json(send, 400, self.hosts.refusal(host))
+            else:
+                await send({"type": "websocket.close", "code": 1008})
             return
         path: str = scope.get("path", "")
         raw = scope.get("raw_path") or b""

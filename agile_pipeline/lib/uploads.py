@@ -19,6 +19,13 @@ with the concept, counts as the uploader's label, and drives expansion as a quer
    out, so the corpus assets never assign it to train or test) and served by ``/image/{id}``
    like any other image;
 6. :meth:`StateStore.add_exemplar` stores the exemplar and the uploader's label.
+
+An :class:`UploadQuota` (the app passes one; the owner's CLI does not) bounds what raters can
+store: uploads per rater per hour (count and bytes) and uploads kept per concept (count and
+bytes). It is checked before anything is decoded or stored, from what the state store holds
+(so it holds across restarts and processes); an upload over it raises
+:class:`UploadQuotaExceeded`. A file that is already a corpus image, or already an exemplar of
+the concept, stores nothing new and is not counted.
 """
 
 import logging
@@ -74,6 +81,83 @@ class EmbeddingUnavailable(RuntimeError):
 
 class UploadsBusy(EmbeddingUnavailable):
     """Too many uploads are being embedded at once; the caller may retry shortly."""
+
+
+class UploadQuotaExceeded(ValueError):
+    """The upload would go over an :class:`UploadQuota`; the message says which and what to do.
+
+    ``retry_after``: seconds until the rater's hourly allowance has room again (``None`` for a
+    concept's quota, which does not free up by waiting).
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class UploadQuota:
+    """Limits on uploaded exemplars (0: no limit): a rater's uploads (count and bytes) in the
+    last ``window_s`` seconds, and the uploads a concept keeps (count and bytes)."""
+
+    per_rater: int = 20
+    bytes_per_rater: int = 200 * 1024 * 1024
+    per_concept: int = 50
+    bytes_per_concept: int = 200 * 1024 * 1024
+    window_s: float = 3600.0
+
+
+_QUOTA_LOCK = threading.Lock()  # check and store as one step (within this process)
+
+
+def _upload_rows(store: StateStore, exemplars: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """``(exemplar, size)`` for the exemplars whose image was uploaded (not a corpus image)."""
+    ids = [e["image_id"] for e in exemplars]
+    sizes = {r["id"]: int(r["size"]) for r in store.image_rows(ids) if r["split"] == UPLOAD_SPLIT} if ids else {}
+    return [(e, sizes[e["image_id"]]) for e in exemplars if e["image_id"] in sizes]
+
+
+def check_upload_quota(
+    store: StateStore, quota: UploadQuota, concept: str, rater: str, size: int, *, now: float | None = None
+) -> None:
+    """Raise :class:`UploadQuotaExceeded` if one more upload of ``size`` bytes by ``rater`` to
+    ``concept`` would go over ``quota``."""
+    now = time.time() if now is None else now
+    kept = _upload_rows(store, store.exemplars(concept))
+    if quota.per_concept and len(kept) + 1 > quota.per_concept:
+        raise UploadQuotaExceeded(
+            f"the concept already keeps {len(kept)} uploaded images, the most allowed "
+            f"({quota.per_concept}); mark images from the batches or a search as exemplars instead, "
+            "or ask the app's operator to raise AGILE_APP_UPLOADS_PER_CONCEPT"
+        )
+    used = sum(n for _, n in kept)
+    if quota.bytes_per_concept and used + size > quota.bytes_per_concept:
+        raise UploadQuotaExceeded(
+            f"the concept's uploaded images already take {_mb(used)} of the {_mb(quota.bytes_per_concept)} "
+            "allowed; upload smaller files, or mark images from the batches or a search instead"
+        )
+    if not (quota.per_rater or quota.bytes_per_rater):
+        return
+    since = now - quota.window_s
+    mine = [
+        (e, n) for name in store.concept_names()
+        for e, n in _upload_rows(store, [x for x in store.exemplars(name)
+                                         if x["added_by"] == rater and float(x["added_at"]) > since])
+    ]
+    if not mine:
+        return
+    oldest = min(float(e["added_at"]) for e, _ in mine)
+    wait = max(1.0, oldest + quota.window_s - now)
+    hour = "hour" if quota.window_s == 3600 else f"{quota.window_s / 60:.0f} minutes"
+    if quota.per_rater and len(mine) + 1 > quota.per_rater:
+        raise UploadQuotaExceeded(
+            f"you uploaded {len(mine)} images in the last {hour}, the most allowed "
+            f"({quota.per_rater}); try again in {wait / 60:.0f} min", retry_after=wait)
+    mine_bytes = sum(n for _, n in mine)
+    if quota.bytes_per_rater and mine_bytes + size > quota.bytes_per_rater:
+        raise UploadQuotaExceeded(
+            f"your uploads of the last {hour} take {_mb(mine_bytes)}; with this file they would go over "
+            f"the {_mb(quota.bytes_per_rater)} allowed; try again in {wait / 60:.0f} min", retry_after=wait)
 
 
 @dataclass(frozen=True)
@@ -216,6 +300,7 @@ def add_uploaded_exemplar(
     filename: str = "",
     max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
+    quota: UploadQuota | None = None,
 ) -> UploadResult:
     """Make uploaded bytes an exemplar of ``concept`` (see the module docstring).
 
@@ -223,7 +308,8 @@ def add_uploaded_exemplar(
     configured :class:`~agile_pipeline.lib.encoders.ImageTextEncoder` (its ``model_id`` names
     the table), ``blobs`` the data directory's blob folder. Raises :class:`StateError` (unknown
     concept, bad polarity), :class:`UploadRejected` (not a usable image) or
-    :class:`EmbeddingUnavailable`. Idempotent: the same file twice is one exemplar.
+    :class:`EmbeddingUnavailable`; with a ``quota``, :class:`UploadQuotaExceeded`. Idempotent:
+    the same file twice is one exemplar.
     """
     if polarity not in ("positive", "negative"):
         raise StateError(f"exemplar polarity {str(polarity)[:20]!r} must be positive or negative")
@@ -236,6 +322,23 @@ def add_uploaded_exemplar(
         # already a corpus image: it has (or will get) its vector from the corpus embedding
         store.add_exemplar(c.name, image_id, polarity, added_by)
         return UploadResult(image_id, polarity, True, False, Path(rows[0]["path"]), model_id)
+    if quota is None or any(e["image_id"] == image_id for e in store.exemplars(c.name)):
+        return _store_upload(store, vectors, encoder, blobs, c.name, data, image_id, rows, model_id,
+                             polarity=polarity, added_by=added_by, filename=filename,
+                             max_bytes=max_bytes, max_pixels=max_pixels)
+    with _QUOTA_LOCK:
+        check_upload_quota(store, quota, c.name, added_by, len(data))
+        return _store_upload(store, vectors, encoder, blobs, c.name, data, image_id, rows, model_id,
+                             polarity=polarity, added_by=added_by, filename=filename,
+                             max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def _store_upload(
+    store: StateStore, vectors: Any, encoder: Any, blobs: Path, concept: str, data: bytes,
+    image_id: str, rows: list[Any], model_id: str, *, polarity: str, added_by: str, filename: str,
+    max_bytes: int, max_pixels: int,
+) -> UploadResult:
+    """Decode, store, embed and register an upload that is not a corpus image."""
     image, info = decode_upload(data, max_bytes=max_bytes, max_pixels=max_pixels)
     path = blob_path(blobs, image_id, info.format)
     stored = False
@@ -255,7 +358,7 @@ def add_uploaded_exemplar(
             "n_frames": info.n_frames, "split": UPLOAD_SPLIT, "source": UPLOAD_SOURCE,
             "ingested_at": time.time(),
         }], [])
-    store.add_exemplar(c.name, image_id, polarity, added_by)
+    store.add_exemplar(concept, image_id, polarity, added_by)
     log.info("uploaded exemplar %s (%s, %dx%d) added to %r as %s by %s",
-             image_id, info.format, info.width, info.height, c.name, polarity, added_by)
+             image_id, info.format, info.width, info.height, concept, polarity, added_by)
     return UploadResult(image_id, polarity, False, stored, path, model_id)

@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 import socket
 import threading
@@ -15,9 +16,13 @@ from fastapi.testclient import TestClient
 from agile_pipeline.lib.state import StateStore
 from labeling_ui.app import build_app
 from labeling_ui.config import UiSettings
+from labeling_ui.launch import server_config
 from labeling_ui.service import LabelingService
 from tests.hostile_images import write_real_like_images
 from tests.labeling_ui.fakes import FakeTrigger, ingest_images
+
+# the address test clients use: the app answers only to its own host names (DNS rebinding)
+LOCAL = "http://127.0.0.1"
 
 
 @dataclass
@@ -60,7 +65,7 @@ def concept_with_batch(world: World) -> str:
 @pytest.fixture
 def client(world: World) -> Iterator[TestClient]:
     app = build_app(UiSettings(home=world.home), service=world.service)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -68,7 +73,7 @@ def client(world: World) -> Iterator[TestClient]:
 def auth_client(world: World) -> Iterator[TestClient]:
     settings = UiSettings(home=world.home, auth=[("alice", "pw-a"), ("bob", "pw-b")], login_max_failures=3)
     app = build_app(settings, service=world.service)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -78,7 +83,10 @@ def live_server(app: Any) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    settings = getattr(app.state, "settings", None) or UiSettings()
+    # served as `agile app` serves it (no client address taken from forwarded headers)
+    server = uvicorn.Server(server_config(app, dataclasses.replace(settings, host="127.0.0.1"), port=port,
+                                          log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -9,13 +9,13 @@ from fastapi.testclient import TestClient
 from labeling_ui.app import build_app
 from labeling_ui.config import ConfigError, UiSettings, parse_auth
 from labeling_ui.security import LoginThrottle, has_dot_segment
-from tests.labeling_ui.conftest import World
+from tests.labeling_ui.conftest import LOCAL, World
 
 
 def test_build_app_wires_routes_and_gradio(world: World) -> None:
     app = build_app(UiSettings(home=world.home), service=world.service)
     assert app.state.blocks is not None and app.state.settings.host == "127.0.0.1"
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert c.get("/api/session").json() == {"auth": False, "user": None, "concepts": []}
         assert c.get(f"/image/{world.ids[0]}").status_code == 200
         assert c.post("/api/labels", json={"rater": "bob", "events": []}).json()["new"] == 0

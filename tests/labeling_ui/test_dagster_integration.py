@@ -25,6 +25,7 @@ from labeling_ui.config import UiSettings
 from labeling_ui.session import LabelingSession
 from labeling_ui.trigger import DagsterGraphQLTrigger
 from tests.hostile_images import write_real_like_images
+from tests.labeling_ui.conftest import LOCAL
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +118,7 @@ def test_app_runs_a_round_on_the_dagster_webserver(dagster_dev: str, agile_home:
     # rate the batch through the app's JSON endpoint
     events = [{"concept": "sunny colours", "image_id": i, "label": "positive" if k % 4 == 0 else "negative",
                "event_id": f"dana-{k:05d}", "batch_id": batch.batch_id} for k, i in enumerate(batch.order)]
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         r = client.post("/api/labels", json={"rater": "dana", "events": events})
         assert r.status_code == 200 and r.json()["new"] == 100
 
@@ -152,7 +153,7 @@ def test_warm_app_runs_rounds_as_named_dagster_runs_without_waiting(dagster_dev:
     service = app.state.service
     assert service.rounds.trigger.kind == "in-process"
     assert service.rounds.trigger.wait_warm(240), "the round worker did not warm up"
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert client.get("/api/health").json()["warm"] is True
         r = client.post("/api/concepts", json={"name": "sunny colours", "positives": ["yellow"],
                                                "negatives": ["grey"], "rater": "dana"})

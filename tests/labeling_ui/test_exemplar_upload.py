@@ -16,7 +16,7 @@ from labeling_ui.app import build_app
 from labeling_ui.config import UiSettings
 from labeling_ui.service import LabelingService
 from tests.hostile_images import write_hostile_images, write_real_like_images
-from tests.labeling_ui.conftest import World
+from tests.labeling_ui.conftest import LOCAL, World
 
 URL = "/api/exemplars/upload"
 
@@ -138,7 +138,7 @@ def test_bad_requests_are_refused_before_anything_is_written(
 def test_the_upload_size_cap(world: World, concept_with_batch: str, files: dict[str, bytes]) -> None:
     good = files["new.png"]
     app = build_app(UiSettings(home=world.home, upload_max_bytes=len(good) - 1), service=world.service)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         r = _up(client, concept_with_batch, good)
         assert r.status_code == 413 and "upload limit" in r.json()["detail"]
 
@@ -171,7 +171,7 @@ def test_no_embedding_model_is_a_503_with_a_plain_message(world: World, concept_
                                                            files: dict[str, bytes]) -> None:
     service = LabelingService(world.store, world.trigger, home=world.home, encoder_spec="no-such-encoder:x")
     app = build_app(UiSettings(home=world.home), service=service)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         r = _up(client, concept_with_batch, files["new.png"])
     assert r.status_code == 503 and "could not be embedded" in r.json()["detail"]
     assert "no-such-encoder" not in r.json()["detail"]
