@@ -472,6 +472,17 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         except StateError as exc:
             raise user_error(exc) from exc
 
+    @router.get("/api/agreement", include_in_schema=False)
+    def agreement(request: Request, concept: str) -> dict[str, Any]:
+        """Agreement among the concept's raters, train and eval apart: Krippendorff's alpha
+        (``null`` with ``alpha_note`` when undefined) over the co-rated images, each rater against
+        the owner, the review queue (its image ids) and the label rule that trains the rounds."""
+        signed_in(request)
+        try:
+            return public(service.ratings.agreement(concept), service.home)
+        except StateError as exc:
+            raise user_error(exc) from exc
+
     @router.get("/export/{concept}/round-{round_index}.zip", include_in_schema=False)
     def export(concept: str, round_index: int, request: Request) -> Response:
         signed_in(request)

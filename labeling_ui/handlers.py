@@ -394,15 +394,66 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
         f'(on this app’s address). {sign} Every rating keeps who made it.</p>',
         '<p>They will see these instructions next to every image:</p>',
         f'<blockquote>{esc(c["instructions"] or "(no instructions yet: add some on the Concept tab)")}</blockquote>',
-        f'<p class="am-muted">Owner: {esc(c["owner"])}. When raters disagree, the owner’s rating wins; '
-        "otherwise the majority does.</p>",
     ]
+    agreement = service.ratings.agreement(concept)
+    train = agreement["train"]
+    parts.append(f'<p class="am-muted" data-slot="label-rule">Owner: {esc(c["owner"])}. Label rule '
+                 f'that trains each round: {esc(agreement["label_rule"])}.</p>')
     stats = service.ratings.rater_stats(concept)
     if stats:
-        parts.append('<table class="am-table"><thead><tr><th>Rater</th><th>Images rated</th>'
+        figures = {r["rater"]: r for r in train["raters"]}
+        parts.append('<table class="am-table" data-slot="rater-agreement"><thead><tr><th>Rater</th>'
+                     '<th title="yes/no ratings of training images (their latest; skips not '
+                     'counted)">Images rated</th><th title="on the images both rated: how often '
+                     'this rater’s label is the owner’s">Agrees with the owner</th>'
                      '<th>Last rating</th></tr></thead><tbody>')
-        parts += [f"<tr><td>{esc(s['rater'])}</td><td>{s['images_rated']}</td>"
-                  f"<td>{_fmt_time(s['last_rating'])}</td></tr>" for s in stats]
+        for s in stats:
+            f = figures.get(s["rater"], {})
+            if f.get("is_owner"):
+                agrees = '<span class="am-muted">(owner)</span>'
+            elif f.get("co_rated_with_owner"):
+                agrees = (f"{f['owner_agreement']:.0%} ({f['agree_with_owner']} of "
+                          f"{f['co_rated_with_owner']})")
+            else:
+                agrees = '<span class="am-muted">— (no image rated by both)</span>'
+            parts.append(f"<tr><td>{esc(s['rater'])}</td><td>{f.get('images_rated', 0)}</td>"
+                         f"<td>{agrees}</td><td>{_fmt_time(s['last_rating'])}</td></tr>")
         parts.append("</tbody></table>")
-    parts.append("</div>")
+    # ---- agreement: alpha, the review queue's first images, the eval ratings' alpha ----
+    def alpha_line(rep: dict[str, Any], what: str) -> str:
+        if rep["alpha"] is None:
+            return f"{what}: Krippendorff’s α not available — {esc(rep['alpha_note'])}."
+        n = rep["co_rated_images"]
+        return (f"{what}: Krippendorff’s α = <b>{rep['alpha']:.2f}</b> over <b>{n}</b> "
+                f"image{'s' if n != 1 else ''} rated by two or more raters "
+                "(1: full agreement, 0: no better than chance).")
+
+    evals, queue, shown_images = agreement["eval"], train["review_queue"], 8
+    alpha_attr = "" if train["alpha"] is None else f"{train['alpha']:.6f}"
+    parts += [f'<div data-slot="agreement" data-alpha="{alpha_attr}" data-co-rated="{train["co_rated_images"]}" '
+              f'data-queue-size="{queue["size"]}"><h3>Agreement</h3>',
+              f"<p>{alpha_line(train, 'Training ratings')}</p>"]
+    if evals["rated_images"]:
+        parts.append(f'<p class="am-muted">{alpha_line(evals, "Evaluation ratings")} '
+                     f'{evals["review_queue"]["size"]} to review.</p>')
+    owner, n = esc(agreement["owner"]), queue["size"]
+    if not n:
+        parts.append(f'<h4>Review queue</h4><p class="am-muted">Nothing to review: no image where raters '
+                     f'disagree is waiting for the owner ({owner}).</p>')
+    else:
+        parts.append(f'<h4>Review queue: <span data-slot="review-queue-size">{n}</span></h4>'
+                     f'<p>{n} image{"s" if n != 1 else ""} where raters disagree (a yes and a no) and the '
+                     f'owner ({owner}) has not rated. The owner’s rating becomes the label; once the owner '
+                     'rates an image, it leaves the queue.'
+                     + (f" The first {shown_images}:" if n > shown_images else "") + '</p><div class="am-review">')
+        for item in queue["items"][:shown_images]:
+            image_id = esc(str(item["image_id"]), quote=True)
+            who = " · ".join(f"{esc(r)}: {'yes' if lab == 'positive' else 'no'}"
+                             for r, lab in item["labels"].items())
+            parts.append(f'<figure data-image-id="{image_id}" style="display:inline-block;margin:0 8px 8px 0;'
+                         f'width:112px;vertical-align:top"><img src="/image/{image_id}" alt="image to review" '
+                         'loading="lazy" style="width:112px;height:112px;object-fit:cover;border-radius:6px">'
+                         f'<figcaption class="am-muted" style="font-size:12px">{who}</figcaption></figure>')
+        parts.append("</div>")
+    parts.append("</div></div>")
     return "".join(parts)

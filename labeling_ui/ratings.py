@@ -12,10 +12,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from agile_pipeline.lib.agreement import agreement_report
 from agile_pipeline.lib.state import (
     LABELS,
     Concept,
     LabelEvent,
+    LabelRule,
     StateError,
     validate_concept_name,
 )
@@ -205,3 +207,19 @@ class Ratings:
             {"rater": d["rater"], "images_rated": len(d["images"]), "last_rating": d["last"]}
             for d in sorted(by.values(), key=lambda d: -d["last"])
         ]
+
+    def agreement(self, concept: str, *, queue_items: int = 50) -> dict[str, Any]:
+        """Agreement among the concept's raters (:mod:`agile_pipeline.lib.agreement`), for the
+        train and the eval ratings apart: Krippendorff's alpha, each rater against the owner,
+        the review queue (every image id; the first ``queue_items`` with their labels) and the
+        label rule the latest round trained with (the default rule before the first round)."""
+        c = self.store.get_concept(concept)
+        rounds = self.store.rounds(c.name)
+        recorded = ((rounds[-1].get("info") or {}).get("params") or {}).get("label_rule") if rounds else None
+        rule = str(recorded or LabelRule().describe())
+        reports = {
+            purpose: agreement_report(self.store.label_events(c.name, purpose=purpose), c.owner,
+                                      purpose=purpose, rule=rule).to_dict(queue_limit=queue_items)
+            for purpose in ("train", "eval")
+        }
+        return {"concept": c.name, "owner": c.owner, "label_rule": rule, **reports}

@@ -492,16 +492,24 @@ def register_round(env: LoopEnv, concept_name: str, round_index: int | None = No
     if r.get("model_version"):
         return r["mlflow_run_id"], r["model_version"], False
     info = r.get("info") or {}
+    from agile_pipeline.lib.agreement import agreement_report
+
+    params = dict(info.get("params") or {})
+    params.setdefault("label_rule", LabelRule().describe())
+    # agreement among the raters on the labels this round saw (alpha NaN: not logged)
+    agreement = agreement_report(
+        env.store.label_events(concept_name, purpose="train", upto=r.get("label_cutoff")),
+        env.store.get_concept(concept_name).owner, rule=str(params["label_rule"]))
     logged = log_model_version(
         tracking_uri=env.paths.mlflow_uri(),
         artifact_root=env.paths.mlflow_artifacts,
         concept=concept_name,
         round_index=int(r["round"]),
         model_dir=Path(r["model_uri"]),
-        params=dict(info.get("params") or {}),
+        params=params,
         metrics={"n_pos": r["n_pos"], "n_neg": r["n_neg"], "n_labels": r["n_pos"] + r["n_neg"],
                  "n_random_neg": float(info.get("n_random_neg", 0)),
-                 "train_seconds": r["train_seconds"] or 0.0},
+                 "train_seconds": r["train_seconds"] or 0.0, **agreement.metrics()},
         tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or r.get("run_id") or "",
               "agile/label_cutoff": str(r["label_cutoff"]),
               "agile/lookahead": "1" if info.get("lookahead") else "0",
