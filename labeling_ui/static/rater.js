@@ -609,10 +609,11 @@
   }
   function renderRound() {
     const h = roundHtml(st.round);
-    ui.roundbox.innerHTML = h + evalPromptHtml(st.round);
+    ui.roundbox.innerHTML = h + (st.cursor < 0 ? evalPromptHtml(st.round) : "");  // batch done
     const r = st.round;
     const worth = (r && r.state !== "idle" && r.state !== "success") || (st.nextReady && st.purpose === "train");
-    ui.sideround.innerHTML = worth && st.cursor >= 0 ? h : "";
+    // while rating, the side panel carries the round's state and the evaluation-set offer
+    ui.sideround.innerHTML = st.cursor >= 0 ? (worth ? h : "") + evalPromptHtml(r) : "";
   }
 
   // ---- talking to Python (rounds) -----------------------------------------------------------

@@ -195,7 +195,7 @@ def test_define_rate_reload_undo_train_next_batch(agile_home: Path, tmp_path: Pa
         prompt = page.wait_for_selector("[data-testid=eval-prompt]", timeout=15000)
         assert prompt is not None and "images of the evaluation set" in prompt.inner_text()
         _shot(page, artifacts_dir, "08b-evaluation-prompt")
-        prompt.query_selector("button[data-purpose=eval]").click()  # type: ignore[union-attr]
+        page.click("[data-testid=eval-prompt] button[data-purpose=eval]")  # re-rendered as it polls
         page.wait_for_selector(STAGE_IMG, timeout=15000)
         _wait_progress(page, 0)
         eval_total = _progress(page)[1]

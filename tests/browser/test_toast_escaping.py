@@ -26,6 +26,7 @@ def test_a_hostile_concept_name_shows_as_text_in_the_toast(agile_home: Path, tmp
         page.goto(url + "/")
         page.evaluate("localStorage.setItem('agile.rater', 'bob')")
         page.reload()
+        page.wait_for_selector("[data-testid=rater-name]", timeout=30000)  # the app is live
         page.fill("#am-name input, #am-name textarea", HOSTILE)
         page.fill("#am-pos textarea", "a phrase")
         page.click("#am-create")
