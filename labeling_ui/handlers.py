@@ -121,8 +121,10 @@ def open_concept(
     names = names if names is not None else service.ratings.concept_names()
     if not concept:
         session = session.with_concept(None)
+        # on a page load the form is already empty: leave it, so that nothing typed before
+        # the load event lands is wiped
         return View(
-            session, choices=names, concept=None, form=empty_form(),
+            session, choices=names, concept=None, form=NO_CHANGE if on_load else empty_form(),
             status=("" if names else "**Start here:** describe the idea you want to teach."),
             widget=widget_value(session, settings), model=model_panel(service, None),
             raters=raters_panel(service, settings, None), tab="concept", timer=False,
