@@ -39,6 +39,10 @@ def _wait_for_acks(p: subprocess.Popen[bytes], log: Path, at_least: int, timeout
         if p.poll() is not None:
             raise AssertionError(f"the session ended by itself: {p.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
         if time.time() > deadline:
+            try:  # leave no app server behind when the test gives up
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             raise AssertionError("the session acknowledged nothing in time")
         time.sleep(0.2)
 
