@@ -43,7 +43,9 @@ def _wait_for_acks(p: subprocess.Popen[bytes], log: Path, at_least: int, timeout
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            raise AssertionError("the session acknowledged nothing in time")
+            p.wait(30)
+            err = p.stderr.read().decode(errors="replace")[-2000:] if p.stderr else ""  # type: ignore[union-attr]
+            raise AssertionError(f"the session acknowledged nothing in {timeout:.0f} s; its stderr: {err!r}")
         time.sleep(0.2)
 
 
