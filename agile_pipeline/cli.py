@@ -429,6 +429,73 @@ def concept_show(name: str) -> None:
                    f"{r['train_seconds']:.2f}s, MLflow model version {r['model_version']}")
 
 
+def _members(name: str):  # type: ignore[no-untyped-def]
+    """The app's access rules over this data directory, acting as the concept's owner (the shell
+    that can read the data directory is its administrator)."""
+    from agile_pipeline import settings
+    from labeling_ui.context import ServiceContext
+    from labeling_ui.members import AccessSettings, Members
+
+    store = _store()
+    _guard(lambda: store.get_concept(name))
+    return Members(ServiceContext(store, settings.data_home()), AccessSettings(auth_enabled=True))
+
+
+@concept_app.command("members")
+def concept_members(name: str) -> None:
+    """Who has a role on a concept (and through which invite), and its invite links."""
+    import time
+
+    o = _guard(lambda: _members(name).overview(name, None))
+    typer.echo(f"owner\t{_term_safe(o['owner'])}")
+    for m in o["members"]:
+        how = f"invite {m['via_invite']}" if m["via_invite"] else "granted"
+        typer.echo(f"{m['role']}\t{_term_safe(m['user'])}\t{how}\t{'active' if m['active'] else 'revoked'}")
+    for i in o["invites"]:
+        exp = time.strftime("%Y-%m-%d %H:%M", time.localtime(i["expires_at"])) if i["expires_at"] else "never"
+        typer.echo(f"invite\t{i['invite_id']}\t{i['role']}\t{i['status']}\texpires {exp}\t{i['uses']} joined"
+                   + (f"\t{_term_safe(i['note'])}" if i["note"] else ""))
+
+
+@concept_app.command("invite")
+def concept_invite(
+    name: str,
+    role: Annotated[str, typer.Option(help="rater (rate, exemplars, search) or viewer (look only).")] = "rater",
+    expires: Annotated[str, typer.Option(help="How long the link admits people: e.g. 12h, 7d, 2w, or never.")] = "7d",
+    note: Annotated[str, typer.Option(help="Who it is for (shown to the owner).")] = "",
+) -> None:
+    """Make an invite link for a concept (the app must run with sign-in: AGILE_APP_AUTH)."""
+    token, row = _guard(lambda: _members(name).create_invite(name, None, role=role, lifetime=expires, note=note))
+    typer.echo(f"invite {row['invite_id']} ({row['role']}): open <app address>/invite/{token}")
+    typer.echo("the link is shown only now; `agile concept revoke` stops it and everyone who joined through it")
+
+
+@concept_app.command("revoke")
+def concept_revoke(
+    name: str,
+    invite_id: Annotated[str, typer.Argument(help="The invite's id (`agile concept members NAME`).")],
+) -> None:
+    """Revoke an invite link: it admits nobody, and who joined through it loses access at once."""
+    _guard(lambda: _members(name).revoke_invite(name, None, invite_id))
+    typer.echo(f"invite {invite_id} revoked")
+
+
+@concept_app.command("grant")
+def concept_grant(
+    name: str,
+    user: Annotated[str, typer.Argument(help="A sign-in name (AGILE_APP_AUTH).")],
+    role: Annotated[str, typer.Argument(help="rater, viewer, or none to take their role away.")],
+) -> None:
+    """Give someone a role on a concept directly (not through an invite), or take it away."""
+    m = _members(name)
+    if role == "none":
+        gone = _guard(lambda: m.remove(name, None, user))
+        typer.echo(f"{_term_safe(user)} {'no longer has a role' if gone else 'had no role'} on {name!r}")
+        return
+    _guard(lambda: m.grant(name, None, user, role))
+    typer.echo(f"{_term_safe(user)} is a {role} of {name!r}")
+
+
 @app.command()
 def label(
     name: Annotated[str, typer.Argument(help="Concept name.")],

@@ -3,6 +3,9 @@
 These are the hot path of rating (one small JSON post per rating, one thumbnail per image), so
 they bypass Gradio's queue. Every route that reads or writes data requires a signed-in rater
 when auth is on; label writes always carry the signed-in name (a rater can't write as another).
+Every route on a concept asks :meth:`labeling_ui.members.Members.require` for the action it
+does (read, rate, train, export, manage): a user with no role on the concept gets 404, one
+whose role is too low 403 with what to ask the owner for.
 
 Exemplar images a rater uploads (``POST /api/exemplars/upload``; Gradio's own upload routes stay
 closed) are checked by the safe decoder, stored under the data directory by content hash and
@@ -23,14 +26,18 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from agile_pipeline.lib.access import AccessDenied
 from agile_pipeline.lib.state import StateError
 from labeling_ui.config import UiSettings, valid_rater_name
 from labeling_ui.context import IMAGE_ID
+from labeling_ui.members import TOKEN as INVITE_TOKEN
+from labeling_ui.members import InviteGone, Members
 from labeling_ui.security import AuthGate, clip_echoes, scrub_home, shown
 from labeling_ui.service import LabelingService
 
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 32
 INT64 = 2**63 - 1
+INVITE_COOKIE = "agile-invite"
+"""Holds an invite link's token across sign-in (HttpOnly, an hour); the page load redeems it."""
 
 
 class BadJSON(ValueError):
@@ -205,6 +214,7 @@ def check_batch_ids(events: list[Any]) -> None:
 def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings) -> APIRouter:
     router = APIRouter()
     thumbs = ThumbnailCache()
+    access = Members.for_app(service.context, settings)
 
     def signed_in(request: Request) -> str | None:
         """The signed-in rater; 401 when auth is on and nobody is signed in."""
@@ -248,7 +258,17 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
             raise HTTPException(status_code=400, detail=str(exc)) from None
 
     def user_error(exc: StateError) -> HTTPException:
+        if isinstance(exc, AccessDenied):  # no role at all reads like an unknown concept
+            return HTTPException(status_code=404 if exc.role is None else 403, detail=clip_echoes(str(exc)))
         return HTTPException(status_code=400, detail=public(clip_echoes(str(exc).strip("'\"")), service.home))
+
+    def allowed(request: Request, concept: Any, action: str) -> tuple[str | None, str]:
+        """(the signed-in user, the concept's name) when they may do ``action`` on it."""
+        user = signed_in(request)
+        try:
+            return user, access.require(str(concept or ""), user, action).name
+        except StateError as exc:
+            raise user_error(exc) from exc
 
     @router.get("/image/{image_id}", include_in_schema=False)
     def image(image_id: str, request: Request) -> Response:
@@ -270,13 +290,15 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     @router.get("/api/session", include_in_schema=False)
     def session(request: Request) -> dict[str, Any]:
         user = signed_in(request)
-        return {"auth": gate.enabled, "user": user, "concepts": service.ratings.concept_names()}
+        return {"auth": gate.enabled, "user": user,
+                "concepts": access.visible(service.ratings.concept_names(), user)}
 
     @router.get("/api/batch", include_in_schema=False)
     def batch(request: Request, concept: str, rater: str = "", purpose: str = "train") -> dict[str, Any]:
         who = rater_for(request, rater) if (rater or gate.enabled) else None
         if purpose not in ("train", "eval"):
             raise HTTPException(status_code=400, detail="purpose is train or eval")
+        allowed(request, concept, "read")
         try:
             return public(service.ratings.batch_view(concept, who, purpose), service.home)  # type: ignore[arg-type]
         except StateError as exc:
@@ -290,6 +312,8 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         if not isinstance(events, list):
             raise HTTPException(status_code=400, detail="events must be a list")
         check_batch_ids(events)
+        for concept in dict.fromkeys(str(e.get("concept", "")) for e in events if isinstance(e, dict)):
+            allowed(request, concept, "rate")
         try:
             from starlette.concurrency import run_in_threadpool
 
@@ -307,6 +331,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
             raise HTTPException(status_code=400, detail="image_id must be a 32-character hex id")
         polarity = body.get("polarity", "positive")
+        allowed(request, body.get("concept"), "rate")
         try:
             from starlette.concurrency import run_in_threadpool
 
@@ -331,6 +356,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         """
         who = rater_for(request, rater)
         same_origin(request)
+        allowed(request, concept, "rate")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/octet-stream" and not ctype.startswith("image/"):
             raise HTTPException(
@@ -393,7 +419,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     @router.get("/api/search", include_in_schema=False)
     def search(request: Request, concept: str, q: str = "", k: int = 24) -> dict[str, Any]:
         """Images nearest to a few words, to find an exemplar when no batch holds a positive."""
-        signed_in(request)
+        allowed(request, concept, "rate")
         try:
             return {"items": service.exemplars.search_images(concept, q, k)}
         except StateError as exc:
@@ -438,7 +464,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         job = body.get("job", "round")
         if job not in ("round", "eval", "start"):
             raise HTTPException(status_code=400, detail="job is round, eval or start")
-        concept = str(body.get("concept", ""))
+        _, concept = allowed(request, body.get("concept"), "train")
         from starlette.concurrency import run_in_threadpool
 
         ask = {"round": service.rounds.request_round, "eval": service.rounds.request_eval,
@@ -452,19 +478,14 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     @router.get("/api/round", include_in_schema=False)
     def round_state(request: Request, concept: str) -> dict[str, Any]:
         """The concept's latest round request: state, run, whether a new batch is there."""
-        signed_in(request)
-        try:
-            name = service.ratings.concept(concept).name
-        except StateError as exc:
-            raise user_error(exc) from exc
+        _, name = allowed(request, concept, "read")
         return public(service.rounds.round_view(name).to_dict(), service.home)
 
     @router.get("/api/models", include_in_schema=False)
     def models(request: Request, concept: str) -> dict[str, Any]:
         """Every round's model, and the metrics of the latest evaluation (``null`` before)."""
-        signed_in(request)
+        _, name = allowed(request, concept, "read")
         try:
-            name = service.ratings.concept(concept).name
             metrics, mtime = service.export.metrics_report(name)
             rounds = [{**r, "model_dir": public_path(r.get("model_dir"), service.home)}
                       for r in service.rounds.rounds_table(name)]
@@ -477,7 +498,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         """Agreement among the concept's raters, train and eval apart: Krippendorff's alpha
         (``null`` with ``alpha_note`` when undefined) over the co-rated images, each rater against
         the owner, the review queue (its image ids) and the label rule that trains the rounds."""
-        signed_in(request)
+        allowed(request, concept, "read")
         try:
             return public(service.ratings.agreement(concept), service.home)
         except StateError as exc:
@@ -485,11 +506,13 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
 
     @router.get("/export/{concept}/round-{round_index}.zip", include_in_schema=False)
     def export(concept: str, round_index: int, request: Request) -> Response:
-        signed_in(request)
+        user = signed_in(request)
         try:
+            access.require(concept, user, "export")
             name, data = service.export.export_zip(concept, round_index)
         except StateError as exc:
-            raise HTTPException(status_code=404, detail=user_error(exc).detail) from exc
+            raise HTTPException(status_code=403 if getattr(exc, "role", None) else 404,
+                                detail=user_error(exc).detail) from exc
         return Response(
             content=data, media_type="application/zip",
             headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
@@ -497,7 +520,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
 
     @router.get("/metrics/{concept}.png", include_in_schema=False)
     def metrics(concept: str, request: Request) -> Response:
-        signed_in(request)
+        allowed(request, concept, "read")
         try:
             path = service.export.metrics_png(concept)
         except StateError as exc:
@@ -505,5 +528,84 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
         if path is None:
             raise HTTPException(status_code=404, detail="no evaluation plot yet")
         return Response(content=path.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    # ---- teams: review decisions, invites, members (owners only) -------------------------
+    @router.post("/api/review", include_in_schema=False)
+    async def review(request: Request) -> JSONResponse:
+        """The owner decides an image of the review queue: ``concept``, ``image_id``, ``label``
+        (positive/negative), optional ``purpose`` (train/eval); it becomes the owner's label."""
+        body = await json_body(request)
+        _, concept = allowed(request, body.get("concept"), "manage")
+        try:
+            return JSONResponse(service.ratings.decide_review(
+                concept, str(body.get("image_id", "")), str(body.get("label", "")),
+                purpose=str(body.get("purpose", "train"))))  # type: ignore[arg-type]
+        except StateError as exc:
+            raise user_error(exc) from exc
+
+    @router.get("/api/members", include_in_schema=False)
+    def members(request: Request, concept: str) -> dict[str, Any]:
+        """A concept's members and invites with their status (owners only; tokens never shown)."""
+        user, name = allowed(request, concept, "manage")
+        return access.overview(name, user)
+
+    @router.post("/api/members", include_in_schema=False)
+    async def change_member(request: Request) -> JSONResponse:
+        """Give a user a role (``role``: rater/viewer) on a concept, or take it (``role``: none)."""
+        body = await json_body(request)
+        user, concept = allowed(request, body.get("concept"), "manage")
+        member, role = str(body.get("user", "")).strip(), str(body.get("role", ""))
+        try:
+            if role == "none":
+                access.remove(concept, user, member)
+            else:
+                access.grant(concept, user, member, role)
+        except StateError as exc:
+            raise user_error(exc) from exc
+        return JSONResponse(access.overview(concept, user))
+
+    @router.post("/api/invites", include_in_schema=False)
+    async def create_invite(request: Request) -> JSONResponse:
+        """A new invite link (``role``: rater/viewer, ``expires``: never or e.g. 7d, ``note``);
+        its token is in the answer once and never again."""
+        body = await json_body(request)
+        user, concept = allowed(request, body.get("concept"), "manage")
+        try:
+            token, row = access.create_invite(
+                concept, user, role=str(body.get("role", "rater")), lifetime=str(body.get("expires", "7d")),
+                note=str(body.get("note", "")))
+        except StateError as exc:
+            raise user_error(exc) from exc
+        row = {k: v for k, v in row.items() if k != "token_sha256"}
+        return JSONResponse({"link": f"/invite/{token}", "token": token, "invite": row})
+
+    @router.post("/api/invites/revoke", include_in_schema=False)
+    async def revoke_invite(request: Request) -> JSONResponse:
+        body = await json_body(request)
+        user, concept = allowed(request, body.get("concept"), "manage")
+        try:
+            row = access.revoke_invite(concept, user, str(body.get("invite_id", "")))
+        except StateError as exc:
+            raise user_error(exc) from exc
+        return JSONResponse({k: v for k, v in row.items() if k != "token_sha256"})
+
+    @router.get("/invite/{token}", include_in_schema=False)
+    def accept_invite(token: str, request: Request) -> Response:
+        """An invite link. Signed in: join the concept and open it. Not yet: keep the token in
+        a short-lived cookie and go to sign-in; the page redeems it when it loads."""
+        if not INVITE_TOKEN.match(token):
+            raise HTTPException(status_code=404, detail="this invite link is not valid: check that it was copied whole")
+        user = gate.user(request.cookies)
+        if gate.enabled and not user:
+            resp = RedirectResponse("/", status_code=303)
+            resp.set_cookie(INVITE_COOKIE, token, max_age=3600, httponly=True, samesite="lax", path="/")
+            return resp
+        try:
+            concept = access.redeem(token, user)
+        except StateError as exc:
+            raise HTTPException(status_code=410 if isinstance(exc, InviteGone) else 400, detail=str(exc)) from exc
+        resp = RedirectResponse("/?" + urlencode({"concept": concept}), status_code=303)
+        resp.delete_cookie(INVITE_COOKIE, path="/")
+        return resp
 
     return router

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from labeling_ui import handlers
-from labeling_ui.api import bad_request, build_router
+from labeling_ui.api import INVITE_COOKIE, bad_request, build_router
 from labeling_ui.config import UiSettings
 from labeling_ui.handlers import NO_CHANGE, View
 from labeling_ui.rounds import RoundPolicy
@@ -45,6 +45,38 @@ INVITE_JS = (
     "const fix = () => element.querySelectorAll('a.am-invite').forEach("
     "a => { a.textContent = location.origin + a.getAttribute('href'); }); watch('value', fix); fix();"
 )
+# the owner's Yes / No on the review queue: one POST each; the image then shows the decision
+REVIEW_JS = INVITE_JS + """
+element.addEventListener('click', async (ev) => {
+  const b = ev.target.closest('button[data-decide]');
+  if (!b) return;
+  const box = element.querySelector('[data-slot=agreement]');
+  const fig = b.closest('figure');
+  fig.querySelectorAll('button').forEach((x) => { x.disabled = true; });
+  let msg = '';
+  try {
+    const r = await fetch('/api/review', { method: 'POST', credentials: 'same-origin',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ concept: box.dataset.concept, image_id: b.dataset.image, label: b.dataset.decide }) });
+    const d = await r.json().catch(() => ({}));
+    if (r.ok) {
+      msg = 'decided: ' + (b.dataset.decide === 'positive' ? 'yes' : 'no');
+      fig.dataset.decided = b.dataset.decide;
+      const n = element.querySelector('[data-slot=review-queue-size]');
+      if (n) n.textContent = String(d.review_queue_size);
+      box.dataset.queueSize = String(d.review_queue_size);
+    } else { msg = d.detail || ('HTTP ' + r.status); fig.querySelectorAll('button').forEach((x) => { x.disabled = false; }); }
+  } catch (e) { msg = 'not saved (the server does not answer): try again'; fig.querySelectorAll('button').forEach((x) => { x.disabled = false; }); }
+  let note = fig.querySelector('.am-decided');
+  if (!note) { note = document.createElement('div'); note.className = 'am-decided am-muted'; fig.appendChild(note); }
+  note.textContent = msg;
+});
+"""
+INVITE_HELP = """### Invite someone to this concept
+Make an invite link and send it: whoever opens it and signs in (with a name and password from
+`AGILE_APP_AUTH`) gets its role on this concept only. A **rater** rates, adds exemplars and
+searches; a **viewer** only looks. Only you edit the concept, start rounds, export and decide the
+review queue. Revoke a link and everyone who joined through it loses access at once."""
 HOW_IT_WORKS = """
 <ol class="am-steps">
 <li><b>Describe it.</b> A short name and a few phrases for what it looks like; also what it is
@@ -74,11 +106,10 @@ def _outputs(view: View, settings: UiSettings) -> list[Any]:
             value=view.concept if view.concept is not NO_CHANGE else None,
         ),
         skip if form is NO_CHANGE else gr.Textbox(value=form["name"], interactive=not form["editing"]),
-        skip if form is NO_CHANGE else form["positives"],
-        skip if form is NO_CHANGE else form["negatives"],
-        skip if form is NO_CHANGE else form["instructions"],
+        *(skip if form is NO_CHANGE else gr.Textbox(value=form[k], interactive=form.get("can_edit", True))
+          for k in ("positives", "negatives", "instructions")),
         skip if form is NO_CHANGE else gr.Button(visible=not form["editing"]),
-        skip if form is NO_CHANGE else gr.Row(visible=form["editing"]),
+        skip if form is NO_CHANGE else gr.Row(visible=form["editing"] and form.get("can_edit", True)),
         skip if view.status is NO_CHANGE else view.status,
         skip if view.widget is NO_CHANGE else view.widget,
         skip if view.model is NO_CHANGE else view.model,
@@ -86,6 +117,9 @@ def _outputs(view: View, settings: UiSettings) -> list[Any]:
         skip if view.tab is NO_CHANGE else gr.Tabs(selected=view.tab),
         skip if view.timer is NO_CHANGE else gr.Timer(active=bool(view.timer)),
         handlers.header_value(view.session, settings),  # unchanged values are not re-sent
+        skip if view.manage is NO_CHANGE else gr.Group(visible=view.manage["visible"]),
+        skip if view.manage is NO_CHANGE else gr.Dropdown(choices=view.manage["choices"], value=None),
+        skip if view.invite_link is NO_CHANGE else view.invite_link,
     ]
     return vals
 
@@ -145,14 +179,31 @@ def build_blocks(service: LabelingService, settings: UiSettings) -> gr.Blocks:
                 with gr.Row():
                     refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=120)
             with gr.Tab("Raters", id="raters", elem_id="am-tab-raters") as raters_tab:
+                with gr.Group(visible=False, elem_id="am-manage") as manage_box:  # the owner's, with sign-in on
+                    gr.Markdown(INVITE_HELP)
+                    with gr.Row(equal_height=True):
+                        invite_role = gr.Radio(["rater", "viewer"], value="rater", label="Role",
+                                               elem_id="am-invite-role", scale=1)
+                        invite_expiry = gr.Dropdown(["1d", "7d", "30d", "never"], value="7d",
+                                                    label="The link admits people for", elem_id="am-invite-expiry",
+                                                    scale=1)
+                        invite_note = gr.Textbox(label="Note (who it is for; optional)", max_lines=1,
+                                                 elem_id="am-invite-note", scale=2)
+                        invite_btn = gr.Button("Create invite link", variant="primary", elem_id="am-invite-create",
+                                               scale=1)
+                    invite_out = gr.HTML("", elem_id="am-invite-out", js_on_load=INVITE_JS)
+                    with gr.Row(equal_height=True):
+                        revoke_dd = gr.Dropdown(choices=[], value=None, label="Revoke an invite link, or take "
+                                                "someone's role away", elem_id="am-revoke-choice", scale=3)
+                        revoke_btn = gr.Button("Revoke", variant="stop", elem_id="am-revoke", scale=1)
                 raters = gr.HTML(
                     handlers.raters_panel(service, settings, None), elem_id="am-raters",
-                    js_on_load=INVITE_JS,
+                    js_on_load=REVIEW_JS,
                 )
         timer = gr.Timer(settings.poll_seconds, active=False)
 
         outputs = [session, concept_dd, name, positives, negatives, instructions, create_btn,
-                   edit_row, status, widget, model, raters, tabs, timer, whoami]
+                   edit_row, status, widget, model, raters, tabs, timer, whoami, manage_box, revoke_dd, invite_out]
         private: dict[str, Any] = {"api_visibility": "private", "show_progress": "hidden"}
         rater_js = "(...a) => { a[a.length - 1] = localStorage.getItem('agile.rater') || ''; return a; }"
 
@@ -169,7 +220,9 @@ def build_blocks(service: LabelingService, settings: UiSettings) -> gr.Blocks:
             return _outputs(view, settings)
 
         def load(hint: str, request: gr.Request) -> list[Any]:
-            return run(handlers.on_load, LabelingSession(), request, hint)
+            # an invite link followed before signing in left its token in a cookie (api.py)
+            cookies = getattr(request, "cookies", None) or {}
+            return run(handlers.on_load, LabelingSession(), request, hint, cookies.get(INVITE_COOKIE))
 
         def select(sess: LabelingSession, concept: str | None, request: gr.Request) -> list[Any]:
             if concept == sess.concept:
@@ -199,6 +252,12 @@ def build_blocks(service: LabelingService, settings: UiSettings) -> gr.Blocks:
         def refresh(sess: LabelingSession, request: gr.Request) -> list[Any]:
             return run(handlers.on_refresh, sess, request)
 
+        def invite(sess: LabelingSession, role: str, expires: str, note: str, request: gr.Request) -> list[Any]:
+            return run(handlers.on_invite, sess, request, role, expires, note)
+
+        def revoke(sess: LabelingSession, choice: str | None, request: gr.Request) -> list[Any]:
+            return run(handlers.on_revoke, sess, request, choice)
+
         # the concept to reopen: ?concept= (invite links, reloads) or the last one in this browser
         hint_js = ("(h) => new URLSearchParams(location.search).get('concept') "
                    "|| localStorage.getItem('agile.concept') || ''")
@@ -215,6 +274,8 @@ def build_blocks(service: LabelingService, settings: UiSettings) -> gr.Blocks:
         refresh_btn.click(refresh, [session], outputs, **private)
         model_tab.select(refresh, [session], outputs, **private)
         raters_tab.select(refresh, [session], outputs, **private)
+        invite_btn.click(invite, [session, invite_role, invite_expiry, invite_note], outputs, **private)
+        revoke_btn.click(revoke, [session, revoke_dd], outputs, **private)
     return demo
 
 
@@ -274,7 +335,8 @@ def build_app(settings: UiSettings | None = None, *, service: LabelingService | 
         if isinstance(sub, GradioApp):
             gate.bind(sub)
     app.add_middleware(GuardMiddleware, throttle=LoginThrottle(free=settings.login_max_failures),
-                       hosts=HostAllowList(settings.host_names(), bound=settings.host))
+                       hosts=HostAllowList(settings.host_names(), bound=settings.host),
+                       origin_hosts=tuple(h.strip().lower() for h in settings.allowed_hosts if h != "*"))
     app.state.service = service
     app.state.blocks = blocks
     app.state.settings = settings

@@ -94,6 +94,9 @@ class UiSettings:
     upload_bytes_per_rater_hour: int = 200 * 1024 * 1024
     uploads_per_concept: int = 50
     upload_bytes_per_concept: int = 200 * 1024 * 1024
+    # with sign-in on: the role of a signed-in user on a concept nobody gave them a role on
+    # (None: none; the concept's owner invites them). Without sign-in everyone is the owner.
+    default_role: Literal["viewer", "rater"] | None = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -188,6 +191,12 @@ def _security_from_env() -> dict[str, object]:
                               "(e.g. 127.0.0.1 or 10.0.0.0/8) of your reverse proxy") from None
     if proxies:
         values["trusted_proxies"] = proxies
+    default_role = os.environ.get("AGILE_APP_DEFAULT_ROLE", "").strip().lower()
+    if default_role:
+        if default_role not in ("none", "viewer", "rater"):
+            raise ConfigError(f"AGILE_APP_DEFAULT_ROLE={default_role[:20]!r}: none, viewer or rater (the role "
+                              "of a signed-in user on a concept whose owner gave them none)")
+        values["default_role"] = None if default_role == "none" else default_role
     for var, name, unit in _UPLOAD_LIMITS:
         raw = os.environ.get(var, "").strip()
         if not raw:

@@ -15,9 +15,11 @@ from typing import Any
 
 import gradio as gr
 
+from agile_pipeline.lib import access
 from agile_pipeline.lib.state import StateError
 from labeling_ui.config import UiSettings, valid_rater_name
 from labeling_ui.export import load_snippet
+from labeling_ui.members import Members
 from labeling_ui.rounds import RoundView
 from labeling_ui.security import clip_echoes, scrub_home, shown
 from labeling_ui.service import LabelingService
@@ -38,6 +40,8 @@ class View:
     widget: Any = NO_CHANGE  # JSON string
     model: Any = NO_CHANGE  # HTML
     raters: Any = NO_CHANGE  # HTML
+    manage: Any = NO_CHANGE  # dict(visible, choices): the owner's invite and member controls
+    invite_link: Any = NO_CHANGE  # HTML: a new invite link, shown once
     tab: Any = NO_CHANGE  # "concept" | "rate" | "model" | "raters"
     timer: Any = NO_CHANGE  # bool
     infos: list[str] = field(default_factory=list)
@@ -53,14 +57,35 @@ def user_error(exc: Exception) -> gr.Error:
     return gr.Error(toast_text(str(exc).strip("'\"")), title="Please check")
 
 
+def members(service: LabelingService, settings: UiSettings) -> Members:
+    """Who may do what, under this app's sign-in settings."""
+    return Members.for_app(service.context, settings)
+
+
+def role_of(service: LabelingService, settings: UiSettings, session: LabelingSession,
+            action: str = "read") -> str | None:
+    """The session user's role on the open concept, when it allows ``action`` (``gr.Error`` if not)."""
+    if not session.concept:
+        return None
+    m = members(service, settings)
+    try:
+        c = m.require(session.concept, session.user, action)
+    except StateError as exc:
+        raise user_error(exc) from exc
+    return m.role(c, session.user)
+
+
 def widget_value(
-    session: LabelingSession, settings: UiSettings, round_view: RoundView | None = None
+    session: LabelingSession, settings: UiSettings, round_view: RoundView | None = None,
+    role: str | None = "owner", owner: str | None = None,
 ) -> str:
     """The rating widget's configuration (its ``value``); a change makes it react."""
     return json.dumps({
         "concept": session.concept,
         "auth": settings.auth_enabled,
         "user": session.user,
+        "role": role,
+        "owner": owner,
         "purpose": session.purpose,
         "nonce": session.nonce,
         "prefetch": settings.prefetch,
@@ -80,7 +105,7 @@ def empty_form() -> dict[str, Any]:
     return {"name": "", "positives": "", "negatives": "", "instructions": "", "editing": False}
 
 
-def concept_form(service: LabelingService, concept: str) -> dict[str, Any]:
+def concept_form(service: LabelingService, concept: str, role: str | None = "owner") -> dict[str, Any]:
     v = service.ratings.concept_view(concept)
     return {
         "name": v["name"],
@@ -88,7 +113,33 @@ def concept_form(service: LabelingService, concept: str) -> dict[str, Any]:
         "negatives": "\n".join(v["negatives"]),
         "instructions": v["instructions"],
         "editing": True,
+        "can_edit": access.allows(role, "edit"),  # type: ignore[arg-type]
     }
+
+
+def panels(service: LabelingService, settings: UiSettings, session: LabelingSession,
+           role: str | None = None) -> dict[str, Any]:
+    """The Model and Raters tabs and the owner's controls, as the session's user may see them."""
+    concept = session.concept
+    if concept and role is None:
+        role = role_of(service, settings, session)
+    return {
+        "model": model_panel(service, concept, role=role or "owner"),
+        "raters": raters_panel(service, settings, concept, role=role or "owner", user=session.user),
+        "manage": manage_controls(service, settings, session, role),
+    }
+
+
+def manage_controls(service: LabelingService, settings: UiSettings, session: LabelingSession,
+                    role: str | None) -> dict[str, Any]:
+    """Whether the owner's invite/member controls show, and what the revoke list offers."""
+    if not session.concept or role != "owner" or not settings.auth_enabled:
+        return {"visible": False, "choices": []}
+    o = members(service, settings).overview(session.concept, session.user)
+    choices = [(f"invite {i['invite_id']} ({i['role']}{', ' + i['note'] if i['note'] else ''}; "
+                f"{i['uses']} joined)", f"invite:{i['invite_id']}") for i in o["invites"] if i["status"] == "active"]
+    choices += [(f"{m['user']} ({m['role']})", f"member:{m['user']}") for m in o["members"] if m["active"]]
+    return {"visible": True, "choices": choices}
 
 
 def requester(session: LabelingSession, rater: str | None) -> str:
@@ -102,23 +153,38 @@ def requester(session: LabelingSession, rater: str | None) -> str:
 # ---- page load and concept selection -------------------------------------------------------
 def on_load(
     service: LabelingService, settings: UiSettings, session: LabelingSession, query_concept: str | None,
+    invite_token: str | None = None,
 ) -> View:
-    """A page (re)load: reopen ``query_concept`` (``?concept=`` or the browser's last one)."""
-    names = service.ratings.concept_names()
+    """A page (re)load: reopen ``query_concept`` (``?concept=`` or the browser's last one), or
+    join and open the concept of the invite link followed before signing in."""
+    joined: list[str] = []
+    if invite_token and settings.auth_enabled and session.user:
+        try:
+            query_concept = members(service, settings).redeem(invite_token, session.user)
+            joined.append(query_concept)
+        except StateError as exc:
+            out = on_load(service, settings, session, query_concept)
+            out.infos.append(f"The invite link you followed does not work: {exc}")
+            return out
+    names = members(service, settings).visible(service.ratings.concept_names(), session.user)
     wanted = None
     if query_concept:
         norm = " ".join(query_concept.strip().lower().split())
         wanted = norm if norm in names else None
     if wanted is None and session.concept in names:
         wanted = session.concept
-    return open_concept(service, settings, session, wanted, names=names, on_load=True)
+    view = open_concept(service, settings, session, wanted, names=names, on_load=True)
+    if joined and view.concept == joined[0]:
+        role = members(service, settings).role(service.store.get_concept(joined[0]), session.user)
+        view.infos.append(f"You joined “{joined[0]}” as a {role}.")
+    return view
 
 
 def open_concept(
     service: LabelingService, settings: UiSettings, session: LabelingSession, concept: str | None,
     *, names: list[str] | None = None, on_load: bool = False,
 ) -> View:
-    names = names if names is not None else service.ratings.concept_names()
+    names = names if names is not None else members(service, settings).visible(service.ratings.concept_names(), session.user)
     if not concept:
         session = session.with_concept(None)
         # on a page load the form is already empty: leave it, so that nothing typed before
@@ -126,11 +192,13 @@ def open_concept(
         return View(
             session, choices=names, concept=None, form=NO_CHANGE if on_load else empty_form(),
             status=("" if names else "**Start here:** describe the idea you want to teach."),
-            widget=widget_value(session, settings), model=model_panel(service, None),
-            raters=raters_panel(service, settings, None), tab="concept", timer=False,
+            widget=widget_value(session, settings), **panels(service, settings, session),
+            invite_link="", tab="concept", timer=False,
         )
     try:
-        form = concept_form(service, concept)
+        c = members(service, settings).require(concept, session.user, "read")
+        role = members(service, settings).role(c, session.user)
+        form = concept_form(service, c.name, role)
     except StateError as exc:
         raise user_error(exc) from exc
     session = session.with_concept(form["name"])
@@ -138,20 +206,25 @@ def open_concept(
     has_batch = service.batches.latest(form["name"]) is not None
     return View(
         session, choices=names, concept=form["name"], form=form,
-        status=concept_status(service, form["name"], view),
-        widget=widget_value(session, settings, view), model=model_panel(service, form["name"]),
-        raters=raters_panel(service, settings, form["name"]),
+        status=concept_status(service, form["name"], view, role=role, owner=c.owner),
+        widget=widget_value(session, settings, view, role=role, owner=c.owner),
+        **panels(service, settings, session, role), invite_link="",
         tab="rate" if has_batch or view.in_flight else ("concept" if on_load else NO_CHANGE),
         timer=view.in_flight,
     )
 
 
-def concept_status(service: LabelingService, concept: str, view: RoundView) -> str:
+def concept_status(service: LabelingService, concept: str, view: RoundView, *, role: str | None = "owner",
+                   owner: str | None = None) -> str:
     batch = service.batches.latest(concept)
     counts = service.batches.label_counts(concept)
     rounds = len(service.rounds.rounds_table(concept))
     parts = [f"**{html.escape(concept)}** · {counts['positive']} yes / {counts['negative']} no ratings"
              f" · {rounds} model{'s' if rounds != 1 else ''} trained"]
+    if role != "owner":
+        what = "rate its images" if role == "rater" else "look at it"
+        parts.append(f"You are a **{role}** of this concept: you can {what}; its owner "
+                     f"({html.escape(owner or '?')}) edits it and starts its rounds.")
     if view.in_flight:
         parts.append(f"⏳ {run_phrase(view)}")
     elif batch is None and view.state in ("failure", "error", "unreachable"):
@@ -188,10 +261,11 @@ def on_create(
     session = session.with_concept(concept.name)
     view = service.rounds.start_concept(concept.name, requested_by=owner)
     out = View(
-        session, choices=service.ratings.concept_names(), concept=concept.name,
-        form=concept_form(service, concept.name), status=concept_status(service, concept.name, view),
-        widget=widget_value(session, settings, view), model=model_panel(service, concept.name),
-        raters=raters_panel(service, settings, concept.name), tab="rate", timer=view.in_flight,
+        session, choices=members(service, settings).visible(service.ratings.concept_names(), session.user),
+        concept=concept.name, form=concept_form(service, concept.name),
+        status=concept_status(service, concept.name, view),
+        widget=widget_value(session, settings, view, owner=concept.owner), **panels(service, settings, session),
+        invite_link="", tab="rate", timer=view.in_flight,
     )
     out.infos.append(f"Concept “{concept.name}” saved. {round_sentence(view)}")
     return out
@@ -203,6 +277,7 @@ def on_save(
 ) -> View:
     if not session.concept:
         raise gr.Error("Open a concept first, or create one.")
+    role_of(service, settings, session, "edit")
     try:
         service.ratings.update_concept(session.concept, positives, negatives, instructions)
     except StateError as exc:
@@ -222,6 +297,7 @@ def on_find_again(
 ) -> View:
     if not session.concept:
         raise gr.Error("Open a concept first, or create one.")
+    role_of(service, settings, session, "train")
     try:
         view = service.rounds.start_concept(session.concept, requested_by=requester(session, rater), in_process=in_process)
     except StateError as exc:
@@ -252,6 +328,8 @@ def on_widget_action(
     if not concept or str(data.get("concept", concept)) != concept:
         raise gr.Error("The concept changed in another tab; reload the page.")
     who = requester(session, data.get("rater"))
+    role = role_of(service, settings, session, "train" if action != "purpose" else "read")
+    owner = service.store.get_concept(concept).owner
     try:
         if action in ("round", "round_in_process"):
             view = service.rounds.request_round(concept, requested_by=who, in_process=action == "round_in_process")
@@ -262,12 +340,13 @@ def on_widget_action(
         elif action == "purpose":
             purpose = "eval" if data.get("purpose") == "eval" else "train"
             session = LabelingSession(session.concept, session.user, purpose, session.nonce + 1)
-            return View(session, widget=widget_value(session, settings, service.rounds.round_view(concept)))
+            return View(session, widget=widget_value(session, settings, service.rounds.round_view(concept),
+                                                     role=role, owner=owner))
         else:
             raise gr.Error(toast_text(f"unknown action {shown(action)!r}"))
     except StateError as exc:
         raise user_error(exc) from exc
-    out = View(session, widget=widget_value(session, settings, view), timer=view.in_flight,
+    out = View(session, widget=widget_value(session, settings, view, role=role, owner=owner), timer=view.in_flight,
                status=concept_status(service, concept, view))
     if view.state not in ("unreachable", "error"):
         out.infos.append(round_sentence(view))
@@ -278,20 +357,64 @@ def on_tick(service: LabelingService, settings: UiSettings, session: LabelingSes
     """Poll the run; once finished, refresh everything that depends on it and stop polling."""
     if not session.concept:
         return View(session, timer=False)
+    role = role_of(service, settings, session)
+    owner = service.store.get_concept(session.concept).owner
     view = service.rounds.round_view(session.concept)
-    out = View(session, widget=widget_value(session, settings, view), timer=view.in_flight)
+    out = View(session, widget=widget_value(session, settings, view, role=role, owner=owner), timer=view.in_flight)
     if not view.in_flight:
-        out.status = concept_status(service, session.concept, view)
-        out.model = model_panel(service, session.concept)
-        out.raters = raters_panel(service, settings, session.concept)
+        out.status = concept_status(service, session.concept, view, role=role, owner=owner)
+        p = panels(service, settings, session, role)
+        out.model, out.raters, out.manage = p["model"], p["raters"], p["manage"]
     return out
 
 
 def on_refresh(service: LabelingService, settings: UiSettings, session: LabelingSession) -> View:
+    return View(session, **panels(service, settings, session))
+
+
+# ---- the owner's invites and members (Raters tab) -------------------------------------------
+def on_invite(service: LabelingService, settings: UiSettings, session: LabelingSession, role: str,
+              expires: str, note: str) -> View:
+    """A new invite link for the open concept, shown once (owners only)."""
     if not session.concept:
-        return View(session, model=model_panel(service, None), raters=raters_panel(service, settings, None))
-    return View(session, model=model_panel(service, session.concept),
-                raters=raters_panel(service, settings, session.concept))
+        raise gr.Error("Open a concept first.")
+    try:
+        token, row = members(service, settings).create_invite(session.concept, session.user, role=role, lifetime=expires,
+                                                   note=note)
+    except StateError as exc:
+        raise user_error(exc) from exc
+    link = f"/invite/{token}"
+    until = f"until {_fmt_time(row['expires_at'])}" if row.get("expires_at") else "until you revoke it"
+    out = View(session, **panels(service, settings, session, "owner"))
+    out.invite_link = (
+        f'<div class="am-panel" data-slot="new-invite"><p><b>New invite link</b> ({html.escape(row["role"])}, '
+        f'works {until}). Copy it now: it is shown only this once.</p><p><a class="am-invite" '
+        f'data-invite-id="{html.escape(row["invite_id"], quote=True)}" href="{html.escape(link, quote=True)}">'
+        f'{html.escape(link)}</a></p></div>'
+    )
+    out.infos.append(f"Invite link made ({row['role']}): copy it now, it is shown only once.")
+    return out
+
+
+def on_revoke(service: LabelingService, settings: UiSettings, session: LabelingSession, choice: str | None) -> View:
+    """Revoke an invite (everyone who joined through it loses access) or remove a member."""
+    if not session.concept:
+        raise gr.Error("Open a concept first.")
+    kind, _, key = str(choice or "").partition(":")
+    try:
+        if kind == "invite":
+            members(service, settings).revoke_invite(session.concept, session.user, key)
+            msg = f"Invite {key} revoked: it admits nobody now, and who joined through it has lost access."
+        elif kind == "member":
+            members(service, settings).remove(session.concept, session.user, key)
+            msg = f"{key} no longer has a role on “{session.concept}” (their ratings stay)."
+        else:
+            raise gr.Error("Pick an invite or a member to revoke first.")
+    except StateError as exc:
+        raise user_error(exc) from exc
+    out = View(session, **panels(service, settings, session, "owner"), invite_link="")
+    out.infos.append(msg)
+    return out
 
 
 # ---- panels (HTML) --------------------------------------------------------------------------
@@ -308,7 +431,7 @@ def _auc_cell(row: dict | None) -> str:
     return f"{row['auc_pr']:.2f}{band}"
 
 
-def model_panel(service: LabelingService, concept: str | None) -> str:
+def model_panel(service: LabelingService, concept: str | None, *, role: str = "owner") -> str:
     esc = html.escape
     if not concept:
         return '<div class="am-panel am-muted">Open or create a concept to see its models.</div>'
@@ -332,6 +455,8 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
                      '<th>Finished</th><th>Download</th></tr></thead><tbody>')
         for r in reversed(rows):
             href = f"/export/{esc(concept, quote=True)}/round-{r['round']}.zip"
+            download = (f'<a class="am-download" href="{href}" download>⬇ model {r["round"] + 1} (.zip)</a>'
+                        if role == "owner" else '<span class="am-muted" title="only the owner exports">owner only</span>')
             model_key = f"round-{r['round']}"
             note = (' <span class="am-muted" title="trained while the last images of a batch were '
                     'still being rated, to have the next batch ready in time">(early: picked the next '
@@ -341,7 +466,7 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
                 f"<td>{_auc_cell(scored.get(model_key))}</td>"
                 f"<td>{esc(str(r['model_version'] or '—'))}</td>"
                 f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
-                f'<td><a class="am-download" href="{href}" download>⬇ model {r["round"] + 1} (.zip)</a></td></tr>'
+                f'<td>{download}</td></tr>'
             )
         parts.append("</tbody></table>")
         last = rows[-1]
@@ -381,20 +506,53 @@ def model_panel(service: LabelingService, concept: str | None) -> str:
     return "".join(parts)
 
 
-def raters_panel(service: LabelingService, settings: UiSettings, concept: str | None) -> str:
+def _members_table(service: LabelingService, settings: UiSettings, concept: str, user: str | None) -> str:
+    """The owner's view of who has a role and which invite links exist."""
+    esc = html.escape
+    o = members(service, settings).overview(concept, user)
+    rows = [f'<tr data-member="{esc(m["user"], quote=True)}"><td>{esc(m["user"])}</td><td>{esc(m["role"])}</td>'
+            f'<td>{"invite " + esc(m["via_invite"]) if m["via_invite"] else "given by the owner"}</td>'
+            f'<td>{"yes" if m["active"] else "no (its invite was revoked)"}</td></tr>' for m in o["members"]]
+    parts = ['<h4>People</h4><table class="am-table" data-slot="members"><thead><tr><th>Name</th><th>Role</th>'
+             '<th>How</th><th>Has access</th></tr></thead><tbody>',
+             f'<tr><td>{esc(o["owner"])}</td><td>owner</td><td>created the concept</td><td>yes</td></tr>',
+             *rows, "</tbody></table>"]
+    if o["invites"]:
+        parts.append('<h4>Invite links</h4><table class="am-table" data-slot="invites"><thead><tr><th>Invite</th>'
+                     '<th>Role</th><th>Note</th><th>Made</th><th>Expires</th><th>Joined</th><th>Status</th>'
+                     '</tr></thead><tbody>')
+        parts.extend(f'<tr data-invite-id="{esc(i["invite_id"], quote=True)}" data-status="{esc(i["status"])}">'
+                     f'<td><code>{esc(i["invite_id"])}</code></td><td>{esc(i["role"])}</td>'
+                     f'<td>{esc(i["note"] or "—")}</td><td>{_fmt_time(i["created_at"])}</td>'
+                     f'<td>{_fmt_time(i["expires_at"]) if i["expires_at"] else "never"}</td>'
+                     f'<td>{int(i["uses"])}</td><td>{esc(i["status"])}</td></tr>' for i in reversed(o["invites"]))
+        parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def raters_panel(service: LabelingService, settings: UiSettings, concept: str | None, *, role: str = "owner",
+                 user: str | None = None) -> str:
     esc = html.escape
     if not concept:
         return '<div class="am-panel am-muted">Open or create a concept to invite raters.</div>'
     c = service.ratings.concept_view(concept)
-    link = f"/?concept={esc(concept, quote=True).replace(' ', '%20')}"
-    sign = ("Each rater signs in with the name and password the owner configured "
-            "(<code>AGILE_APP_AUTH</code>)." if settings.auth_enabled else
-            "Each rater types their name once; it is remembered in their browser.")
-    parts = [
-        '<div class="am-panel"><h3>Invite raters</h3>',
-        f'<p>Send this link: <a class="am-invite" href="{link}">{esc(link)}</a> '
-        f'(on this app’s address). {sign} Every rating keeps who made it.</p>',
-        '<p>They will see these instructions next to every image:</p>',
+    if not settings.auth_enabled:
+        link = f"/?concept={esc(concept, quote=True).replace(' ', '%20')}"
+        parts = [
+            '<div class="am-panel"><h3>Invite raters</h3>',
+            f'<p>Send this link: <a class="am-invite" href="{link}">{esc(link)}</a> (on this app’s address). '
+            'Each rater types their name once; it is remembered in their browser. Every rating keeps who '
+            'made it. Sign-in is off, so everyone who reaches the app can do everything: to give people '
+            'roles (owner, rater, viewer) and revocable invite links, start the app with '
+            '<code>AGILE_APP_AUTH=name:password,...</code>.</p>',
+        ]
+    elif role == "owner":
+        parts = ['<div class="am-panel">', _members_table(service, settings, concept, user)]
+    else:
+        parts = [f'<div class="am-panel"><h3>Raters</h3><p data-slot="your-role">You are a <b>{esc(role)}</b> of '
+                 f'this concept; its owner is {esc(c["owner"])}.</p>']
+    parts += [
+        '<p>Raters see these instructions next to every image:</p>',
         f'<blockquote>{esc(c["instructions"] or "(no instructions yet: add some on the Concept tab)")}</blockquote>',
     ]
     agreement = service.ratings.agreement(concept)
@@ -432,7 +590,7 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
 
     evals, queue, shown_images = agreement["eval"], train["review_queue"], 8
     alpha_attr = "" if train["alpha"] is None else f"{train['alpha']:.6f}"
-    parts += [f'<div data-slot="agreement" data-alpha="{alpha_attr}" data-co-rated="{train["co_rated_images"]}" '
+    parts += [f'<div data-slot="agreement" data-concept="{esc(concept, quote=True)}" data-alpha="{alpha_attr}" data-co-rated="{train["co_rated_images"]}" '
               f'data-queue-size="{queue["size"]}"><h3>Agreement</h3>',
               f"<p>{alpha_line(train, 'Training ratings')}</p>"]
     if evals["rated_images"]:
@@ -445,17 +603,22 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
     else:
         parts.append(f'<h4>Review queue: <span data-slot="review-queue-size">{n}</span></h4>'
                      f'<p>{n} image{"s" if n != 1 else ""} where raters disagree (a yes and a no) and the '
-                     f'owner ({owner}) has not rated. The owner’s rating becomes the label; once the owner '
-                     'rates an image, it leaves the queue.'
+                     f'owner ({owner}) has not rated. The owner’s decision becomes the label (the Yes / No '
+                     'under each image, for the owner); once decided, the image leaves the queue.'
                      + (f" The first {shown_images}:" if n > shown_images else "") + '</p><div class="am-review">')
         for item in queue["items"][:shown_images]:
             image_id = esc(str(item["image_id"]), quote=True)
             who = " · ".join(f"{esc(r)}: {'yes' if lab == 'positive' else 'no'}"
                              for r, lab in item["labels"].items())
+            decide = ('<div class="am-decide">'
+                      f'<button type="button" class="am-btn am-small-btn" data-decide="positive" data-image="{image_id}" '
+                      'title="The owner decides: yes">✓ Yes</button> '
+                      f'<button type="button" class="am-btn am-small-btn" data-decide="negative" data-image="{image_id}" '
+                      'title="The owner decides: no">✗ No</button></div>') if role == "owner" else ""
             parts.append(f'<figure data-image-id="{image_id}" style="display:inline-block;margin:0 8px 8px 0;'
                          f'width:112px;vertical-align:top"><img src="/image/{image_id}" alt="image to review" '
                          'loading="lazy" style="width:112px;height:112px;object-fit:cover;border-radius:6px">'
-                         f'<figcaption class="am-muted" style="font-size:12px">{who}</figcaption></figure>')
+                         f'<figcaption class="am-muted" style="font-size:12px">{who}</figcaption>{decide}</figure>')
         parts.append("</div>")
     parts.append("</div></div>")
     return "".join(parts)

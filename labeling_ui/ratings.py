@@ -197,6 +197,24 @@ class Ratings:
                     log.exception("automatic round for %r did not start", concept)  # retried on the next label
         return {"received": len(out), "new": new}
 
+    def decide_review(self, concept: str, image_id: str, label: str, *, purpose: Purpose = "train") -> dict[str, Any]:
+        """The owner's decision on an image raters disagree on: stored as the owner's label
+        (source ``review``), which the label rule lets win; the image leaves the review queue."""
+        c = self.store.get_concept(concept)
+        if label not in ("positive", "negative"):
+            raise StateError("decide yes (positive) or no (negative)")
+        if purpose not in ("train", "eval"):
+            raise StateError("purpose is train or eval")
+        if not IMAGE_ID.match(str(image_id)):
+            raise StateError("image_id must be a 32-character hex id")
+        rated = {r["image_id"] for r in self.store.label_events(c.name, purpose=purpose)}
+        if image_id not in rated:
+            raise StateError(f"nobody rated image {image_id} for {c.name!r} ({purpose}): nothing to decide")
+        self.store.add_labels([LabelEvent(concept=c.name, image_id=image_id, label=label, rater=c.owner,
+                                          purpose=purpose, source="review")])
+        queue = self.agreement(c.name)[purpose]["review_queue"]
+        return {"image_id": image_id, "label": label, "rater": c.owner, "review_queue_size": queue["size"]}
+
     def rater_stats(self, concept: str) -> list[dict[str, Any]]:
         by: dict[str, dict[str, Any]] = {}
         for r in self.store.label_events(concept):

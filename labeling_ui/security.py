@@ -9,6 +9,8 @@
     (:class:`HostAllowList`: the bound host, ``localhost``, ``127.0.0.1``, ``[::1]`` and
     ``AGILE_APP_ALLOWED_HOSTS``), so a page on another site cannot reach the app through DNS
     rebinding;
+  - refuses (403) a request whose ``Origin`` is another site or another local port
+    (:func:`same_origin`), which Gradio's own CORS rule would let drive its events;
   - refuses any path with a dot-segment (``.``/``..`` traversal, dotfiles such as ``/.env``),
     checked on both the decoded and the raw path;
   - closes Gradio's upload routes (the app has no upload widget) and its generic file routes
@@ -221,6 +223,21 @@ class HostAllowList:
                 "(comma-separated)")
 
 
+def same_origin(origin: str, host_header: str | None, extra_names: tuple[str, ...] = ()) -> bool:
+    """Whether a request's ``Origin`` is the app itself: the same host and port as its ``Host``
+    header, or a host name configured in ``AGILE_APP_ALLOWED_HOSTS`` (a reverse proxy that
+    rewrites ``Host``). This closes Gradio's rule that lets any page on ``localhost`` (another
+    port) drive the app with the user's cookies; ``null`` origins are refused too."""
+    scheme, sep, rest = origin.strip().lower().partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        return False
+    if host_header and rest == host_header.strip().lower():
+        return True
+    name = host_of(rest)
+    return name is not None and any(
+        n == name or (n.startswith(".") and (name == n[1:] or name.endswith(n))) for n in extra_names)
+
+
 def has_dot_segment(path: str) -> bool:
     """True for ``/a/../b``, ``/.env``, ``/x/.git/config`` (any segment starting with a dot)."""
     for seg in path.replace("\\", "/").split("/"):
@@ -245,10 +262,11 @@ class GuardMiddleware:
     """See the module docstring."""
 
     def __init__(self, app: ASGIApp, *, throttle: LoginThrottle | None = None,
-                 hosts: HostAllowList | None = None) -> None:
+                 hosts: HostAllowList | None = None, origin_hosts: tuple[str, ...] = ()) -> None:
         self.app = app
         self.throttle = throttle or LoginThrottle()
         self.hosts = hosts or HostAllowList(("127.0.0.1", "localhost", "::1"))
+        self.origin_hosts = origin_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -258,6 +276,14 @@ class GuardMiddleware:
         if not self.hosts.allows(host):
             if scope["type"] == "http":
                 await _send_json(send, 400, self.hosts.refusal(host))
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        origin = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"origin"), None)
+        if origin is not None and not same_origin(origin, host, self.origin_hosts):
+            if scope["type"] == "http":
+                await _send_json(send, 403, f"cross-origin request from {shown(origin)!r} refused: open the app "
+                                            "at its own address")
             else:
                 await send({"type": "websocket.close", "code": 1008})
             return

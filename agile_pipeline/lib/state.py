@@ -128,6 +128,30 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS concept_members (
+    concept TEXT NOT NULL REFERENCES concepts(name),
+    user TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('viewer','rater','owner')),
+    granted_by TEXT NOT NULL,
+    granted_at REAL NOT NULL,
+    invite_id TEXT,                -- the invite it came through (access ends when it is revoked)
+    PRIMARY KEY (concept, user)
+);
+CREATE TABLE IF NOT EXISTS concept_invites (
+    invite_id TEXT PRIMARY KEY,    -- a public handle; the token itself is never stored
+    token_sha256 TEXT NOT NULL UNIQUE,
+    concept TEXT NOT NULL REFERENCES concepts(name),
+    role TEXT NOT NULL CHECK (role IN ('viewer','rater')),
+    note TEXT NOT NULL DEFAULT '',
+    created_by TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    revoked_by TEXT,
+    uses INTEGER NOT NULL DEFAULT 0,
+    last_used_at REAL
+);
+CREATE INDEX IF NOT EXISTS concept_invites_concept ON concept_invites(concept);
 CREATE TABLE IF NOT EXISTS exemplars (
     concept TEXT NOT NULL,
     image_id TEXT NOT NULL,
@@ -536,6 +560,78 @@ class StateStore:
 
     def concept_names(self) -> list[str]:
         return [r["name"] for r in self._read("SELECT name FROM concepts ORDER BY name")]
+
+    # ---- members and invites (policy: ``lib/access.py``) --------------------------------
+    def set_member(self, concept: str, user: str, role: str, *, granted_by: str,
+                   invite_id: str | None = None) -> None:
+        """Give ``user`` ``role`` on ``concept`` (replacing any role they had there)."""
+        c = self.get_concept(concept)
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO concept_members VALUES (?, ?, ?, ?, ?, ?)",
+                (c.name, user, role, granted_by, time.time(), invite_id),
+            )
+
+    def remove_member(self, concept: str, user: str) -> bool:
+        c = self.get_concept(concept)
+        with self._write() as con:
+            return con.execute("DELETE FROM concept_members WHERE concept = ? AND user = ?",
+                               (c.name, user)).rowcount > 0
+
+    def members(self, concept: str | None = None, *, user: str | None = None) -> list[dict[str, Any]]:
+        """Membership rows (with their invite's ``revoked_at``), of one concept or one user."""
+        where, params = [], []
+        if concept is not None:
+            where.append("m.concept = ?")
+            params.append(" ".join(concept.strip().lower().split()))
+        if user is not None:
+            where.append("m.user = ?")
+            params.append(user)
+        rows = self._read(
+            "SELECT m.*, i.revoked_at AS invite_revoked_at FROM concept_members m "
+            "LEFT JOIN concept_invites i ON i.invite_id = m.invite_id"
+            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY m.concept, m.granted_at",
+            params,
+        )
+        return [dict(r) for r in rows]
+
+    def create_invite(self, concept: str, role: str, *, token_sha256: str, created_by: str,
+                      expires_at: float | None = None, note: str = "") -> dict[str, Any]:
+        c = self.get_concept(concept)
+        invite_id = uuid.uuid4().hex[:12]
+        with self._write() as con:
+            con.execute(
+                "INSERT INTO concept_invites (invite_id, token_sha256, concept, role, note, created_by, "
+                "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (invite_id, token_sha256, c.name, role, note, created_by, time.time(), expires_at),
+            )
+        return self.invite(invite_id) or {}
+
+    def invite(self, invite_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM concept_invites WHERE invite_id = ?", (invite_id,))
+        return dict(rows[0]) if rows else None
+
+    def invite_by_token_sha256(self, digest: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM concept_invites WHERE token_sha256 = ?", (digest,))
+        return dict(rows[0]) if rows else None
+
+    def invites(self, concept: str) -> list[dict[str, Any]]:
+        c = self.get_concept(concept)
+        rows = self._read("SELECT * FROM concept_invites WHERE concept = ? ORDER BY created_at", (c.name,))
+        return [dict(r) for r in rows]
+
+    def revoke_invite(self, invite_id: str, *, revoked_by: str) -> bool:
+        """Revoke an invite (idempotent); True when it was active until now."""
+        with self._write() as con:
+            return con.execute(
+                "UPDATE concept_invites SET revoked_at = ?, revoked_by = ? "
+                "WHERE invite_id = ? AND revoked_at IS NULL", (time.time(), revoked_by, invite_id),
+            ).rowcount > 0
+
+    def record_invite_use(self, invite_id: str) -> None:
+        with self._write() as con:
+            con.execute("UPDATE concept_invites SET uses = uses + 1, last_used_at = ? WHERE invite_id = ?",
+                        (time.time(), invite_id))
 
     # ---- labels -----------------------------------------------------------------------
     def add_labels(self, events: Sequence[LabelEvent]) -> int:

@@ -114,6 +114,15 @@
     const n = (localStorage.getItem(LS_RATER) || "").trim();
     return n || null;
   }
+  // the user's role on the concept (the server enforces it; this only keeps buttons honest)
+  function role() { return st.cfg.role || "owner"; }
+  function viewOnly() {
+    if (role() !== "viewer") return false;
+    st.banner = "You are a <b>viewer</b> of this concept: you can look at its images but not rate them. " +
+      "Ask its owner" + (st.cfg.owner ? " (" + esc(st.cfg.owner) + ")" : "") + " for a rater invite.";
+    render();
+    return true;
+  }
   function readJSON(key) { try { const v = JSON.parse(localStorage.getItem(key) || "[]"); return Array.isArray(v) ? v : []; } catch (e) { return []; } }
   function writeJSON(key, v) { try { localStorage.setItem(key, JSON.stringify(v)); } catch (e) { console.error("localStorage", e); } }
   function imgUrl(id) { return "/image/" + id; }
@@ -147,7 +156,7 @@
       if (r.ok) {
         ack((await r.json()).acked || chunk.map((e) => e.event_id));
         st.retryMs = 1000; st.error = null;
-      } else if (r.status === 400 || r.status === 403 || r.status === 415) {
+      } else if (r.status === 400 || r.status === 403 || r.status === 404 || r.status === 415) {
         // all-or-nothing on the server: find the event(s) it refuses, set them aside, keep the rest
         for (const ev of chunk) {
           const r1 = await post(rater, [ev]);
@@ -280,6 +289,7 @@
   // ---- rating -----------------------------------------------------------------------------
   function rate(label, t0) {
     if (st.cursor < 0 || !st.items[st.cursor] || !st.batch) return;
+    if (viewOnly()) return;
     const rater = who();
     if (!rater) { showNameHint(); return; }
     const item = st.items[st.cursor];
@@ -300,6 +310,7 @@
     syncPolling();
   }
   function setLabel(i, label) {   // grid: change any image's label
+    if (viewOnly()) return;
     const rater = who();
     if (!rater) { showNameHint(); return; }
     const item = st.items[i];
@@ -309,6 +320,7 @@
   }
   // ---- exemplars and search (recovery when no positive is found) ---------------------------
   async function markExemplar(imageId) {
+    if (viewOnly()) return;
     const rater = who();
     if (!rater) { showNameHint(); return; }
     if (!st.concept || !imageId) return;
@@ -619,6 +631,11 @@
   // ---- talking to Python (rounds) -----------------------------------------------------------
   async function ask(action) {
     if (st.roundPending) return;
+    if (role() !== "owner") {
+      ui.roundbox.innerHTML = '<div class="am-round">Only the concept\'s owner' + (st.cfg.owner ? " (" + esc(st.cfg.owner) + ")" : "") +
+        " starts rounds" + (st.cfg.auto ? "; your ratings are saved, and the next model trains by itself as the batch is rated." : ". Your ratings are saved; tell the owner when the batch is done.") + "</div>";
+      return;
+    }
     st.roundPending = true;
     ui.train.disabled = true;
     ui.roundbox.innerHTML = '<div class="am-round am-busy"><span class="am-spinner am-small"></span> Saving your last ratings…</div>';
@@ -641,6 +658,7 @@
     try { cfg = JSON.parse(props.value || "{}") || {}; } catch (e) { cfg = {}; }
     const prev = st.cfg;
     st.cfg = cfg;
+    root.dataset.role = cfg.role || "owner";
     const prevRound = st.round;
     const changed = cfg.concept !== prev.concept || cfg.purpose !== prev.purpose || cfg.nonce !== prev.nonce || cfg.user !== prev.user;
     // the newest of what Python pushed and what polling saw
@@ -755,9 +773,9 @@
     const act = b.dataset.act;
     if (act === "undo") undo();
     else if (act === "exemplar") exemplarCurrent(ev.timeStamp);
-    else if (act === "upload") pickUpload(b.dataset.polarity);
+    else if (act === "upload") { if (!viewOnly()) pickUpload(b.dataset.polarity); }
     else if (act === "goto-concept") gotoConcept();
-    else if (act === "search") { const inp = root.querySelector(".am-sq"); runSearch(inp ? inp.value : ""); }
+    else if (act === "search") { if (viewOnly()) return; const inp = root.querySelector(".am-sq"); runSearch(inp ? inp.value : ""); }
     else if (act === "reload") loadBatch();
     else if (act === "rest-no") {
       const rest = st.items.map((it, i) => (it.label ? -1 : i)).filter((i) => i >= 0);
