@@ -141,14 +141,14 @@ def load_snippet(concept: str, tracking_uri: str, *, home: Path | None = None) -
     tool can load it the same way: ``mlflow models predict``, ``spark_udf``, ...). The tracking
     store's path is written relative to ``$AGILE_HOME`` (the data directory, ``home``), never as
     the server's absolute path."""
-    from agile_pipeline.lib.tracking import registered_model_name
+    from agile_pipeline.lib.tracking import model_name
 
     uri = public_tracking_uri(tracking_uri, home)
     return (
         ("import os, mlflow, pandas as pd\n# $AGILE_HOME: the app's data directory\n"
          if uri.startswith("os.") else "import mlflow, pandas as pd\n")
         + f"mlflow.set_tracking_uri({uri})\n"
-        f"model = mlflow.pyfunc.load_model('models:/{registered_model_name(concept)}@champion')\n"
+        f"model = mlflow.pyfunc.load_model('models:/{model_name(tracking_uri, concept)}@champion')\n"
         "model.predict(pd.DataFrame({'image': ['photo.jpg', 'a/folder/of/images']}))\n"
         "# -> image, probability (P(concept)), is_concept (>= 0.5), error"
     )

@@ -24,8 +24,29 @@ def experiment_name(concept: str) -> str:
     return f"agile-modeling/{concept}"
 
 
-def registered_model_name(concept: str) -> str:
-    return re.sub(r"[^a-z0-9_-]+", "-", concept.lower()) + "-classifier"
+def registered_model_name(concept: str, client: Any = None) -> str:
+    """The concept's registered model in MLflow: ``NAME-classifier`` with each space of the name
+    written as a dot (concept names are ``[a-z0-9 _-]``, so two concepts never share a model:
+    ``sp ace`` -> ``sp.ace-classifier``, ``sp-ace`` -> ``sp-ace-classifier``).
+
+    Older versions wrote spaces as ``-``; a concept whose models were registered under that
+    name (the registered model's ``agile/concept`` tag is this concept) keeps it, given a
+    ``client`` to look it up with.
+    """
+    name = concept.replace(" ", ".") + "-classifier"
+    legacy = re.sub(r"[^a-z0-9_-]+", "-", concept.lower()) + "-classifier"
+    if client is None or legacy == name:
+        return name
+    try:
+        owner = dict(client.get_registered_model(legacy).tags).get("agile/concept")
+    except Exception:  # not registered (MlflowException) or no store yet
+        return name
+    return legacy if owner == concept else name
+
+
+def model_name(tracking_uri: str, concept: str) -> str:
+    """:func:`registered_model_name` as the tracking store at ``tracking_uri`` has it."""
+    return registered_model_name(concept, _client(tracking_uri))
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,8 @@ def _client(tracking_uri: str):  # type: ignore[no-untyped-def]
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     ensure_sqlite_store(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    # the registry too: MLflow otherwise takes a registry URI set globally earlier in the process
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def ensure_sqlite_store(tracking_uri: str) -> None:
@@ -134,7 +156,7 @@ def log_model_version(
                     embedding_model=embedding_model, input_example=_input_example(model_dir))
         client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path="model")
     client.set_terminated(run_id)
-    name = registered_model_name(concept)
+    name = registered_model_name(concept, client)
     try:
         client.create_registered_model(name, tags={"agile/concept": concept}, description=(
             f"Agile Modeling classifier for {concept!r}: P(concept) for images or embeddings. "
@@ -206,7 +228,7 @@ def champion_after(current: str | None, newest: str | None, auc_pr: Mapping[str,
 def choose_champion(tracking_uri: str, concept: str, auc_pr: Mapping[str, float]) -> str | None:
     """Move the registered model's ``champion`` alias by :func:`champion_after`; returns it."""
     client = _client(tracking_uri)
-    name = registered_model_name(concept)
+    name = registered_model_name(concept, client)
     try:
         found = dict(client.get_registered_model(name).aliases).get("champion")
     except Exception:
@@ -225,10 +247,10 @@ def load_classifier_model(tracking_uri: str, concept: str, *, version: str | int
     import mlflow
     import mlflow.pyfunc
 
-    _client(tracking_uri)  # the embedded store exists and MLflow's logs are quiet
+    client = _client(tracking_uri)  # the embedded store exists and MLflow's logs are quiet
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    name = registered_model_name(concept)
+    name = registered_model_name(concept, client)
     if version is not None:
         uri = f"models:/{name}/{version}"
     elif alias == "latest":  # MLflow's own: the newest version
@@ -246,7 +268,7 @@ def newest_version(client: Any, name: str) -> str | None:
 def version_for_alias(tracking_uri: str, concept: str, alias: str) -> str | None:
     """The version an alias points at (``latest``: the newest version), or ``None``."""
     client = _client(tracking_uri)
-    name = registered_model_name(concept)
+    name = registered_model_name(concept, client)
     try:
         if alias == "latest":
             return newest_version(client, name)
@@ -260,10 +282,11 @@ def ui_links(tracking_uri: str, run_id: str, concept: str, version: str | None,
     """Links into the MLflow UI (``AGILE_MLFLOW_UI_URL``, default ``http://127.0.0.1:5000``,
     what ``mlflow ui`` serves) for a round's run and its registered model version."""
     ui = (ui_url or os.environ.get("AGILE_MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/")
-    exp_id = _client(tracking_uri).get_run(run_id).info.experiment_id
+    client = _client(tracking_uri)
+    exp_id = client.get_run(run_id).info.experiment_id
     links = {"mlflow_run": f"{ui}/#/experiments/{exp_id}/runs/{run_id}"}
     if version:
-        links["mlflow_model_version"] = f"{ui}/#/models/{registered_model_name(concept)}/versions/{version}"
+        links["mlflow_model_version"] = f"{ui}/#/models/{registered_model_name(concept, client)}/versions/{version}"
     return links
 
 
@@ -282,7 +305,7 @@ def log_artifact(tracking_uri: str, run_id: str, path: Path, artifact_path: str 
 def model_versions(tracking_uri: str, concept: str) -> list[dict[str, Any]]:
     client = _client(tracking_uri)
     try:
-        versions = client.search_model_versions(f"name = '{registered_model_name(concept)}'")
+        versions = client.search_model_versions(f"name = '{registered_model_name(concept, client)}'")
     except Exception:
         return []
     return sorted(

@@ -60,7 +60,7 @@ def test_versions_are_pyfunc_models_with_signature_dataset_aliases_and_links(tra
     env, _src = trained
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=env.paths.mlflow_uri())
+    client = MlflowClient(tracking_uri=env.paths.mlflow_uri(), registry_uri=env.paths.mlflow_uri())
     name = registered_model_name("dots")
     assert version_for_alias(env.paths.mlflow_uri(), "dots", "latest") == "2"
     assert version_for_alias(env.paths.mlflow_uri(), "dots", "champion") is not None

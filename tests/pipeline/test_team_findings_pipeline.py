@@ -29,7 +29,8 @@ def test_alike_concept_names_keep_their_rounds_apart(agile_home: Path, tmp_path:
     write_real_like_images(tmp_path / "corpus", 240, seed=17)
     assert run_corpus([str(tmp_path / "corpus")]).success
     env = _env()
-    truths = {"sp ace": lambda i: int(i[:2], 16) % 3 == 0, "sp_ace": lambda i: int(i[:2], 16) % 3 != 0}
+    truths = {"sp ace": lambda i: int(i[:2], 16) % 3 == 0, "sp_ace": lambda i: int(i[:2], 16) % 3 != 0,
+              "sp-ace": lambda i: int(i[:2], 16) % 3 == 1}
     for name, truth in truths.items():
         env.store.create_concept(name, ["red blob"])
         assert run_concept_start(name).success
@@ -46,6 +47,30 @@ def test_alike_concept_names_keep_their_rounds_apart(agile_home: Path, tmp_path:
         assert trained == env.store.effective_labels(name), name  # its own labels, nobody else's
         assert (d / "zero_shot.npz").is_file() and (d / "eval_set.json").is_file()
     assert env.store.rounds("sp ace")[0]["model_uri"] != env.store.rounds("sp_ace")[0]["model_uri"]
+    # and one registered MLflow model each: `sp ace` and `sp-ace` no longer share `sp-ace-classifier`
+    from agile_pipeline.lib import tracking
+
+    uri = env.paths.mlflow_uri()
+    names = {n: tracking.model_name(uri, n) for n in truths}
+    assert names == {"sp ace": "sp.ace-classifier", "sp_ace": "sp_ace-classifier", "sp-ace": "sp-ace-classifier"}
+    for name in truths:
+        (v,) = tracking.model_versions(uri, name)
+        assert v["tags"]["agile/concept"] == name
+    model, model_uri = tracking.load_classifier_model(uri, "sp ace")
+    assert model_uri == "models:/sp.ace-classifier@champion" and model is not None
+    assert tracking.version_for_alias(uri, "sp ace", "champion") == "1"
+
+
+def test_a_model_registered_under_the_old_name_keeps_it(tmp_path: Path) -> None:
+    from agile_pipeline.lib import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking._client(uri)
+    client.create_registered_model("animal-check-classifier", tags={"agile/concept": "animal check"})
+    assert tracking.model_name(uri, "animal check") == "animal-check-classifier"  # its models stay one series
+    assert tracking.model_name(uri, "animal-check") == "animal-check-classifier"  # (its own name anyway)
+    client.set_registered_model_tag("animal-check-classifier", "agile/concept", "animal-check")
+    assert tracking.model_name(uri, "animal check") == "animal.check-classifier"  # taken by another concept
 
 
 def _sources() -> list[str]:
