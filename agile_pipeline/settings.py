@@ -43,6 +43,19 @@ def dagster_ui_url() -> str:
     return os.environ.get("AGILE_DAGSTER_URL", "http://127.0.0.1:3000").rstrip("/")
 
 
+ASSET_GROUPS = ("corpus", "concept", "evaluation")
+"""The asset groups of the code location, in the order the lineage shows them."""
+
+
+def dagster_lineage_url(base: str | None = None) -> str:
+    """The Dagster UI's global lineage with every asset group open (it opens them collapsed when
+    there is more than one group; ``?expanded=`` is how the UI itself records open groups)."""
+    from urllib.parse import quote
+
+    groups = ",".join(f"global@global:{g}" for g in ASSET_GROUPS)
+    return f"{(base or dagster_ui_url()).rstrip('/')}/asset-groups?expanded={quote(groups, safe='')}"
+
+
 @dataclass(frozen=True)
 class Paths:
     """Layout of the data directory (``home`` is made absolute: MLflow artifact URIs and

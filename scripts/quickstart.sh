@@ -41,6 +41,7 @@ if [ ${#pids[@]} -gt 2 ]; then
 fi
 echo
 echo "Dagster UI:    http://127.0.0.1:$DAGSTER_PORT   (logs: $AGILE_HOME/dagster-*.log)"
+echo "  lineage:     $(python -c "from agile_pipeline.settings import dagster_lineage_url as u; print(u('http://127.0.0.1:$DAGSTER_PORT'))")"
 [ ${#pids[@]} -gt 2 ] && echo "Labeling app:  http://127.0.0.1:$APP_PORT   (logs: $AGILE_HOME/app.log; rounds run in the app and show as Dagster runs)"
 echo "MLflow UI:     mlflow ui --backend-store-uri sqlite:///$AGILE_HOME/mlflow.db --port 5000   (models: <concept>-classifier)"
 echo "Try:           agile search 'dog' -k 5"
