@@ -60,7 +60,8 @@ class ModelExport:
                 embedding = json.loads(labels_file.read_text()).get("embedding_model", embedding)
             except (OSError, json.JSONDecodeError):
                 pass
-        base = f"{concept_slug(c.name)}-round-{round_index:03d}"  # a download name, not storage
+        # a download name, not storage: the model's one name, "Model N" in the app and MLflow
+        base = f"{concept_slug(c.name)}-model-{round_index + 1}"
         spec = public_spec(self.encoder_spec, self.home)  # no server path in the download
         readme = export_readme(c, round_index, row, embedding, spec, base)
         buf = io.BytesIO()
@@ -70,7 +71,8 @@ class ModelExport:
                     zf.write(p, f"{base}/{p.name}")
             zf.writestr(f"{base}/README.md", readme)
             zf.writestr(f"{base}/classifier.json", json.dumps({
-                "concept": c.name, "round": round_index, "embedding_model": embedding,
+                "concept": c.name, "model": f"Model {round_index + 1}", "round": round_index,
+                "embedding_model": embedding,
                 "encoder_spec": spec, "threshold": 0.5, "model_version": row["model_version"],
                 "mlflow_run_id": row["mlflow_run_id"], "positive_labels": row["positive"],
                 "negative_labels": row["negative"],
@@ -136,19 +138,22 @@ def public_tracking_uri(tracking_uri: str, home: Path | None) -> str:
     return repr(urlunsplit(parts))
 
 
-def load_snippet(concept: str, tracking_uri: str, *, home: Path | None = None) -> str:
+def load_snippet(concept: str, tracking_uri: str, *, home: Path | None = None,
+                 registered_model: str | None = None) -> str:
     """Python that scores images with the concept's champion model through MLflow (any MLflow
     tool can load it the same way: ``mlflow models predict``, ``spark_udf``, ...). The tracking
     store's path is written relative to ``$AGILE_HOME`` (the data directory, ``home``), never as
     the server's absolute path."""
-    from agile_pipeline.lib.tracking import model_name
+    from agile_pipeline.lib.tracking import registered_model_name
 
+    # the name the round was registered under (recorded with the round), else the rule's
+    name = registered_model or registered_model_name(concept)
     uri = public_tracking_uri(tracking_uri, home)
     return (
         ("import os, mlflow, pandas as pd\n# $AGILE_HOME: the app's data directory\n"
          if uri.startswith("os.") else "import mlflow, pandas as pd\n")
         + f"mlflow.set_tracking_uri({uri})\n"
-        f"model = mlflow.pyfunc.load_model('models:/{model_name(tracking_uri, concept)}@champion')\n"
+        f"model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         "model.predict(pd.DataFrame({'image': ['photo.jpg', 'a/folder/of/images']}))\n"
         "# -> image, probability (P(concept)), is_concept (>= 0.5), error"
     )
@@ -157,10 +162,11 @@ def load_snippet(concept: str, tracking_uri: str, *, home: Path | None = None) -
 def export_readme(
     c: Concept, round_index: int, row: Mapping[str, Any], embedding: str, spec: str, base: str
 ) -> str:
-    return f"""# Classifier for "{c.name}" (round {round_index})
+    return f"""# Classifier for "{c.name}": Model {round_index + 1}
 
 Trained by Agile Modeling on {row['positive']} positive and {row['negative']} negative ratings
-(MLflow model version {row['model_version'] or 'n/a'}, run {row['mlflow_run_id'] or 'n/a'}).
+(Model {round_index + 1} in the app; in MLflow: model version {row['model_version'] or 'n/a'},
+tag `agile/model`, run {row['mlflow_run_id'] or 'n/a'}; round {round_index} in the data directory).
 
 - Embedding model: `{embedding}` (encoder spec `{spec}`) — the classifier scores image
   *embeddings* from this model; embed new images with the same spec.

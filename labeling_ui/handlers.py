@@ -462,7 +462,7 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
                     'still being rated, to have the next batch ready in time">(early: picked the next '
                     'batch)</span>') if r.get("lookahead") else ""
             parts.append(
-                f"<tr><td>{r['round'] + 1}{note}</td><td>{r['positive']} yes / {r['negative']} no</td>"
+                f"<tr><td>Model {r['round'] + 1}{note}</td><td>{r['positive']} yes / {r['negative']} no</td>"
                 f"<td>{_auc_cell(scored.get(model_key))}</td>"
                 f"<td>{esc(str(r['model_version'] or '—'))}</td>"
                 f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
@@ -470,9 +470,11 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
             )
         parts.append("</tbody></table>")
         last = rows[-1]
+        snippet = load_snippet(concept, service.export.tracking_uri, home=service.home,
+                               registered_model=last.get("registered_model"))
         parts.append(
             '<h4>Use the model (MLflow)</h4>'
-            f'<pre class="am-code"><code>{esc(load_snippet(concept, service.export.tracking_uri, home=service.home))}'
+            f'<pre class="am-code"><code>{esc(snippet)}'
             '</code></pre>'
             '<p class="am-muted">The same from a shell: <code>agile predict '
             f'{esc(shlex.quote(concept))} PHOTO_OR_FOLDER</code>. The download holds <code>model.pt</code>, '

@@ -346,6 +346,7 @@ class Rounds:
                 "finished_at": r["finished_at"],
                 "hidden": (r.get("info") or {}).get("hidden"),
                 "lookahead": bool((r.get("info") or {}).get("lookahead")),
+                "registered_model": (r.get("info") or {}).get("registered_model"),
             }
             for r in self.store.rounds(concept)
         ]

@@ -169,7 +169,7 @@ def classifier(
     for w in result.warnings:
         context.log.warning(w)
     return dg.MaterializeResult(metadata={
-        "trained": True,
+        "trained": True, "model": f"Model {result.round_index + 1}",
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
         "lookahead": config.lookahead,

@@ -519,6 +519,7 @@ def register_round(env: LoopEnv, concept_name: str, round_index: int | None = No
     )
     env.store.update_round(concept_name, int(r["round"]), mlflow_run_id=logged.run_id,
                            model_version=logged.version)
+    env.store.merge_round_info(concept_name, int(r["round"]), registered_model=logged.name)
     return logged.run_id, logged.version, True
 
 

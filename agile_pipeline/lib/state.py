@@ -894,6 +894,17 @@ class StateStore:
                 [*fields.values(), concept, round_index],
             )
 
+    def merge_round_info(self, concept: str, round_index: int, **items: Any) -> None:
+        """Add keys to a round's ``info`` (e.g. the name its model was registered under)."""
+        with self._write() as con:
+            row = con.execute("SELECT info FROM rounds WHERE concept = ? AND round = ?",
+                              (concept, round_index)).fetchone()
+            if row is None:
+                return
+            info = {**(json.loads(row["info"]) if row["info"] else {}), **items}
+            con.execute("UPDATE rounds SET info = ? WHERE concept = ? AND round = ?",
+                        (json.dumps(info), concept, round_index))
+
     def rounds(self, concept: str) -> list[dict[str, Any]]:
         rows = self._read("SELECT * FROM rounds WHERE concept = ? ORDER BY round", (concept,))
         out = []

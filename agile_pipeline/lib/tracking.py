@@ -140,7 +140,9 @@ def log_model_version(
             exp_id = client.get_experiment_by_name(exp_name).experiment_id  # type: ignore[union-attr]
     else:
         exp_id = exp.experiment_id
-    all_tags = {"agile/round": str(round_index), "agile/concept": concept, **tags}
+    # "Model N": the model's one name in the app, the download, MLflow and Dagster
+    all_tags = {"agile/round": str(round_index), "agile/model": f"Model {round_index + 1}", "agile/concept": concept,
+                **tags}
     run = client.create_run(exp_id, run_name=f"round-{round_index}", tags=all_tags)
     run_id = run.info.run_id
     ts = 0

@@ -96,7 +96,7 @@ def test_an_owner_and_two_raters(agile_home: Path, tmp_path: Path, browser: Any,
         bob_link, cy_link = _invite(owner), _invite(owner)
         assert bob_link.startswith("/invite/") and bob_link != cy_link
         _shot(owner, artifacts_dir, "01-owner-invites")
-        first = [r["invite_id"] for r in store.invites(CONCEPT)][0]
+        first = store.invites(CONCEPT)[0]["invite_id"]
 
         with _person(browser, url, "bob", bob_link) as bob, _person(browser, url, "cy", cy_link) as cy:
             for rater in (bob, cy):  # the page load redeemed the invite and opened the concept

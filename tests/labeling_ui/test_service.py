@@ -211,10 +211,10 @@ def test_export_zip_holds_model_files_and_a_readme(world: World, concept_with_ba
     world.store.record_round(concept_with_batch, 0, label_cutoff=1, model_uri=str(model_dir), model_version="1",
                              mlflow_run_id="abc", n_pos=3, n_neg=7, train_seconds=1.0)
     name, data = world.service.export.export_zip(concept_with_batch, 0)
-    assert name == "red_things-round-000.zip"
+    assert name == "red_things-model-1.zip"
     zf = zipfile.ZipFile(io.BytesIO(data))
     names = set(zf.namelist())
-    base = "red_things-round-000/"
+    base = "red_things-model-1/"
     assert {base + "model.pt", base + "meta.json", base + "README.md", base + "classifier.json"} <= names
     assert base + ".secret" not in names
     readme = zf.read(base + "README.md").decode()

@@ -55,7 +55,8 @@ def test_alike_concept_names_keep_their_rounds_apart(agile_home: Path, tmp_path:
     assert names == {"sp ace": "sp.ace-classifier", "sp_ace": "sp_ace-classifier", "sp-ace": "sp-ace-classifier"}
     for name in truths:
         (v,) = tracking.model_versions(uri, name)
-        assert v["tags"]["agile/concept"] == name
+        assert v["tags"]["agile/concept"] == name and v["tags"]["agile/model"] == "Model 1"
+        assert env.store.rounds(name)[0]["info"]["registered_model"] == names[name]  # what the app shows
     model, model_uri = tracking.load_classifier_model(uri, "sp ace")
     assert model_uri == "models:/sp.ace-classifier@champion" and model is not None
     assert tracking.version_for_alias(uri, "sp ace", "champion") == "1"
@@ -71,6 +72,11 @@ def test_a_model_registered_under_the_old_name_keeps_it(tmp_path: Path) -> None:
     assert tracking.model_name(uri, "animal-check") == "animal-check-classifier"  # (its own name anyway)
     client.set_registered_model_tag("animal-check-classifier", "agile/concept", "animal-check")
     assert tracking.model_name(uri, "animal check") == "animal.check-classifier"  # taken by another concept
+    from labeling_ui.export import load_snippet
+
+    assert "models:/animal.check-classifier@champion" in load_snippet("animal check", uri)
+    assert "models:/animal-check-classifier@champion" in load_snippet(
+        "animal check", uri, registered_model="animal-check-classifier")  # as the round recorded it
 
 
 def _sources() -> list[str]:
