@@ -194,7 +194,7 @@ def save_pyfunc(path: Path, model_dir: Path, *, encoder_spec: str, embedding_mod
     """Write the MLflow model (``MLmodel``, signature, requirements, the classifier files) to
     the new directory ``path``."""
     mlflow.pyfunc.save_model(
-        path=str(path), python_model=ConceptClassifier(),
+        path=str(path), python_model=str(Path(__file__).with_name("mlflow_model_entry.py")),
         artifacts={CLASSIFIER_ARTIFACT: str(model_dir)}, signature=signature(),
         input_example=input_example, pip_requirements=pip_requirements(),
         model_config={"encoder_spec": encoder_spec, "embedding_model": embedding_model},

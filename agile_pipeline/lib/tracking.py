@@ -204,8 +204,12 @@ def _log_label_snapshot(client: Any, run_id: str, concept: str, model_dir: Path)
     snap = json.loads(path.read_text())
     labels = dict(snap.get("labels") or {})
     df = pd.DataFrame({"image_id": list(labels), "label": [float(v) for v in labels.values()]})
-    ds = mlflow.data.from_pandas(df, source=str(path.resolve()), targets="label",
-                                 name=f"{concept}-labels@{snap.get('label_cutoff', 0)}")
+    import warnings
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source class twice
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        ds = mlflow.data.from_pandas(df, source=str(path.resolve()), targets="label",
+                                     name=f"{concept}-labels@{snap.get('label_cutoff', 0)}")
     client.log_inputs(run_id, datasets=[DatasetInput(
         ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
 
