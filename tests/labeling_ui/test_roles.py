@@ -18,6 +18,7 @@ from labeling_ui.app import build_app
 from labeling_ui.config import ConfigError, UiSettings
 from labeling_ui.session import LabelingSession
 from tests.labeling_ui.conftest import LOCAL, World
+from tests.labeling_ui.gradio_events import run_event
 
 CONCEPT = "red things"
 PEOPLE = [("alice", "pw-a"), ("bob", "pw-b"), ("cy", "pw-c")]
@@ -196,50 +197,31 @@ def test_the_review_queue_decision_is_the_owners_label(team: Callable[[str], Tes
 
 
 # ---- the same rules on Gradio's own event routes --------------------------------------------
-def _event(client: TestClient, session: str, elem_id: str | None, event: str, data: list[Any]) -> dict[str, Any]:
-    """Run one UI event through Gradio's queue routes (``elem_id=None``: the page's load event)."""
-    cfg = client.get("/config").json()
-    comp = None if elem_id is None else next(
-        c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == elem_id)
-    dep = next(d for d in cfg["dependencies"]
-               if any(t[1] == event and (comp is None or t[0] == comp) for t in d["targets"]))
-    r = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": dep["id"], "session_hash": session,
-                                                   "trigger_id": comp, "event_data": None})
-    assert r.status_code == 200, r.text
-    with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data:"):
-                msg = json.loads(line[5:])
-                if msg.get("msg") == "process_completed":
-                    return msg  # type: ignore[no-any-return]
-    raise AssertionError("the event did not complete")
-
-
 def test_gradio_events_enforce_roles(team: Callable[[str], TestClient], world: World) -> None:
     alice, bob = team("alice"), team("bob")
     assert bob.get(_invite(alice)["link"]).status_code == 303
     s = f"s{os.urandom(6).hex()}"
-    opened = _event(bob, s, None, "load", [CONCEPT])  # the page load opens ?concept=
+    opened = run_event(bob, None, "load", [CONCEPT], session=s)  # the page load opens ?concept=
     assert opened["success"] is True
     before = world.store.get_concept(CONCEPT)
-    saved = _event(bob, s, "am-save", "click", [None, "hacked phrase", "", "obey me"])
+    saved = run_event(bob, "am-save", "click", [None, "hacked phrase", "", "obey me"], session=s)
     assert saved["success"] is False and "only its owner can edit" in saved["output"]["error"]
-    again = _event(bob, s, "am-again", "click", [None, ""])
+    again = run_event(bob, "am-again", "click", [None, ""], session=s)
     assert again["success"] is False and "start its rounds" in again["output"]["error"]
-    invite = _event(bob, s, "am-invite-create", "click", [None, "rater", "7d", ""])
+    invite = run_event(bob, "am-invite-create", "click", [None, "rater", "7d", ""], session=s)
     assert invite["success"] is False
     assert world.store.get_concept(CONCEPT) == before and world.store.invites(CONCEPT)[0]["created_by"] == "alice"
     assert len(world.store.invites(CONCEPT)) == 1
     # a stranger cannot even open it
     s2 = f"s{os.urandom(6).hex()}"
     cy = team("cy")
-    shown = _event(cy, s2, None, "load", [CONCEPT])
+    shown = run_event(cy, None, "load", [CONCEPT], session=s2)
     assert shown["success"] is True and CONCEPT not in json.dumps(shown["output"])
-    assert _event(cy, s2, "am-save", "click", [None, "x", "", ""])["success"] is False
+    assert run_event(cy, "am-save", "click", [None, "x", "", ""], session=s2)["success"] is False
     # the owner can
     s3 = f"s{os.urandom(6).hex()}"
-    assert _event(alice, s3, None, "load", [CONCEPT])["success"] is True
-    assert _event(alice, s3, "am-save", "click", [None, "crimson things", "", "Only red."])["success"] is True
+    assert run_event(alice, None, "load", [CONCEPT], session=s3)["success"] is True
+    assert run_event(alice, "am-save", "click", [None, "crimson things", "", "Only red."], session=s3)["success"] is True
     assert "crimson things" in world.store.get_concept(CONCEPT).positives
 
 

@@ -36,6 +36,7 @@ from labeling_ui.security import HostAllowList
 from labeling_ui.session import LabelingSession
 from tests.hostile_images import write_real_like_images
 from tests.labeling_ui.conftest import LOCAL, World, live_server
+from tests.labeling_ui.gradio_events import run_event
 
 EVIL = "http://rebind.attacker.example:7860"
 
@@ -254,29 +255,11 @@ def test_the_models_route_survives_an_evaluation_without_ratings(client: TestCli
 
 
 # ---- finding 8: user text in toasts is text ------------------------------------------------
-def _gradio_event(client: TestClient, elem_id: str, event: str, data: list[Any]) -> dict[str, Any]:
-    """Run one of the UI's events through Gradio's own queue routes; the completed message."""
-    cfg = client.get("/config").json()
-    comp = next(c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == elem_id)
-    dep = next(d for d in cfg["dependencies"] if [comp, event] in [list(t) for t in d["targets"]])
-    session = f"s{os.urandom(6).hex()}"
-    r = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": dep["id"], "session_hash": session,
-                                                   "trigger_id": comp, "event_data": None})
-    assert r.status_code == 200, r.text
-    with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data:"):
-                msg = json.loads(line[5:])
-                if msg.get("msg") == "process_completed":
-                    return msg  # type: ignore[no-any-return]
-    raise AssertionError("the event did not complete")
-
-
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
 def test_error_toasts_show_user_text_as_text(client: TestClient, world: World) -> None:
-    msg = _gradio_event(client, "am-create", "click", [None, HOSTILE, "a phrase", "", "", "bob"])
+    msg = run_event(client, "am-create", "click", [None, HOSTILE, "a phrase", "", "", "bob"])
     assert msg["success"] is False
     error = msg["output"]["error"]
     assert "<img" not in error and "&lt;img src=x onerror=alert(1)&gt;" in error
