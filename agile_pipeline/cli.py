@@ -27,7 +27,7 @@ app.add_typer(labels_app, name="labels")
 sources_app = typer.Typer(help="The corpus sources scheduled refreshes ingest.", no_args_is_help=True)
 app.add_typer(sources_app, name="sources")
 
-Strategy = Literal["margin", "margin-positive"]
+Strategy = Literal["margin", "margin-positive", "cluster-margin"]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -656,7 +656,9 @@ def _csv_formula_guard(column: str) -> str:
 @app.command("round")
 def round_(
     name: Annotated[str, typer.Argument(help="Concept name.")],
-    strategy: Annotated[str, typer.Option(help="margin or margin-positive.")] = "margin",
+    strategy: Annotated[str, typer.Option(
+        help="margin, margin-positive, or cluster-margin (the most uncertain 10x batch, one per k-means "
+             "cluster: no near-duplicate batches).")] = "margin",
     batch: Annotated[int, typer.Option(help="Images to select for the next batch.")] = settings.AL_BATCH,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     force: Annotated[bool, typer.Option(help="Retrain even if no label changed since the last round.")] = False,
@@ -667,8 +669,8 @@ def round_(
     from agile_pipeline.runner import metadata_of, run_concept_round
 
     _setup_logging()
-    if strategy not in ("margin", "margin-positive"):
-        fail(f"unknown strategy {strategy!r}: use margin or margin-positive")
+    if strategy not in ("margin", "margin-positive", "cluster-margin"):
+        fail(f"unknown strategy {strategy!r}: use margin, margin-positive or cluster-margin")
     if dry_run:
         from agile_pipeline.lib.loop import plan_round, round_facts
 
@@ -845,7 +847,9 @@ def simulate(
     concepts: Annotated[str | None, typer.Option(help="Comma-separated concept names, or a number to sample.")] = None,
     rounds: Annotated[int, typer.Option(help="Active-learning rounds after expansion.")] = settings.AL_ROUNDS,
     batch: Annotated[int, typer.Option(help="Images rated per round.")] = settings.AL_BATCH,
-    strategy: Annotated[str, typer.Option(help="margin or margin-positive.")] = "margin",
+    strategy: Annotated[str, typer.Option(
+        help="margin, margin-positive, or cluster-margin (the most uncertain 10x batch, one per k-means "
+             "cluster: no near-duplicate batches).")] = "margin",
     seed: Annotated[int, typer.Option(help="Seed for sampling and training.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sim-out"),
     workers: Annotated[int, typer.Option(help="Concepts simulated in parallel.")] = 1,
@@ -869,8 +873,8 @@ def simulate(
     from agile_pipeline.runner import prepare_simulation
 
     _setup_logging()
-    if strategy not in ("margin", "margin-positive"):
-        fail(f"unknown strategy {strategy!r}: use margin or margin-positive")
+    if strategy not in ("margin", "margin-positive", "cluster-margin"):
+        fail(f"unknown strategy {strategy!r}: use margin, margin-positive or cluster-margin")
     if few_shot not in FEW_SHOT_VARIANTS:
         fail(f"unknown --few-shot {few_shot!r}: one of {', '.join(FEW_SHOT_VARIANTS)}")
     t0 = time.perf_counter()

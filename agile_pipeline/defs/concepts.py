@@ -50,7 +50,7 @@ class TrainingConfig(dg.Config):
 
 class MarginSamplingConfig(dg.Config):
     batch_size: int = settings.AL_BATCH
-    strategy: Literal["margin", "margin-positive"] = "margin"
+    strategy: Literal["margin", "margin-positive", "cluster-margin"] = "margin"
     # leave out the current batch's images nobody has rated yet (a lookahead round)
     exclude_pending: bool = False
 

@@ -24,7 +24,7 @@ from agile_pipeline.lib.vectors import VectorStore
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["margin", "margin-positive"]
+Strategy = Literal["margin", "margin-positive", "cluster-margin"]
 
 
 class LoopError(ValueError):
@@ -578,8 +578,8 @@ def _select_candidates(
     concept = env.store.get_concept(concept_name)
     round_index, model = load_model(env, concept.name)
     cutoff = env.store.label_cutoff(concept.name)
-    if strategy not in ("margin", "margin-positive"):
-        raise LoopError(f"unknown strategy {strategy!r}: use 'margin' or 'margin-positive'")
+    if strategy not in ("margin", "margin-positive", "cluster-margin"):
+        raise LoopError(f"unknown strategy {strategy!r}: use 'margin', 'margin-positive' or 'cluster-margin'")
     from agile_pipeline.lib.selection import select_for_round
 
     labeled = env.store.labeled_image_ids(concept.name)

@@ -114,6 +114,60 @@ def select_margin(
     return _smallest_k(m, k)
 
 
+CLUSTER_POOL = 10
+"""Cluster-margin clusters the ``CLUSTER_POOL * k`` most uncertain rows (Citovsky et al. use 10x)."""
+
+
+def diversify_by_cluster(
+    margins: np.ndarray, vectors: np.ndarray, k: int, *, seed: int = 0
+) -> np.ndarray:
+    """Cluster-margin's diversity step (Citovsky et al., "Batch Active Learning at Scale",
+    NeurIPS 2021): the rows (most uncertain first) are clustered into ``k`` groups by k-means on
+    their L2-normalised embeddings, and one row is taken from each group, its most uncertain;
+    near-duplicates of one uncertain image thus fill one slot of the batch, not many.
+
+    Args:
+        margins: ``(m,)`` margins of the candidate rows (the ``CLUSTER_POOL * k`` most uncertain).
+        vectors: ``(m, d)`` their embeddings.
+        k: batch size.
+
+    Returns:
+        Positions into ``margins`` (``k`` of them, or ``m`` when ``m <= k``), the picked rows
+        ordered by margin ascending (ties: position).
+    """
+    m = int(margins.shape[0])
+    if vectors.shape[0] != m:
+        raise ValueError(f"{vectors.shape[0]} vectors for {m} margins")
+    if m <= k:
+        return np.argsort(margins, kind="stable").astype(np.int64)
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(vectors, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    groups = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit_predict(x)
+    order = np.lexsort((np.arange(m), margins))  # by margin, then position
+    first = {}
+    for pos in order:  # the most uncertain row of each group
+        first.setdefault(int(groups[pos]), int(pos))
+    picked = np.array(sorted(first.values(), key=lambda pos: (margins[pos], pos)), dtype=np.int64)
+    if picked.size < k:  # (k-means may leave a group empty): fill with the next most uncertain
+        rest = np.setdiff1d(order, picked, assume_unique=False)
+        rest = rest[np.argsort(margins[rest], kind="stable")]
+        picked = np.concatenate([picked, rest[: k - picked.size]])
+    return picked
+
+
+def select_cluster_margin(
+    scores: np.ndarray, vectors: np.ndarray, k: int, *, eligible: np.ndarray | None = None,
+    pool: int = CLUSTER_POOL, seed: int = 0,
+) -> np.ndarray:
+    """Indices of ``k`` rows chosen by cluster-margin: :func:`select_margin`'s ``pool * k``
+    most uncertain eligible rows, diversified by :func:`diversify_by_cluster`."""
+    shortlist = select_margin(scores, pool * k, eligible=eligible)
+    pos = diversify_by_cluster(margin(_check_scores(scores)[shortlist]), vectors[shortlist], k, seed=seed)
+    return shortlist[pos]
+
+
 def _top_scores(scores: np.ndarray, k: int, mask: np.ndarray | None) -> np.ndarray:
     """Indices of the ``k`` highest scores among ``mask`` rows, descending, ties by index."""
     neg = -scores.astype(np.float64, copy=False)
@@ -329,6 +383,14 @@ def select_margin_exact(
     if eligible is not None and eligible.shape != (n,):
         raise ValueError(f"eligible must have shape ({n},)")
     n_eligible = n if eligible is None else int(eligible.sum())
+    if strategy == "cluster-margin":  # the exact pool of the most uncertain, then diversity
+        pooled = select_margin_exact(model, cache, CLUSTER_POOL * k, eligible=eligible, strategy="margin",
+                                     approx=approx, shortlist=shortlist)
+        t1 = time.perf_counter()
+        pos = diversify_by_cluster(margin(pooled.scores), cache.rows_f32(pooled.rows), min(k, n_eligible))
+        return Selection(pooled.rows[pos], pooled.scores[pos], n_eligible, {
+            **pooled.info, "pool": int(pooled.rows.size), "cluster_seconds": round(time.perf_counter() - t1, 4),
+            "seconds": round(time.perf_counter() - t0, 4)})
     k = min(k, n_eligible)
     if k <= 0:
         return Selection(np.empty(0, np.int64), np.empty(0, np.float32), n_eligible,
@@ -407,8 +469,11 @@ def select_for_round(vectors: Any, model_id: str, model: Any, labeled: set[str] 
         scores = model.predict_proba(m.vectors)
         labeled = labeled if isinstance(labeled, set) else set(labeled)  # the committed path
         eligible = np.fromiter((i not in labeled for i in m.ids), dtype=bool, count=len(m.ids))
-        pick = (select_margin if strategy == "margin" else select_margin_positive)(
-            scores, k, eligible=eligible)
+        if strategy == "cluster-margin":
+            pick = select_cluster_margin(scores, m.vectors, k, eligible=eligible)
+        else:
+            pick = (select_margin if strategy == "margin" else select_margin_positive)(
+                scores, k, eligible=eligible)
         return RoundSelection([str(m.ids[i]) for i in pick], [float(scores[i]) for i in pick],
                               len(scores), int(eligible.sum()))
     train = split_cache(vectors, model_id, "train")

@@ -44,7 +44,12 @@ from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibratio
 from agile_pipeline.lib.labeled_dataset import SimData, load_dataset
 from agile_pipeline.lib.loop import RoundFacts, RoundPlan, architecture_round, plan_round
 from agile_pipeline.lib.metrics import compute_metrics
-from agile_pipeline.lib.selection import sample_expansion, select_margin, select_margin_positive
+from agile_pipeline.lib.selection import (
+    sample_expansion,
+    select_cluster_margin,
+    select_margin,
+    select_margin_positive,
+)
 from agile_pipeline.research import few_shot
 
 log = logging.getLogger(__name__)
@@ -227,6 +232,8 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
             p_train = selector.predict(X_train, zs_train_unit)
             if cfg.strategy == "margin-positive":
                 nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
+            elif cfg.strategy == "cluster-margin":
+                nxt = select_cluster_margin(p_train, X_train, cfg.batch, eligible=eligible, seed=cfg.seed + r)
             else:
                 nxt = select_margin(p_train, cfg.batch, eligible=eligible)
             book.batch(nxt, "al", selector_round, int(labeled.sum()))

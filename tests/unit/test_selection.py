@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from agile_pipeline.lib.selection import (
+    diversify_by_cluster,
+    select_cluster_margin,
     StreamingSelector,
     margin,
     sample_expansion,
@@ -215,4 +217,53 @@ def test_select_margin_exact_equals_float32_selection(split_store, strategy, sho
     assert np.allclose(got.scores, probs[want], atol=1e-6)
     assert got.info["shortlist_proven"]
     sel = select_for_round(split_store, SPLIT_MODEL, model, set(labeled), 100, strategy)
+    assert sel.ids == [str(m.ids[i]) for i in want]
+
+
+# ---- cluster-margin: the most uncertain, one per cluster ------------------------------------
+def _near_duplicates(groups: int, per: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(groups, dim))
+    return np.repeat(centres, per, axis=0) + 0.01 * rng.normal(size=(groups * per, dim))
+
+
+def test_cluster_margin_takes_one_image_per_group_of_near_duplicates() -> None:
+    x = _near_duplicates(groups=10, per=30)
+    rng = np.random.default_rng(1)
+    scores = 0.5 + rng.choice([-1, 1], size=len(x)) * rng.uniform(0.05, 0.2, size=len(x))
+    scores[:30] = 0.5 + rng.uniform(-0.01, 0.01, size=30)  # group 0: the 30 most uncertain of all
+    plain = select_margin(scores, 10)
+    assert set(plain.tolist()) <= set(range(30))  # margin alone: ten copies of one picture
+    got = select_cluster_margin(scores, x, 10, pool=30)
+    assert sorted(int(i) // 30 for i in got) == list(range(10))  # one from every group
+    m = np.abs(2 * scores - 1)
+    for i in got:  # and from each group its most uncertain
+        g = int(i) // 30
+        assert m[i] == m[g * 30:(g + 1) * 30].min()
+    assert np.all(np.diff(m[got]) >= 0)  # ordered by margin
+
+
+def test_cluster_margin_respects_eligibility_and_small_pools() -> None:
+    x = _near_duplicates(groups=5, per=4)
+    scores = np.linspace(0.3, 0.7, len(x))
+    eligible = np.ones(len(x), bool)
+    eligible[::2] = False
+    got = select_cluster_margin(scores, x, 3, eligible=eligible)
+    assert len(got) == 3 and eligible[got].all()
+    assert select_cluster_margin(scores, x, 50, eligible=eligible).tolist() == \
+        select_margin(scores, 50, eligible=eligible).tolist()  # fewer rows than the batch: all of them
+    with pytest.raises(ValueError, match="vectors"):
+        diversify_by_cluster(np.zeros(4), np.zeros((3, 2)), 2)
+
+
+def test_cluster_margin_over_a_split_cache_is_the_float32_answer(split_store, scan_mode_each) -> None:
+    model, labeled = trained_on_split(split_store)
+    m = split_store.matrix(SPLIT_MODEL, "train")
+    c = split_cache(split_store, SPLIT_MODEL, "train")
+    probs = model.predict_proba(m.vectors)
+    eligible = ~np.isin(m.ids.astype(str), labeled)
+    want = select_cluster_margin(probs, m.vectors, 20, eligible=eligible)
+    got = select_margin_exact(model, c, 20, eligible=~c.mask(labeled), strategy="cluster-margin")
+    assert got.rows.tolist() == want.tolist() and got.info["pool"] == 200
+    sel = select_for_round(split_store, SPLIT_MODEL, model, set(labeled), 20, "cluster-margin")
     assert sel.ids == [str(m.ids[i]) for i in want]
