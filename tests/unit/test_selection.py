@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from agile_pipeline.lib.selection import (
-    diversify_by_cluster,
-    select_cluster_margin,
     StreamingSelector,
+    diversify_by_cluster,
     margin,
     sample_expansion,
+    select_cluster_margin,
     select_for_round,
     select_margin,
     select_margin_exact,
