@@ -541,12 +541,13 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
     if not settings.auth_enabled:
         link = f"/?concept={esc(concept, quote=True).replace(' ', '%20')}"
         parts = [
-            '<div class="am-panel"><h3>Invite raters</h3>',
-            f'<p>Send this link: <a class="am-invite" href="{link}">{esc(link)}</a> (on this app’s address). '
-            'Each rater types their name once; it is remembered in their browser. Every rating keeps who '
-            'made it. Sign-in is off, so everyone who reaches the app can do everything: to give people '
-            'roles (owner, rater, viewer) and revocable invite links, start the app with '
-            '<code>AGILE_APP_AUTH=name:password,...</code>.</p>',
+            '<div class="am-panel"><h3>Raters</h3>',
+            f'<p>Link to this concept: <a class="am-invite" href="{link}">{esc(link)}</a>. Sign-in is off, so '
+            'the app serves this machine only (or a trusted network, with '
+            '<code>AGILE_APP_ALLOW_REMOTE_WITHOUT_AUTH=1</code>), everyone who reaches it can do '
+            'everything, and each rater types their name once (every rating keeps it). To invite people '
+            'with a role (rater or viewer) through links you can revoke, start the app with sign-in: '
+            '<code>AGILE_APP_AUTH=name:password,...</code>, one entry per person.</p>',
         ]
     elif role == "owner":
         parts = ['<div class="am-panel">', _members_table(service, settings, concept, user)]
