@@ -80,8 +80,12 @@ def main(home: str, log_path: str, seed: int) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "AGILE_HOME": home}
+    # the app's and the rounds' output, for the test to show when a session stalls
+    out_dir = Path(log_path).parent
+    app_log = (out_dir / "session-app.log").open("ab")
+    round_log = (out_dir / "session-rounds.log").open("ab")
     subprocess.Popen([sys.executable, "-m", "labeling_ui", "--in-process", "--port", str(port)], env=env,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     stdout=app_log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while True:
         try:
@@ -107,7 +111,7 @@ def main(home: str, log_path: str, seed: int) -> None:
             if batch is None or not todo:
                 if round_proc is None or round_proc.poll() is not None:
                     round_proc = subprocess.Popen([sys.executable, "-m", "agile_pipeline.cli", "round", CONCEPT],
-                                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                                  env=env, stdout=round_log, stderr=subprocess.STDOUT)
                 time.sleep(0.5)
                 continue
             for k in range(0, len(todo), 5):
@@ -122,7 +126,7 @@ def main(home: str, log_path: str, seed: int) -> None:
                 _log(fh, "acked " + " ".join(str(e["event_id"]) for e in events))
                 if n % 15 < 5 and (round_proc is None or round_proc.poll() is not None):
                     round_proc = subprocess.Popen([sys.executable, "-m", "agile_pipeline.cli", "round", CONCEPT],
-                                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                                  env=env, stdout=round_log, stderr=subprocess.STDOUT)
                 time.sleep(rng.uniform(0.0, 0.05))
 
 

@@ -45,7 +45,11 @@ def _wait_for_acks(p: subprocess.Popen[bytes], log: Path, at_least: int, timeout
                 pass
             p.wait(30)
             err = p.stderr.read().decode(errors="replace")[-2000:] if p.stderr else ""  # type: ignore[union-attr]
-            raise AssertionError(f"the session acknowledged nothing in {timeout:.0f} s; its stderr: {err!r}")
+            tails = {name: (log.parent / name).read_text(errors="replace")[-1500:]
+                     for name in ("session-app.log", "session-rounds.log") if (log.parent / name).exists()}
+            env = {k: v for k, v in os.environ.items() if k.startswith(("AGILE_", "DAGSTER_", "GRADIO_"))}
+            raise AssertionError(f"the session acknowledged nothing in {timeout:.0f} s; its stderr: {err!r}; "
+                                 f"environment: {env}; logs: {tails}")
         time.sleep(0.2)
 
 
