@@ -291,7 +291,7 @@ def build_router(service: LabelingService, gate: AuthGate, settings: UiSettings)
     def session(request: Request) -> dict[str, Any]:
         user = signed_in(request)
         return {"auth": gate.enabled, "user": user,
-                "concepts": access.visible(service.ratings.concept_names(), user)}
+                "concepts": access.visible(user)}
 
     @router.get("/api/batch", include_in_schema=False)
     def batch(request: Request, concept: str, rater: str = "", purpose: str = "train") -> dict[str, Any]:

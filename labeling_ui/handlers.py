@@ -123,19 +123,22 @@ def panels(service: LabelingService, settings: UiSettings, session: LabelingSess
     concept = session.concept
     if concept and role is None:
         role = role_of(service, settings, session)
+    owned = bool(concept) and role == "owner" and settings.auth_enabled
+    overview = members(service, settings).overview(concept or "", session.user) if owned else None
     return {
         "model": model_panel(service, concept, role=role or "owner"),
-        "raters": raters_panel(service, settings, concept, role=role or "owner", user=session.user),
-        "manage": manage_controls(service, settings, session, role),
+        "raters": raters_panel(service, settings, concept, role=role or "owner", user=session.user,
+                               overview=overview),
+        "manage": manage_controls(service, settings, session, role, overview=overview),
     }
 
 
 def manage_controls(service: LabelingService, settings: UiSettings, session: LabelingSession,
-                    role: str | None) -> dict[str, Any]:
+                    role: str | None, *, overview: dict[str, Any] | None = None) -> dict[str, Any]:
     """Whether the owner's invite/member controls show, and what the revoke list offers."""
     if not session.concept or role != "owner" or not settings.auth_enabled:
         return {"visible": False, "choices": []}
-    o = members(service, settings).overview(session.concept, session.user)
+    o = overview or members(service, settings).overview(session.concept, session.user)
     choices = [(f"invite {i['invite_id']} ({i['role']}{', ' + i['note'] if i['note'] else ''}; "
                 f"{i['uses']} joined)", f"invite:{i['invite_id']}") for i in o["invites"] if i["status"] == "active"]
     choices += [(f"{m['user']} ({m['role']})", f"member:{m['user']}") for m in o["members"] if m["active"]]
@@ -166,7 +169,7 @@ def on_load(
             out = on_load(service, settings, session, query_concept)
             out.infos.append(f"The invite link you followed does not work: {exc}")
             return out
-    names = members(service, settings).visible(service.ratings.concept_names(), session.user)
+    names = members(service, settings).visible(session.user)
     wanted = None
     if query_concept:
         norm = " ".join(query_concept.strip().lower().split())
@@ -184,7 +187,7 @@ def open_concept(
     service: LabelingService, settings: UiSettings, session: LabelingSession, concept: str | None,
     *, names: list[str] | None = None, on_load: bool = False,
 ) -> View:
-    names = names if names is not None else members(service, settings).visible(service.ratings.concept_names(), session.user)
+    names = names if names is not None else members(service, settings).visible(session.user)
     if not concept:
         session = session.with_concept(None)
         # on a page load the form is already empty: leave it, so that nothing typed before
@@ -261,7 +264,7 @@ def on_create(
     session = session.with_concept(concept.name)
     view = service.rounds.start_concept(concept.name, requested_by=owner)
     out = View(
-        session, choices=members(service, settings).visible(service.ratings.concept_names(), session.user),
+        session, choices=members(service, settings).visible(session.user),
         concept=concept.name, form=concept_form(service, concept.name),
         status=concept_status(service, concept.name, view),
         widget=widget_value(session, settings, view, owner=concept.owner), **panels(service, settings, session),
@@ -508,10 +511,9 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
     return "".join(parts)
 
 
-def _members_table(service: LabelingService, settings: UiSettings, concept: str, user: str | None) -> str:
-    """The owner's view of who has a role and which invite links exist."""
+def _members_table(o: dict[str, Any]) -> str:
+    """The owner's view of who has a role and which invite links exist (``Members.overview``)."""
     esc = html.escape
-    o = members(service, settings).overview(concept, user)
     rows = [f'<tr data-member="{esc(m["user"], quote=True)}"><td>{esc(m["user"])}</td><td>{esc(m["role"])}</td>'
             f'<td>{"invite " + esc(m["via_invite"]) if m["via_invite"] else "given by the owner"}</td>'
             f'<td>{"yes" if m["active"] else "no (its invite was revoked)"}</td></tr>' for m in o["members"]]
@@ -533,7 +535,7 @@ def _members_table(service: LabelingService, settings: UiSettings, concept: str,
 
 
 def raters_panel(service: LabelingService, settings: UiSettings, concept: str | None, *, role: str = "owner",
-                 user: str | None = None) -> str:
+                 user: str | None = None, overview: dict[str, Any] | None = None) -> str:
     esc = html.escape
     if not concept:
         return '<div class="am-panel am-muted">Open or create a concept to invite raters.</div>'
@@ -550,7 +552,7 @@ def raters_panel(service: LabelingService, settings: UiSettings, concept: str | 
             '<code>AGILE_APP_AUTH=name:password,...</code>, one entry per person.</p>',
         ]
     elif role == "owner":
-        parts = ['<div class="am-panel">', _members_table(service, settings, concept, user)]
+        parts = ['<div class="am-panel">', _members_table(overview or members(service, settings).overview(concept, user))]
     else:
         parts = [f'<div class="am-panel"><h3>Raters</h3><p data-slot="your-role">You are a <b>{esc(role)}</b> of '
                  f'this concept; its owner is {esc(c["owner"])}.</p>']

@@ -561,6 +561,10 @@ class StateStore:
     def concept_names(self) -> list[str]:
         return [r["name"] for r in self._read("SELECT name FROM concepts ORDER BY name")]
 
+    def concept_owners(self) -> dict[str, str]:
+        """Every concept's owner, by name (in name order)."""
+        return {r["name"]: r["owner"] for r in self._read("SELECT name, owner FROM concepts ORDER BY name")}
+
     # ---- members and invites (policy: ``lib/access.py``) --------------------------------
     def set_member(self, concept: str, user: str, role: str, *, granted_by: str,
                    invite_id: str | None = None) -> None:
