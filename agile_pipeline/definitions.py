@@ -22,6 +22,7 @@ def definitions_for(resources: "AgileResources") -> dg.Definitions:
             corpus.image_manifest,
             corpus.train_test_assignment,
             corpus.image_embeddings,
+            corpus.embedding_index,
             concepts.concept_labels,
             concepts.expansion_candidates,
             concepts.zero_shot_scores,

@@ -187,6 +187,15 @@ EXPANSION_SAMPLE = 100
 # of the same words keep missing it. Measured with `agile simulate` (README, issue 9).
 RECOVERY_RANDOM_SHARE = 0.5
 AL_BATCH = 100
+
+
+def candidate_pool_mode() -> str:
+    """``AGILE_CANDIDATE_POOL``: ``auto`` (default: the SEALS pool on large corpora only),
+    ``on`` or ``off`` (every round scans the whole train split, the paper's protocol);
+    see :mod:`agile_pipeline.lib.candidate_pool`."""
+    return os.environ.get("AGILE_CANDIDATE_POOL", "auto").strip().lower() or "auto"
+
+
 AL_ROUNDS = 5
 EVAL_STRATA = 10
 EVAL_PER_STRATUM = 20

@@ -1,4 +1,5 @@
-"""Corpus assets: ingestion + dedup -> train/test split -> image embeddings (LanceDB)."""
+"""Corpus assets: ingestion + dedup -> train/test split -> image embeddings (LanceDB) -> their
+ANN index."""
 
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from agile_pipeline.defs.resources import (
     quiet_third_party_logs,
 )
 from agile_pipeline.lib import corpus
+from agile_pipeline.lib.ann_index import ANN_MIN_ROWS
 from agile_pipeline.lib.corpus import SourceError, ingest_source
 from agile_pipeline.lib.keyed_hash import assign_split
 
@@ -198,6 +200,59 @@ def image_embeddings(
     return dg.MaterializeResult(metadata=md)  # type: ignore[arg-type]
 
 
+class IndexConfig(dg.Config):
+    # below this many rows an exact scan is fast and exact: no index (lib/ann_index.py)
+    min_rows: int = Field(default=ANN_MIN_ROWS, ge=0)
+    rebuild: bool = False
+
+
+@dg.asset(
+    group_name="corpus",
+    deps=[image_embeddings],
+    kinds={"lancedb"},
+    description=(
+        "LanceDB's IVF-PQ index over the embedding table, for expansion, search and the "
+        "candidate pools' neighbour queries (exact re-rank of the candidates). Built once above "
+        f"{ANN_MIN_ROWS:,} rows, then extended with each refresh's new rows; probes calibrated "
+        "until recall@100 against exact search reaches 0.95. Smaller tables: exact search."
+    ),
+    check_specs=[dg.AssetCheckSpec(
+        "recall_at_100", asset="embedding_index",
+        description="Recall@100 of the index against exact search, on 50 train rows picked by a "
+                    "fixed seed, is at least 0.95 (tables searched exactly pass).")],
+)
+def embedding_index(
+    context: dg.AssetExecutionContext, config: IndexConfig, vectors: VectorsResource, encoder: EncoderResource,
+) -> dg.MaterializeResult:
+    from agile_pipeline.lib import ann_index
+
+    vs = vectors.vectors()
+    model_id = encoder.model_id()
+    if not vs.exists(model_id):
+        return dg.MaterializeResult(metadata={"status": "no embeddings yet"}, check_results=[
+            dg.AssetCheckResult(check_name="recall_at_100", passed=True, metadata={"search": "none yet"})])
+    report = ann_index.ensure_index(vs, model_id, min_rows=config.min_rows, rebuild=config.rebuild)
+    md: dict[str, object] = {"model_id": model_id, "status": report.status, "rows": report.rows,
+                             "indexed_rows": report.indexed_rows, "build_seconds": round(report.seconds, 2),
+                             **{k: v for k, v in report.params.items() if k != "nprobes"}}
+    if report.status == "exact":
+        context.log.info(f"{report.rows:,} rows (< {config.min_rows:,}): exact search, no index")
+        check = dg.AssetCheckResult(check_name="recall_at_100", passed=True,
+                                    metadata={"search": "exact", "recall": 1.0})
+    else:
+        cal = ann_index.calibrate(vs, model_id, target=ann_index.RECALL_TARGET)
+        md.update(nprobes=cal["nprobes"], refine_factor=cal["refine_factor"],
+                  recall_at_100=dg.MetadataValue.float(round(cal["recall"], 4)),
+                  ann_ms_per_query=dg.MetadataValue.float(round(1000 * cal["ann_seconds_per_query"], 2)),
+                  exact_ms_per_query=dg.MetadataValue.float(round(1000 * cal["exact_seconds_per_query"], 2)))
+        check = dg.AssetCheckResult(
+            check_name="recall_at_100", passed=cal["recall"] >= ann_index.RECALL_TARGET,
+            metadata={"recall": round(cal["recall"], 4), "queries": int(cal["queries"]),
+                      "nprobes": cal["nprobes"], "refine_factor": cal["refine_factor"],
+                      "tried": dg.MetadataValue.json(cal["tried"])})
+    return dg.MaterializeResult(metadata=md, check_results=[check])  # type: ignore[arg-type]
+
+
 @dg.asset_check(asset=image_embeddings, blocking=True, description="Every manifest image of the current split has exactly one vector of the current model.")
 def image_embeddings_complete(state: StateResource, vectors: VectorsResource, encoder: EncoderResource) -> dg.AssetCheckResult:
     store = state.store()
@@ -232,7 +287,7 @@ def image_manifest_unique_ids(state: StateResource) -> dg.AssetCheckResult:
 
 corpus_refresh_job = dg.define_asset_job(
     "corpus_refresh_job",
-    selection=dg.AssetSelection.assets(image_manifest, train_test_assignment, image_embeddings),
+    selection=dg.AssetSelection.assets(image_manifest, train_test_assignment, image_embeddings, embedding_index),
     executor_def=dg.in_process_executor,
     description="Ingest new images of the registered sources, split them and embed them.",
 )

@@ -8,7 +8,7 @@ import fcntl
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +134,7 @@ def build_expansion(
     cutoff = env.store.label_cutoff(concept.name)  # first: every label up to it is skipped below
     labeled = env.store.labeled_image_ids(concept.name)
     found: dict[str, list[str]] = {}
-    for (key, _v), hits in zip(queries, _nearest_train(env, [v for _k, v in queries],
+    for (key, _v), hits in zip(queries, nearest_train(env, [v for _k, v in queries],
                                                        per_phrase + len(labeled)), strict=True):
         found[key] = [i for i in hits if i not in labeled][:per_phrase]
     if recovery:  # diversity: a share at random, the rest round-robin across the queries
@@ -161,25 +161,33 @@ def build_expansion(
     batch_id = env.store.write_batch(
         concept.name, "expansion", round_index, items, label_cutoff=cutoff, run_id=run_id, info=info
     )
+    if pooled(env):  # the phrases' and exemplars' neighbours are the pool's first members
+        from agile_pipeline.lib import candidate_pool
+
+        path = candidate_pool.pool_path(env.concept_dir(concept.name), env.model_id)
+        with candidate_pool.locked(path):
+            pool = candidate_pool.load(path)
+            pool.add([f"query:{k}" for k in found], [v[: pool.k] for v in found.values()])
+            candidate_pool.save(path, pool)
     return CandidateBatch(concept.name, "expansion", round_index, batch_id, items,
                           time.perf_counter() - t0, info)
 
 
-def _nearest_train(env: LoopEnv, queries: list[np.ndarray], k: int) -> list[list[str]]:
-    """The ``k`` nearest train images of every query (ids, best first): one pass over the
-    warm split cache where there is one and the split is small enough, else LanceDB's search
-    per query."""
+def nearest_train(env: LoopEnv, queries: list[np.ndarray] | np.ndarray, k: int) -> list[list[str]]:
+    """The ``k`` nearest train images of every query (ids, best first), in one call: through
+    the table's ANN index where it has one (large corpora, :mod:`.ann_index`), else one exact
+    pass over the warm split cache, else LanceDB's exact search."""
+    from agile_pipeline.lib import ann_index
     from agile_pipeline.lib.scan import EXACT_SEARCH_MAX_ROWS, nearest_in_split
 
-    if not queries:
+    if len(queries) == 0:
         return []
-    if has_cache(env.vectors):
+    q = np.stack(list(queries)).astype(np.float32)
+    if not ann_index.has_index(env.vectors, env.model_id) and has_cache(env.vectors):
         cache = split_cache(env.vectors, env.model_id, "train")
         if len(cache) <= EXACT_SEARCH_MAX_ROWS:
-            hits = nearest_in_split(cache, np.stack(queries), k)
-            return [[i for i, _s in h] for h in hits]
-    return [[i for i, _s, _d in env.vectors.search(env.model_id, v, k, split="train")]
-            for v in queries]
+            return [[i for i, _s in h] for h in nearest_in_split(cache, q, k)]
+    return [[i for i, _sp, _s in h] for h in ann_index.search(env.vectors, env.model_id, q, k, split="train")]
 
 
 def _random_unlabeled(env: LoopEnv, n: int, exclude: set[str], seed: int) -> list[str]:
@@ -566,8 +574,44 @@ def select_candidates(
     """
     concept = env.store.get_concept(concept_name)
     with concept_lock(env, concept.name, "selecting candidates"):
-        return _select_candidates(env, concept.name, batch_size=batch_size, strategy=strategy,
-                                  run_id=run_id, exclude_pending=exclude_pending)
+        batch = _select_candidates(env, concept.name, batch_size=batch_size, strategy=strategy,
+                                   run_id=run_id, exclude_pending=exclude_pending)
+    if batch.info.get("candidate_pool"):  # the rater sees the batch now; its neighbours join
+        t0 = time.perf_counter()          # the pool while they rate it (SEALS' growth step)
+        added = grow_candidate_pool(env, concept.name, [it["image_id"] for it in batch.items])
+        batch.info.update(pool_added=added, pool_grow_seconds=round(time.perf_counter() - t0, 4))
+    return batch
+
+
+def pooled(env: LoopEnv, mode: str | None = None) -> bool:
+    """Whether this corpus's rounds score a SEALS candidate pool (:mod:`.candidate_pool`)."""
+    from agile_pipeline.lib.candidate_pool import use_pool
+
+    mode = mode or settings.candidate_pool_mode()
+    if mode != "auto":
+        return use_pool(mode, 0)
+    return has_cache(env.vectors) and use_pool(mode, len(split_cache(env.vectors, env.model_id, "train")))
+
+
+def grow_candidate_pool(env: LoopEnv, concept_name: str, image_ids: Sequence[str]) -> int:
+    """Add the nearest train neighbours of ``image_ids`` (those not expanded yet) to the
+    concept's pool; returns how many images joined it."""
+    from agile_pipeline.lib import candidate_pool
+
+    path = candidate_pool.pool_path(env.concept_dir(concept_name), env.model_id)
+    with candidate_pool.locked(path):
+        pool = candidate_pool.load(path)
+        todo = pool.missing(image_ids)
+        if not todo:
+            return 0
+        train = split_cache(env.vectors, env.model_id, "train")
+        rows = train.positions(todo)
+        keys = [i for i, r in zip(todo, rows, strict=True) if r >= 0]  # eval labels are test images
+        if not keys:
+            return 0
+        added = pool.grow(keys, train.rows_f32(rows[rows >= 0]), lambda q, k: nearest_train(env, q, k + 1))
+        candidate_pool.save(path, pool)
+        return added
 
 
 def _select_candidates(
@@ -584,7 +628,10 @@ def _select_candidates(
 
     labeled = env.store.labeled_image_ids(concept.name)
     pending = {it["image_id"] for it in pending_items(env, concept.name)} if exclude_pending else set()
-    sel = select_for_round(env.vectors, env.model_id, model, labeled | pending, batch_size, strategy)
+    if pooled(env):
+        sel = _select_from_pool(env, concept.name, model, labeled | pending, batch_size, strategy, round_index)
+    else:
+        sel = select_for_round(env.vectors, env.model_id, model, labeled | pending, batch_size, strategy)
     items = [
         {"image_id": image_id, "source": f"al:{strategy}",
          "detail": f"selected by the round-{round_index} model", "score": score}
@@ -599,6 +646,46 @@ def _select_candidates(
         concept.name, "al", round_index + 1, items, label_cutoff=cutoff, run_id=run_id, info=info
     )
     return CandidateBatch(concept.name, "al", round_index + 1, batch_id, items, seconds, info)
+
+
+def _select_from_pool(env: LoopEnv, concept_name: str, model: Any, ineligible: set[str], k: int,
+                      strategy: str, round_index: int) -> Any:
+    """The next batch chosen among the concept's SEALS pool plus a uniform sample of the rest
+    of the split (:mod:`.candidate_pool`), scored exactly: O(labels x k), not O(corpus)."""
+    import zlib
+
+    from agile_pipeline.lib import candidate_pool
+    from agile_pipeline.lib.scan import exact_scores
+    from agile_pipeline.lib.selection import (
+        CLUSTER_POOL,
+        RoundSelection,
+        diversify_by_cluster,
+        margin,
+        select_margin,
+        select_margin_positive,
+    )
+
+    t0 = time.perf_counter()
+    caught_up = grow_candidate_pool(env, concept_name, sorted(env.store.labeled_image_ids(concept_name)))
+    t_grow = time.perf_counter() - t0
+    pool = candidate_pool.load(candidate_pool.pool_path(env.concept_dir(concept_name), env.model_id))
+    train = split_cache(env.vectors, env.model_id, "train")
+    eligible = ~train.mask(list(ineligible))
+    rng = np.random.default_rng([round_index, zlib.crc32(concept_name.encode())])
+    rows, n_random = candidate_pool.rows_to_score(train.positions(list(pool.ids)), eligible,
+                                                  candidate_pool.POOL_RANDOM, rng)
+    scores = exact_scores(model, train, rows) if rows.size else np.empty(0, np.float32)
+    if strategy == "cluster-margin":  # diversity among the most uncertain only
+        short = select_margin(scores, CLUSTER_POOL * k)
+        pick = short[diversify_by_cluster(margin(scores[short]), train.rows_f32(rows[short]), min(k, short.size))]
+    else:
+        pick = (select_margin if strategy == "margin" else select_margin_positive)(scores, k)
+    return RoundSelection(train.id_at(rows[pick]), [float(x) for x in scores[pick]], int(rows.size),
+                          int(eligible.sum()), {
+                              "candidate_pool": True, "pool_size": len(pool.ids), "pool_k": pool.k,
+                              "pool_scored": int(rows.size - n_random), "random_scored": n_random,
+                              "pool_caught_up": caught_up, "pool_catch_up_seconds": round(t_grow, 4),
+                              "seconds": round(time.perf_counter() - t0, 4)})
 
 
 def pending_items(

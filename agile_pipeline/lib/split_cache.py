@@ -179,7 +179,7 @@ def split_cache(vectors: Any, model_id: str, split: str | None, *, chunk: int = 
     if vectors.cache_dir is None:
         raise ValueError("split caches need a VectorStore with a cache_dir")
     tbl = vectors.table(model_id)
-    version = int(tbl.version)
+    version = vectors.data_version(model_id)  # index builds keep it: no rebuild for them
     memo_key = (str(vectors.cache_dir), model_id, version, split)
     if memo_key in _MEMO:
         return _MEMO[memo_key]

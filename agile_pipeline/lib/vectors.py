@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +82,19 @@ class SplitMatrix:
 
     def index_of(self) -> dict[str, int]:
         return {str(i): k for k, i in enumerate(self.ids)}
+
+
+_DATA_VERSIONS: dict[tuple[str, int], int] = {}
+
+
+def _fragments_fingerprint(ds: Any) -> tuple[tuple[object, ...], ...]:
+    """What identifies a Lance version's rows: every fragment's id, data files, row count and
+    deletion file (metadata-only commits such as index builds leave all of them as they were)."""
+    out = []
+    for f in ds.get_fragments():
+        m = f.metadata
+        out.append((m.id, tuple(d.path for d in m.files), m.physical_rows, repr(m.deletion_file)))
+    return tuple(out)
 
 
 class VectorStore:
@@ -154,26 +168,43 @@ class VectorStore:
     def version(self, model_id: str) -> int:
         return int(self.table(model_id).version)
 
+    def data_version(self, model_id: str) -> int:
+        """The oldest table version that holds the same rows as the current one.
+
+        An index build (:mod:`.ann_index`) commits a new version without touching a row, so
+        caches keyed by this (the split caches, :meth:`matrix`) survive it, instead of a
+        rebuild that takes minutes at 10M rows. Rows are compared by the fragments' data
+        files, row counts and deletion files.
+        """
+        ds = self.table(model_id).to_lance()
+        key = (ds.uri, int(ds.version))
+        hit = _DATA_VERSIONS.get(key)
+        if hit is not None:
+            return hit
+        current = _fragments_fingerprint(ds)
+        found = int(ds.version)
+        older = sorted((int(v["version"]) for v in ds.versions() if int(v["version"]) < found), reverse=True)
+        for v in older[:16]:
+            try:
+                if _fragments_fingerprint(ds.checkout_version(v)) != current:
+                    break
+            except (OSError, ValueError):  # cleaned up by housekeeping
+                break
+            found = v
+        _DATA_VERSIONS[key] = found
+        return found
+
     def search(self, model_id: str, query: np.ndarray, k: int, *, split: str | None = None) -> list[tuple[str, str, float]]:
-        """Exact nearest neighbours by cosine similarity: (id, split, similarity)."""
-        tbl = self.table(model_id)
-        q = tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
-        q = q.distance_type("cosine").limit(k).select(["id", "split", "_distance"])
-        if split:
-            q = q.where(f"split = '{split}'", prefilter=True)
-        res = q.to_arrow()
-        return [
-            (i, s, 1.0 - float(d))
-            for i, s, d in zip(
-                res.column("id").to_pylist(), res.column("split").to_pylist(),
-                res.column("_distance").to_pylist(), strict=True,
-            )
-        ]
+        """Nearest neighbours by cosine similarity: (id, split, similarity), best first; through
+        the table's ANN index with an exact re-rank where it has one (:mod:`.ann_index`)."""
+        from agile_pipeline.lib.ann_index import search
+
+        return search(self, model_id, np.asarray(query, dtype=np.float32)[None, :], k, split=split)[0]
 
     def matrix(self, model_id: str, split: str | None, *, dtype: type = np.float16) -> SplitMatrix:
         """All vectors of a split (``None``: every split) as a matrix, cached per table version."""
         tbl = self.table(model_id)
-        version = int(tbl.version)
+        version = self.data_version(model_id)
         tag = f"{table_name(model_id)}-v{version}-{split or 'all'}-{np.dtype(dtype).name}"
         if self.cache_dir is not None:
             vec_path = self.cache_dir / f"{tag}.npy"
@@ -260,7 +291,7 @@ class VectorStore:
         """The on-disk :meth:`matrix` cache of the current version, if built."""
         if self.cache_dir is None:
             return None
-        tag = f"{table_name(model_id)}-v{self.version(model_id)}-{split or 'all'}-float16"
+        tag = f"{table_name(model_id)}-v{self.data_version(model_id)}-{split or 'all'}-float16"
         path = self.cache_dir / f"{tag}.npy"
         return path if path.exists() and (self.cache_dir / f"{tag}.ids.npy").exists() else None
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from agile_pipeline import settings
+from agile_pipeline.lib.candidate_pool import POOL_RANDOM, rows_to_score
 from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
 from agile_pipeline.lib.labeled_dataset import SimData, load_dataset
 from agile_pipeline.lib.loop import RoundFacts, RoundPlan, architecture_round, plan_round
@@ -83,6 +84,12 @@ class SimConfig:
     # (they are kept out of that selection); every model measured is the follow-up trained on
     # the batch's full labels, as in the app. 0 = the paper's protocol.
     lookahead: int = 0
+    # SEALS candidate pool (issue 15, lib/candidate_pool.py): 0 = every round scores the whole
+    # train split (the paper's protocol); k > 0 = only the union of the k nearest train
+    # neighbours of every labelled image, phrase and exemplar, plus `pool_random` images drawn
+    # uniformly from the rest
+    pool_k: int = 0
+    pool_random: int = POOL_RANDOM
 
 
 FEW_SHOT_VARIANTS: dict[str, str] = {
@@ -158,6 +165,12 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
         return _fit_round(X_train, rows, y_train[rows], book.architecture(plan, rows), cfg,
                           concept, text, neg_text)
 
+    in_pool = np.zeros(len(data.train_ids), dtype=bool)
+    expanded = np.zeros(len(data.train_ids), dtype=bool)
+    if cfg.pool_k > 0:  # the phrases' neighbours seed the pool, as the product's expansion does
+        for j in range(sims.shape[1]):
+            in_pool[np.argsort(-sims[:, j], kind="stable")[: cfg.pool_k]] = True
+
     for r in range(cfg.rounds + 1):
         if cfg.exemplar_when_stuck and exemplar is None and not y_train[labeled].any():
             # the batch just rated held no positive: the app offers search / upload / ★
@@ -229,13 +242,26 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                 selector_round = early_plan.round_index
             entry["lookahead_labels"] = len(idx_early) if selector is not model else int(labeled.sum())
         if selector is not None:
-            p_train = selector.predict(X_train, zs_train_unit)
+            rows = np.arange(len(eligible))
+            if cfg.pool_k > 0:  # SEALS: grow by the labelled images' neighbours, score the pool
+                new = np.flatnonzero(labeled & ~expanded)
+                if new.size:
+                    near = X_train @ X_train[new].T
+                    top = np.argpartition(-near, min(cfg.pool_k, len(near) - 1), axis=0)[: cfg.pool_k + 1]
+                    in_pool[top.ravel()] = True
+                    expanded[new] = True
+                rows, n_rand = rows_to_score(np.flatnonzero(in_pool), eligible, cfg.pool_random,
+                                             np.random.default_rng(cfg.seed * 1009 + r))
+                entry.update(pool_size=int(in_pool.sum()), scored=int(rows.size), random_scored=n_rand)
+            p_rows = selector.predict(X_train[rows], zs_train_unit[rows])
+            sub_eligible = eligible[rows]
             if cfg.strategy == "margin-positive":
-                nxt = select_margin_positive(p_train, cfg.batch, eligible=eligible)
+                pick = select_margin_positive(p_rows, cfg.batch, eligible=sub_eligible)
             elif cfg.strategy == "cluster-margin":
-                nxt = select_cluster_margin(p_train, X_train, cfg.batch, eligible=eligible, seed=cfg.seed + r)
+                pick = select_cluster_margin(p_rows, X_train[rows], cfg.batch, eligible=sub_eligible, seed=cfg.seed + r)
             else:
-                nxt = select_margin(p_train, cfg.batch, eligible=eligible)
+                pick = select_margin(p_rows, cfg.batch, eligible=sub_eligible)
+            nxt = rows[pick]
             book.batch(nxt, "al", selector_round, int(labeled.sum()))
         else:  # no positive yet: widen the expansion to the next-nearest images per phrase
             widen += 1
