@@ -175,16 +175,32 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.E
 def demo_corpus(
     dest: Annotated[Path, typer.Argument(help="Folder to write the corpus into.")],
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
-    limit: Annotated[int | None, typer.Option(help="Write at most this many images.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Write at most this many images (emoji-mix: at most this many emojis per Unicode subgroup).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel rasterizers.")] = 2,
-    kind: Annotated[str, typer.Option(help="emoji (OpenMoji) or glyphs (unseen digits/letters, rare concepts).")] = "emoji",
-    seed: Annotated[int, typer.Option(help="Seed of the glyphs dataset.")] = 0,
+    kind: Annotated[str, typer.Option(help="emoji (OpenMoji), glyphs (unseen digits/letters, rare concepts) or emoji-mix (~11.8k images: OpenMoji, Twemoji, Noto and Symbola art of the same emojis, 26 Unicode-subgroup concepts).")] = "emoji",
+    seed: Annotated[int, typer.Option(help="Seed of the glyphs and emoji-mix datasets.")] = 0,
 ) -> None:
     """Write the demo corpus: OpenMoji artwork as PNGs in DEST/<group>/<subgroup>/<name>.png
-    (``--kind glyphs``: the unseen dataset of rare digit/letter concepts in DEST/{train,test}/)."""
+    (``--kind glyphs``: the unseen dataset of rare digit/letter concepts in DEST/{train,test}/;
+    ``--kind emoji-mix``: the labeled benchmark of emojis in four art sets, same layout)."""
     from agile_pipeline.lib.demo_corpus import write_demo_corpus
 
     _setup_logging()
+    if kind == "emoji-mix":
+        from agile_pipeline.research.emoji_mix_dataset import write_emoji_mix_dataset
+
+        try:
+            mx = write_emoji_mix_dataset(dest, seed=seed, size=size, limit=limit, workers=workers)
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            fail(str(exc))
+            return
+        counts = ", ".join(f"{c} {n}/{mx.n_test_per_concept[c]}" for c, n in mx.n_per_concept.items())
+        styles = ", ".join(f"{s} {n}" for s, n in mx.n_per_style.items())
+        typer.echo(f"emoji-mix dataset in {dest}: {mx.n_images} images ({styles}), "
+                   f"{len(mx.n_per_concept)} concepts (images/test images: {counts}), "
+                   f"{mx.n_distractors} distractors, {mx.n_failed} failed, {mx.seconds:.1f}s; "
+                   f"labels in {dest / 'labels.csv'}")
+        return
     if kind == "glyphs":
         from agile_pipeline.research.unseen_dataset import write_unseen_dataset
 
@@ -194,7 +210,7 @@ def demo_corpus(
                    f"{st.n_distractors} distractors, {st.seconds:.1f}s; labels in {dest / 'labels.csv'}")
         return
     if kind != "emoji":
-        fail(f"unknown kind {kind!r}: use emoji or glyphs")
+        fail(f"unknown kind {kind!r}: use emoji, glyphs or emoji-mix")
     try:
         stats = write_demo_corpus(dest, size=size, limit=limit, workers=workers)
     except (FileNotFoundError, RuntimeError) as exc:

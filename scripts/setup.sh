@@ -9,6 +9,9 @@ PY="${PYTHON:-python3}"
 
 need_apt=()
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || need_apt+=(unicode-data)
+# emoji artwork of `agile demo-corpus --kind emoji-mix`: Noto Color Emoji (OFL) and Symbola
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need_apt+=(fonts-noto-color-emoji)
+[ -f /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf ] || need_apt+=(fonts-symbola)
 if [ "${AGILE_WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi
