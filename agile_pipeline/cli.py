@@ -268,7 +268,9 @@ def search(
 
     encoder = AgileResources().encoder.load()
     q = encoder.embed_texts([text])[0]
-    hits = _guard(lambda: env.vectors.search(env.model_id, q, k, split=split))
+    from agile_pipeline.lib.ann_index import search as ann_search  # the index on large corpora
+
+    hits = _guard(lambda: ann_search(env.vectors, env.model_id, [q], k, split=split)[0])
     paths = {r["id"]: r["path"] for r in env.store.image_rows([h[0] for h in hits])}
     for image_id, sp, score in hits:
         typer.echo(f"{_term_safe(paths.get(image_id, image_id))}\t{sp}\t{score:.4f}")
@@ -872,6 +874,8 @@ def simulate(
     min_test_pos: Annotated[int, typer.Option(help="Skip concepts with fewer test positives.")] = 20,
     few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
     exemplar_when_stuck: Annotated[bool, typer.Option(help="After a batch with no positive, the simulated user gives one exemplar image (the app's recovery path).")] = False,
+    pool_k: Annotated[int, typer.Option(help="SEALS candidate pool: score only the k nearest train neighbours of every labelled image and phrase (plus a random sample); 0 = the whole split (the paper's protocol).")] = 0,
+    pool_random: Annotated[int, typer.Option(help="With --pool-k: unlabelled train images outside the pool scored too, drawn uniformly (the product's default; 0 = the pool alone, its worst case on small corpora).")] = settings.POOL_RANDOM,
 ) -> None:
     """Play the user with ground truth (paper section 5) and report AUC-PR per round."""
     import json
@@ -913,8 +917,10 @@ def simulate(
     except ValueError as exc:
         fail(str(exc))
         return
+    if pool_k < 0 or pool_random < 0:
+        fail("--pool-k must be 0 (whole split) or a positive number of neighbours, --pool-random at least 0")
     cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed, few_shot=few_shot,
-                    exemplar_when_stuck=exemplar_when_stuck)
+                    exemplar_when_stuck=exemplar_when_stuck, pool_k=pool_k, pool_random=pool_random)
     typer.echo(f"simulating {len(names)} concepts on {len(data.train_ids)} train / "
                f"{len(data.test_ids)} test images with {data.embedding_model}")
     per_concept = run_all(data, names, cfg, workers=workers)

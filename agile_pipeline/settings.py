@@ -189,6 +189,14 @@ RECOVERY_RANDOM_SHARE = 0.5
 AL_BATCH = 100
 
 
+POOL_K = 100
+"""SEALS candidate pool (lib/candidate_pool.py): neighbours added per labelled image, phrase and exemplar."""
+POOL_RANDOM = 2000
+"""Unlabelled train images outside the pool scored each pooled round too, drawn uniformly."""
+POOL_MIN_TRAIN_ROWS = 250_000
+"""``auto``: below this many train rows every round scans the whole split (the paper's protocol)."""
+
+
 def candidate_pool_mode() -> str:
     """``AGILE_CANDIDATE_POOL``: ``auto`` (default: the SEALS pool on large corpora only),
     ``on`` or ``off`` (every round scans the whole train split, the paper's protocol);

@@ -34,6 +34,7 @@ def run_bench(
     plain_epochs: int = 10,
     random_negatives: int = 500_000,
     ann: bool = True,
+    pool: bool = True,
     baseline_round: bool = True,
     baseline_round_repeats: int = 2,
     committed_first_load_max_n: int = 2_000_000,
@@ -47,7 +48,8 @@ def run_bench(
     ``{"machine": str, "results": [{"name", "n", "seconds", "baseline_seconds",
     "peak_rss_gib", ...}], ...}`` with names ``corpus_write``, ``first_load``, ``cache_load``,
     ``expansion_exact``, ``expansion_cached``, ``train``, ``al_round``, ``eval_set``,
-    ``round_end_to_end``, ``expansion_ann``.
+    ``round_end_to_end``, and (issue 15) ``embedding_index``, ``expansion_ann``, ``pool_growth``,
+    ``al_round_pool``, ``round_end_to_end_full_scan``, ``pool_quality``.
 
     ``workdir`` holds the synthetic corpora (default ``out/work``; a 10M x 512 corpus needs
     about 45 GB); they are deleted after each size unless ``keep``. ``plain_epochs=0`` skips the
@@ -60,7 +62,7 @@ def run_bench(
     cfg = suite.SuiteConfig(
         sizes=list(sizes), out=Path(out), dim=dim, repeats=repeats,
         workdir=Path(workdir) if workdir else None, keep=keep, plain_epochs=plain_epochs,
-        random_negatives=random_negatives, ann=ann, baseline_round=baseline_round,
+        random_negatives=random_negatives, ann=ann, pool=pool, baseline_round=baseline_round,
         baseline_round_repeats=baseline_round_repeats,
         committed_first_load_max_n=committed_first_load_max_n,
         baseline_round_max_n=baseline_round_max_n, ray=ray,
@@ -85,7 +87,8 @@ def bench_command(
     workdir: Annotated[Path | None, typer.Option(help="Where the synthetic corpora go (default OUT/work).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the synthetic corpora (reused by the next run).")] = False,
     plain_epochs: Annotated[int, typer.Option(help="Epochs of the plain-recipe training baseline (0: skip it).")] = 10,
-    ann: Annotated[bool, typer.Option(help="Build an IVF-PQ index and measure ANN expansion.")] = True,
+    ann: Annotated[bool, typer.Option(help="Build the IVF-PQ embedding index, calibrate it and measure ANN expansion.")] = True,
+    pool: Annotated[bool, typer.Option(help="Measure the SEALS candidate pool: growth, pooled AL round, rounds and quality vs the full scan.")] = True,
     baseline_round: Annotated[bool, typer.Option(help="Also time whole rounds on the straightforward path.")] = True,
     baseline_round_max_n: Annotated[int, typer.Option(help="Largest size whose straightforward rounds are timed (they take minutes).")] = 2_000_000,
     ray: Annotated[bool, typer.Option(help="Also time the AL round with its scan on a local Ray instance.")] = False,
@@ -100,7 +103,7 @@ def bench_command(
         typer.secho(f"warning: {free:.0f} GiB free where the corpora go; the largest size needs "
                     f"about {need:.0f} GiB", fg=typer.colors.YELLOW, err=True)
     doc = run_bench(_sizes(sizes), out, dim, repeats, workdir=workdir, keep=keep,
-                    plain_epochs=plain_epochs, ann=ann, baseline_round=baseline_round,
+                    plain_epochs=plain_epochs, ann=ann, pool=pool, baseline_round=baseline_round,
                     baseline_round_max_n=baseline_round_max_n, ray=ray)
     typer.echo(f"wrote {Path(out) / 'results.json'} ({len(doc['results'])} rows)")
 

@@ -9,7 +9,10 @@ Order per size (each step reuses what the previous ones built):
 4. ``expansion_exact`` (+ ``expansion_cached``), ``al_round``, ``train``, ``eval_set``;
 5. ``round_end_to_end`` — label the pending batch, ``runner.run_concept_round`` (Dagster,
    in-process, MLflow), next candidates ready;
-6. ``expansion_ann`` last: building the index creates a new table version.
+6. issue 15 (:mod:`benchmarks.pool`): after ``al_round``, ``embedding_index`` (IVF-PQ build
+   and calibration; a metadata-only table version, the split caches stay), ``expansion_ann``,
+   ``pool_growth``, ``al_round_pool``; after ``round_end_to_end`` (pooled where the corpus is
+   large enough), ``round_end_to_end_full_scan`` and ``pool_quality``.
 """
 
 import json
@@ -21,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from agile_pipeline.lib.npy_io import iter_npy_rows
 from agile_pipeline.lib.selection import select_for_round
 from agile_pipeline.lib.split_cache import clear_split_caches, split_cache
 from agile_pipeline.lib.training import training_inputs
-from benchmarks import measure, plain, synth
+from benchmarks import measure, plain, pool, synth
 
 GIB = float(1 << 30)
 REFERENCES = [  # the paper's prototype (Table 1), 10M images, desktop CPU
@@ -54,6 +57,7 @@ class SuiteConfig:
     plain_epochs: int = 10
     random_negatives: int = 500_000
     ann: bool = True
+    pool: bool = True
     baseline_round: bool = True
     baseline_round_repeats: int = 2
     rounds_warmup: int = 1
@@ -358,7 +362,7 @@ def bench_expansion(b: Bench, cfg: SuiteConfig) -> tuple[list[dict[str, Any]], d
              method="one bfloat16 scan of the train split cache for all phrases + float32 re-rank",
              recall_at_100_vs_exact=round(rec_c, 4)),
     ]
-    return rows, {"exact": exact, "lance_exact": ours, "numpy": base}
+    return rows, {"exact": exact, "lance_exact": ours, "numpy": base, "cached": cached}
 
 
 def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 16,
@@ -592,6 +596,7 @@ def _one_round(b: Bench, *, baseline: bool = False) -> tuple[float, dict[str, An
     ready = float(batch["created_at"]) if batch and float(batch["created_at"]) >= wall0 else None
     info = {"round": c.get("round"), "train_seconds": c.get("train_seconds"),
             "classifier_seconds": c.get("seconds_total"), "select_seconds": a.get("select_seconds"),
+            "candidate_pool": bool(a.get("candidate_pool")), "pool_size": a.get("pool_size"),
             "next_candidates": len(nxt), "steps": steps, "run_seconds": round(seconds, 3),
             "candidates_ready_seconds": round(ready - wall0, 3) if ready else None}
     info["timed_seconds"] = ready - wall0 if ready else seconds
@@ -668,39 +673,6 @@ def bench_round(b: Bench, cfg: SuiteConfig) -> list[dict[str, Any]]:
                   f"not run above n = {cfg.baseline_round_max_n:,} (minutes per round)"),
     ))
     return rows
-
-
-def bench_ann(b: Bench, cfg: SuiteConfig, exp: dict[str, Any]) -> dict[str, Any]:
-    vs, mid = b.env.vectors, b.corpus.model_id
-    tbl = vs.table(mid)
-    n_parts = int(min(256, max(16, round(b.n ** 0.5 / 4))))  # build time grows with n x parts
-    t0 = time.perf_counter()
-    with measure.PeakMemory() as mem:
-        tbl.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_PQ",
-                         num_partitions=n_parts, num_sub_vectors=max(1, b.corpus.dim // 8),
-                         sample_rate=64, max_iterations=20)
-    build = time.perf_counter() - t0
-    qs = list(b.corpus.geometry.phrase_vectors.values())
-    nprobes, refine = 20, 10
-
-    def ann() -> list[set[str]]:
-        out = []
-        for q in qs:
-            r = (tbl.search(q.astype(np.float32), vector_column_name="vector")
-                 .distance_type("cosine").nprobes(nprobes).refine_factor(refine).limit(100)
-                 .where("split = 'train'", prefilter=True).select(["id", "_distance"]).to_arrow())
-            out.append(set(r.column("id").to_pylist()))
-        return out
-
-    o = measure.measure(ann, cfg.repeats)
-    o.seconds = [s / len(qs) for s in o.seconds]
-    recall = statistics.mean(len(a & e) / 100 for a, e in zip(o.value, exp["exact"], strict=True))
-    return _row("expansion_ann", b.n, o, exp["numpy"], unit="seconds per phrase",
-                index="IVF_PQ", num_partitions=n_parts, num_sub_vectors=b.corpus.dim // 8,
-                nprobes=nprobes, refine_factor=refine, build_seconds=round(build, 2),
-                build_peak_rss_gib=round(mem.rss / GIB, 3), recall_at_100=round(recall, 4),
-                exact_lancedb_seconds=round(exp["lance_exact"].median, 4),
-                baseline="float32 NumPy scan (as expansion_exact)")
 
 
 # ---- per size --------------------------------------------------------------------------------
@@ -790,6 +762,21 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
         cfg.results.append(bench_al_round(b, cfg, model1))
         log(_fmt(cfg.results[-1]) + f"   same selection: {cfg.results[-1]['same_selection_as_baseline']}")
         _save(cfg, machine)
+        full_scan = cfg.results[-1]
+        if cfg.ann:
+            cfg.results.append(pool.bench_index(b, cfg, _row))
+            log(_fmt(cfg.results[-1]) + f"   recall@100 {cfg.results[-1]['recall_at_100']} "
+                f"(nprobes {cfg.results[-1]['nprobes']}, refine {cfg.results[-1]['refine_factor']})")
+            cfg.results.append(pool.bench_expansion_ann(b, cfg, _row, exp))
+            log(_fmt(cfg.results[-1]) + f"   recall@100 {cfg.results[-1]['recall_at_100']}")
+            _save(cfg, machine)
+        if cfg.pool:
+            cfg.results.append(pool.bench_pool_growth(b, cfg, _row))
+            log(_fmt(cfg.results[-1]) + f"   recall {cfg.results[-1]['recall']}")
+            cfg.results.append(pool.bench_al_round_pool(b, cfg, _row, model1, full_scan))
+            log(_fmt(cfg.results[-1]) + f"   pool {cfg.results[-1]['pool_size']}, overlap with the full "
+                f"scan {cfg.results[-1]['overlap_with_full_scan']}/100")
+            _save(cfg, machine)
         if cfg.ray:
             cfg.results.append(bench_al_round_ray(b, cfg, model1))
             log(_fmt(cfg.results[-1]) + f"   same selection: {cfg.results[-1]['same_selection_as_local']}")
@@ -817,10 +804,15 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
             cfg.results.append(r)
             log(_fmt(r) + f"   steps {r['steps']}")
         _save(cfg, machine)
-        if cfg.ann:
-            cfg.results.append(bench_ann(b, cfg, exp))
-            log(_fmt(cfg.results[-1]) + f"   recall@100 {cfg.results[-1]['recall_at_100']}, "
-                f"build {cfg.results[-1]['build_seconds']}s")
+        if cfg.pool:
+            with _env_vars(AGILE_CANDIDATE_POOL="off"):  # the same rounds scanning the whole split
+                for r in bench_round(b, replace(cfg, baseline_round=False)):
+                    r["name"] = "round_end_to_end_full_scan"
+                    cfg.results.append(r)
+                    log(_fmt(r) + f"   steps {r['steps']}")
+            cfg.results.append(pool.bench_pool_quality(b, cfg, _row))
+            log(_fmt(cfg.results[-1]) + f"   AUC-PR pooled {cfg.results[-1]['auc_pr_pooled']} vs full scan "
+                f"{cfg.results[-1]['auc_pr_full_scan']}")
             _save(cfg, machine)
     store.close()
     clear_split_caches()

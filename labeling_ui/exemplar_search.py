@@ -98,6 +98,8 @@ class ExemplarSearch:
         encoder = self.ctx.encoder()
         vectors = self.ctx.vectors()
         query = encoder.embed_texts([text])[0]
-        hits = vectors.search(str(encoder.model_id), query, max(1, min(int(k), 60)), split="train")
+        from agile_pipeline.lib.ann_index import search  # through the index on large corpora
+
+        hits = search(vectors, str(encoder.model_id), [query], max(1, min(int(k), 60)), split="train")[0]
         mine = {e["image_id"] for e in self.for_concept(c.name)}
         return [{"image_id": i, "score": round(float(s), 4), "exemplar": i in mine} for i, _split, s in hits]

@@ -3,6 +3,7 @@ ANN index."""
 
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -231,7 +232,15 @@ def embedding_index(
     if not vs.exists(model_id):
         return dg.MaterializeResult(metadata={"status": "no embeddings yet"}, check_results=[
             dg.AssetCheckResult(check_name="recall_at_100", passed=True, metadata={"search": "none yet"})])
-    report = ann_index.ensure_index(vs, model_id, min_rows=config.min_rows, rebuild=config.rebuild)
+    from agile_pipeline.lib import distributed
+
+    cal: dict[str, Any] | None = None
+    if distributed.enabled():  # the build and calibration run as a Ray task on the cluster
+        done = ann_index.build_index_ray(vs, model_id, min_rows=config.min_rows, rebuild=config.rebuild)
+        cal = done.pop("calibration", None)
+        report = ann_index.IndexReport(**done)
+    else:
+        report = ann_index.ensure_index(vs, model_id, min_rows=config.min_rows, rebuild=config.rebuild)
     md: dict[str, object] = {"model_id": model_id, "status": report.status, "rows": report.rows,
                              "indexed_rows": report.indexed_rows, "build_seconds": round(report.seconds, 2),
                              **{k: v for k, v in report.params.items() if k != "nprobes"}}
@@ -240,7 +249,7 @@ def embedding_index(
         check = dg.AssetCheckResult(check_name="recall_at_100", passed=True,
                                     metadata={"search": "exact", "recall": 1.0})
     else:
-        cal = ann_index.calibrate(vs, model_id, target=ann_index.RECALL_TARGET)
+        cal = cal or ann_index.calibrate(vs, model_id, target=ann_index.RECALL_TARGET)
         md.update(nprobes=cal["nprobes"], refine_factor=cal["refine_factor"],
                   recall_at_100=dg.MetadataValue.float(round(cal["recall"], 4)),
                   ann_ms_per_query=dg.MetadataValue.float(round(1000 * cal["ann_seconds_per_query"], 2)),

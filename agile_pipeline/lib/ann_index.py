@@ -16,13 +16,17 @@ costs ~0.03 s per query at 100k rows and ~0.3 s at 1M on the 2-core development 
   there is no index), restricted to a split.
 * :func:`calibrate` raises the probed partitions until the recall target holds and keeps
   that setting beside the split caches;
+* :func:`build_index_ray` and :func:`search_ray` do the same as Ray tasks (the build on a
+  cluster node; a pool's ~100 neighbour queries split across tasks), with the same answers;
 * :func:`recall_at_k` measures the index against exact search on a fixed sample of queries
   (rows of the train split picked by a fixed seed): the ``embedding_index`` asset check.
 """
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,12 +161,13 @@ def calibrate(vectors: Any, model_id: str, *, target: float = RECALL_TARGET, k: 
     return {**settings, **r, "tried": tried}
 
 
-def search(vectors: Any, model_id: str, queries: np.ndarray, k: int, *, split: str | None = None,
+def search(vectors: Any, model_id: str, queries: np.ndarray | Sequence[np.ndarray], k: int, *, split: str | None = None,
            exact: bool = False, settings: dict[str, Any] | None = None) -> list[list[tuple[str, str, float]]]:
     """The ``k`` nearest rows of every query by cosine: ``[[(id, split, similarity), ...]]``,
     best first. Uses the ANN index with an exact re-rank when the table has one (rows added
     since the last build are searched exactly too), else (or with ``exact``) an exact scan."""
-    q = np.asarray(queries, np.float32).reshape(-1, np.asarray(queries).shape[-1])
+    q = np.asarray(queries, np.float32)
+    q = q.reshape(-1, q.shape[-1])
     if len(q) == 0 or k <= 0:
         return [[] for _ in q]
     tbl = vectors.table(model_id)
@@ -215,3 +220,57 @@ def recall_at_k(vectors: Any, model_id: str, *, k: int = 100, n_queries: int = 5
     return {"recall": recall, "queries": float(len(qv)), "k": float(k),
             "ann_seconds_per_query": t_ann / max(len(qv), 1),
             "exact_seconds_per_query": t_exact / max(len(qv), 1)}
+
+
+# ---- on Ray (AGILE_RAY_ADDRESS, lib/distributed.py) -----------------------------------------
+def _vector_store(lancedb_uri: str, cache_dir: str | None) -> Any:
+    from agile_pipeline.lib.vectors import VectorStore
+
+    return VectorStore(lancedb_uri, cache_dir=Path(cache_dir) if cache_dir else None)
+
+
+def _build_index(lancedb_uri: str, cache_dir: str | None, model_id: str, min_rows: int,
+                 rebuild: bool) -> dict[str, Any]:
+    """Ray task body: build/extend the table's IVF-PQ index and calibrate its probes."""
+    vs = _vector_store(lancedb_uri, cache_dir)
+    report = ensure_index(vs, model_id, min_rows=min_rows, rebuild=rebuild).as_dict()
+    if report["status"] != "exact":
+        report["calibration"] = calibrate(vs, model_id)
+    return report
+
+
+def build_index_ray(vectors: Any, model_id: str, *, min_rows: int, rebuild: bool = False) -> dict[str, Any]:
+    """:func:`ensure_index` + :func:`calibrate` as one Ray task, on a
+    node of the cluster (one with the memory and cores for it) instead of the driver; the
+    index is written next to the table, where every node reads it."""
+    from agile_pipeline.lib.distributed import ensure_ray
+
+    ray = ensure_ray()
+    task = ray.remote(num_cpus=1)(_build_index)
+    cache = str(vectors.cache_dir) if vectors.cache_dir else None
+    return dict(ray.get(task.remote(str(vectors.uri), cache, model_id, min_rows, rebuild)))
+
+
+def _search_chunk(lancedb_uri: str, cache_dir: str | None, model_id: str, queries: np.ndarray, k: int,
+                  split: str | None) -> list[list[tuple[str, str, float]]]:
+    """Ray task body: the nearest rows of a chunk of queries through the table's index."""
+    return search(_vector_store(lancedb_uri, cache_dir), model_id, queries, k, split=split)
+
+
+def search_ray(vectors: Any, model_id: str, queries: np.ndarray, k: int, *, split: str | None = None,
+               shards: int | None = None) -> list[list[tuple[str, str, float]]]:
+    """:func:`search` with the queries split across Ray tasks
+    (a pool's growth: ~100 queries per batch), answers concatenated in query order."""
+    from agile_pipeline.lib.distributed import ensure_ray
+
+    ray = ensure_ray()
+    q = np.asarray(queries, np.float32)
+    if len(q) == 0:
+        return []
+    from agile_pipeline.lib.distributed import _shard_bounds, n_shards
+
+    bounds = _shard_bounds(len(q), n_shards(shards))
+    task = ray.remote(num_cpus=1)(_search_chunk)
+    cache = str(vectors.cache_dir) if vectors.cache_dir else None
+    refs = [task.remote(str(vectors.uri), cache, model_id, q[a:b], k, split) for a, b in bounds]
+    return [hits for part in ray.get(refs) for hits in part]

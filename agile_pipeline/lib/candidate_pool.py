@@ -32,13 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-POOL_K = 100
-"""Neighbours added to the pool per labelled image, phrase and exemplar (SEALS' k)."""
-POOL_RANDOM = 2000
-"""Unlabelled train images outside the pool scored each round too, drawn uniformly."""
-POOL_MIN_TRAIN_ROWS = 250_000
-"""``auto``: below this many train rows every round scans the whole split (the paper's
-protocol); the int8 scan of 250k rows takes ~0.2 s on the 2-core development box."""
+from agile_pipeline import settings
+
+# k (SEALS' neighbours per labelled image), the random sample, and the ``auto`` threshold (the
+# int8 full scan of 250k train rows takes ~0.2 s on the 2-core development box)
+POOL_K, POOL_RANDOM, POOL_MIN_TRAIN_ROWS = settings.POOL_K, settings.POOL_RANDOM, settings.POOL_MIN_TRAIN_ROWS
 POOL_MODES = ("auto", "on", "off")
 
 NeighbourSearch = Callable[[np.ndarray, int], list[list[str]]]

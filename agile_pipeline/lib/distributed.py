@@ -14,6 +14,8 @@ What runs where:
   :mod:`agile_pipeline.lib.scale`) as one Ray task per contiguous row range; the driver
   concatenates the shards' scores in row order and runs the same exact re-score and selection
   as the local path, so candidates and eval sets are the same as without Ray.
+* the ANN index build and a candidate pool's neighbour queries (:mod:`.ann_index`,
+  ``build_index_ray`` and ``search_ray``) use :func:`ensure_ray` and the shards from here.
 * :func:`embed_to_table_ray` — corpus shards embedded by Ray tasks (each loads the encoder
   once and runs the same :class:`~agile_pipeline.lib.embedding.EmbeddingRun`), every task
   appending its vectors to the same LanceDB table (Lance commits are optimistic; conflicting
@@ -170,3 +172,4 @@ def embed_to_table_ray(items: Sequence[tuple[str, str]], split_of: dict[str, str
         n_ok += k
         failed += [tuple(x) for x in f]
     return n_ok, failed  # type: ignore[return-value]
+

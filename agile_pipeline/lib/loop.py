@@ -187,7 +187,13 @@ def nearest_train(env: LoopEnv, queries: list[np.ndarray] | np.ndarray, k: int) 
         cache = split_cache(env.vectors, env.model_id, "train")
         if len(cache) <= EXACT_SEARCH_MAX_ROWS:
             return [[i for i, _s in h] for h in nearest_in_split(cache, q, k)]
-    return [[i for i, _sp, _s in h] for h in ann_index.search(env.vectors, env.model_id, q, k, split="train")]
+    from agile_pipeline.lib import distributed
+
+    if distributed.enabled() and ann_index.has_index(env.vectors, env.model_id):
+        hits = ann_index.search_ray(env.vectors, env.model_id, q, k, split="train")
+    else:
+        hits = ann_index.search(env.vectors, env.model_id, q, k, split="train")
+    return [[i for i, _sp, _s in h] for h in hits]
 
 
 def _random_unlabeled(env: LoopEnv, n: int, exclude: set[str], seed: int) -> list[str]:

@@ -195,11 +195,21 @@ class VectorStore:
         return found
 
     def search(self, model_id: str, query: np.ndarray, k: int, *, split: str | None = None) -> list[tuple[str, str, float]]:
-        """Nearest neighbours by cosine similarity: (id, split, similarity), best first; through
-        the table's ANN index with an exact re-rank where it has one (:mod:`.ann_index`)."""
-        from agile_pipeline.lib.ann_index import search
-
-        return search(self, model_id, np.asarray(query, dtype=np.float32)[None, :], k, split=split)[0]
+        """Exact nearest neighbours by cosine similarity: (id, split, similarity), best first,
+        never through an index (:func:`agile_pipeline.lib.ann_index.search` uses the index)."""
+        tbl = self.table(model_id)
+        q = tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
+        q = q.distance_type("cosine").limit(k).bypass_vector_index().select(["id", "split", "_distance"])
+        if split:
+            q = q.where(f"split = '{split}'", prefilter=True)
+        res = q.to_arrow()
+        return [
+            (i, s, 1.0 - float(d))
+            for i, s, d in zip(
+                res.column("id").to_pylist(), res.column("split").to_pylist(),
+                res.column("_distance").to_pylist(), strict=True,
+            )
+        ]
 
     def matrix(self, model_id: str, split: str | None, *, dtype: type = np.float16) -> SplitMatrix:
         """All vectors of a split (``None``: every split) as a matrix, cached per table version."""

@@ -158,3 +158,32 @@ def test_corpus_refresh_embeds_through_ray_like_the_local_path(tmp_path, monkeyp
     assert np.abs(va - vb).max() <= 1e-4, np.abs(va - vb).max()
     md = result.asset_materializations_for_node("image_embeddings")[0].metadata
     assert md["embedded_now"].value == 40 and md["failed_now"].value == 0
+
+
+def test_index_build_and_pool_queries_through_ray_match_the_local_path(tmp_path, monkeypatch, local_ray):
+    """Issue 15: the embedding index is built (and calibrated) by a Ray task, and a pool's
+    neighbour queries fan out over Ray tasks, with the answers of the local path."""
+    from agile_pipeline.lib import ann_index
+
+    clear_split_caches()
+    vs = _store(tmp_path)
+    twin = VectorStore(tmp_path / "lancedb", cache_dir=tmp_path / "cache-local")  # same table
+    local = ann_index.ensure_index(twin, MODEL, min_rows=1000)
+    local_cal = ann_index.calibrate(twin, MODEL)
+    local_hits = ann_index.search(twin, MODEL, twin.vectors_for(MODEL, sorted(twin.ids(MODEL))[:40]), 25, split="train")
+    monkeypatch.setenv(distributed.ENV_ADDRESS, "local")
+    monkeypatch.setenv(distributed.ENV_SHARDS, "3")
+    built = ann_index.build_index_ray(vs, MODEL, min_rows=1000, rebuild=True)
+    assert built["status"] == "rebuilt" and built["indexed_rows"] == local.indexed_rows == 5000
+    assert built["calibration"]["recall"] >= ann_index.RECALL_TARGET
+    assert ann_index.search_settings(vs, MODEL)["nprobes"] == built["calibration"]["nprobes"]
+    # the same queries against the same index (the Ray task's build): the same neighbours
+    q = vs.vectors_for(MODEL, sorted(vs.ids(MODEL))[:40])
+    ray_hits = ann_index.search_ray(vs, MODEL, q, 25, split="train")
+    assert ray_hits == ann_index.search(vs, MODEL, q, 25, split="train")
+    assert len(ray_hits) == 40 and all(len(h) == 25 for h in ray_hits)
+    # and the Ray build is as good as the local one
+    recall = ann_index.recall_at_k(vs, MODEL, k=100)["recall"]  # as calibrated
+    assert recall >= ann_index.RECALL_TARGET and local_cal["recall"] >= ann_index.RECALL_TARGET
+    overlap = np.mean([len({i for i, _s, _d in a} & {i for i, _s, _d in b}) / 25 for a, b in zip(ray_hits, local_hits, strict=True)])
+    assert overlap >= 0.9
