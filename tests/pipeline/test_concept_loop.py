@@ -14,7 +14,6 @@ from agile_pipeline.defs.concepts import (
     expansion_candidates,
     registered_model,
 )
-from agile_pipeline.defs.resources import AgileResources
 from agile_pipeline.lib.loop import pending_items
 from agile_pipeline.lib.state import LabelEvent
 from agile_pipeline.lib.tracking import model_versions
@@ -27,15 +26,6 @@ from agile_pipeline.runner import (
     run_corpus,
 )
 from tests.hostile_images import write_real_like_images
-
-
-@pytest.fixture
-def corpus(agile_home, tmp_path):
-    src = tmp_path / "corpus"
-    write_real_like_images(src, 800, seed=11)
-    run_corpus([str(src)])
-    agile = AgileResources()
-    return agile
 
 
 def _env(agile):

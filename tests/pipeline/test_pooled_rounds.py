@@ -2,11 +2,9 @@
 the split caches (plumbing encoder: these tests check the machinery, not semantics)."""
 
 import numpy as np
-import pytest
 
 from agile_pipeline.defs.concepts import al_candidates
 from agile_pipeline.defs.corpus import embedding_index
-from agile_pipeline.defs.resources import AgileResources
 from agile_pipeline.lib import candidate_pool
 from agile_pipeline.lib.loop import load_model, pending_items
 from agile_pipeline.lib.scan import exact_scores, nearest_in_split
@@ -18,18 +16,8 @@ from agile_pipeline.runner import (
     metadata_of,
     run_concept_round,
     run_concept_start,
-    run_corpus,
 )
-from tests.hostile_images import write_real_like_images
 from tests.pipeline.test_concept_loop import _env, _rate
-
-
-@pytest.fixture
-def corpus(agile_home, tmp_path):
-    src = tmp_path / "corpus"
-    write_real_like_images(src, 800, seed=12)
-    run_corpus([str(src)])
-    return AgileResources()
 
 
 def test_pooled_rounds_score_the_neighbours_of_every_label_and_pick_the_least_certain(corpus, monkeypatch):
