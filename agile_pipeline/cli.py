@@ -885,6 +885,7 @@ def simulate(
         SimConfig,
         attach_negative_phrases,
         choose_concepts,
+        config_dict,
         format_table,
         run_all,
         summarize,
@@ -927,8 +928,7 @@ def simulate(
     summary = summarize(per_concept)
     results = {
         "embedding_model": data.embedding_model, "dataset": str(dataset),
-        "config": {"rounds": rounds, "batch": batch, "strategy": strategy, "seed": seed,
-                   "few_shot": few_shot, "exemplar_when_stuck": exemplar_when_stuck},
+        "config": config_dict(cfg),
         "concepts": per_concept, "summary": summary,
         "seconds": round(time.perf_counter() - t0, 1),
     }
