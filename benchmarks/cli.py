@@ -49,7 +49,7 @@ def run_bench(
     "peak_rss_gib", ...}], ...}`` with names ``corpus_write``, ``first_load``, ``cache_load``,
     ``expansion_exact``, ``expansion_cached``, ``train``, ``al_round``, ``eval_set``,
     ``round_end_to_end``, and (issue 15) ``embedding_index``, ``expansion_ann``, ``pool_growth``,
-    ``al_round_pool``, ``round_end_to_end_full_scan``, ``pool_quality``.
+    ``al_round_pool``, ``round_end_to_end_pool``, ``pool_quality``.
 
     ``workdir`` holds the synthetic corpora (default ``out/work``; a 10M x 512 corpus needs
     about 45 GB); they are deleted after each size unless ``keep``. ``plain_epochs=0`` skips the

@@ -125,7 +125,7 @@ def bench_pool_quality(b: Any, cfg: Any, row: Callable[..., dict[str, Any]], rou
 
     from agile_pipeline.lib.loop import build_expansion, load_model, select_candidates, train_round
     from agile_pipeline.lib.state import LabelEvent
-    from benchmarks.suite import _ap_rows, _env_vars
+    from benchmarks.suite import _ap_rows, _env_vars, drop_concept
 
     store = b.env.store
     rows_ap = _ap_rows(b)
@@ -135,8 +135,8 @@ def bench_pool_quality(b: Any, cfg: Any, row: Callable[..., dict[str, Any]], rou
     seconds: dict[str, list[float]] = {}
     for mode in ("off", "on"):
         name = f"{synth.CONCEPT}-{mode}"
-        if name not in store.concept_names():
-            store.create_concept(name, [synth.MODE_PHRASE], [synth.NEG_PHRASE])
+        drop_concept(b, name)  # a kept corpus holds the copies of an earlier run
+        store.create_concept(name, [synth.MODE_PHRASE], [synth.NEG_PHRASE])
         aps, sel_s = [], []
         with _env_vars(AGILE_CANDIDATE_POOL=mode):
             text = synth.PlantedTextEncoder(b.corpus)

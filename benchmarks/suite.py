@@ -11,8 +11,9 @@ Order per size (each step reuses what the previous ones built):
    in-process, MLflow), next candidates ready;
 6. issue 15 (:mod:`benchmarks.pool`): after ``al_round``, ``embedding_index`` (IVF-PQ build
    and calibration; a metadata-only table version, the split caches stay), ``expansion_ann``,
-   ``pool_growth``, ``al_round_pool``; after ``round_end_to_end`` (pooled where the corpus is
-   large enough), ``round_end_to_end_full_scan`` and ``pool_quality``.
+   ``pool_growth``, ``al_round_pool``; after ``round_end_to_end`` (``AGILE_CANDIDATE_POOL`` as
+   set: by default the whole split below 2.5M train rows), ``round_end_to_end_pool`` (the
+   pool forced on) and ``pool_quality``.
 """
 
 import json
@@ -258,14 +259,10 @@ def write_zero_shot(b: Bench) -> None:
     tmp.replace(out)
 
 
-def setup_concept(b: Bench, log: Callable[[str], None]) -> dict[str, float]:
-    """Concept + zero-shot + expansion batch (rated) + round 0 + AL batch (rated) + eval labels:
-    the state in which the user has just submitted round 1's labels."""
-    from agile_pipeline.lib.loop import build_expansion, select_candidates, train_round
-
-    times: dict[str, float] = {}
-    store = b.env.store
-    if synth.CONCEPT in store.concept_names():
+def drop_concept(b: "Bench", name: str) -> None:
+    """Remove a concept a kept corpus still holds from an earlier run (labels, batches, rounds,
+    its folder), so the run starts from the same state every time."""
+    if name in b.env.store.concept_names():
         import sqlite3
 
         con = sqlite3.connect(b.env.paths.state_db, isolation_level=None)
@@ -273,14 +270,24 @@ def setup_concept(b: Bench, log: Callable[[str], None]) -> dict[str, float]:
             try:
                 if table == "batch_items":
                     con.execute("DELETE FROM batch_items WHERE batch_id IN (SELECT batch_id FROM "
-                                "batches WHERE concept = ?)", (synth.CONCEPT,))
+                                "batches WHERE concept = ?)", (name,))
                 else:
-                    con.execute(f"DELETE FROM {table} WHERE concept = ?", (synth.CONCEPT,))
+                    con.execute(f"DELETE FROM {table} WHERE concept = ?", (name,))
             except sqlite3.OperationalError:
                 pass
-        con.execute("DELETE FROM concepts WHERE name = ?", (synth.CONCEPT,))
+        con.execute("DELETE FROM concepts WHERE name = ?", (name,))
         con.close()
-        shutil.rmtree(b.env.concept_dir(synth.CONCEPT), ignore_errors=True)
+        shutil.rmtree(b.env.concept_dir(name), ignore_errors=True)
+
+
+def setup_concept(b: Bench, log: Callable[[str], None]) -> dict[str, float]:
+    """Concept + zero-shot + expansion batch (rated) + round 0 + AL batch (rated) + eval labels:
+    the state in which the user has just submitted round 1's labels."""
+    from agile_pipeline.lib.loop import build_expansion, select_candidates, train_round
+
+    times: dict[str, float] = {}
+    store = b.env.store
+    drop_concept(b, synth.CONCEPT)
     store.create_concept(synth.CONCEPT, [synth.MODE_PHRASE], [synth.NEG_PHRASE])
     t0 = time.perf_counter()
     write_zero_shot(b)
@@ -805,9 +812,9 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
             log(_fmt(r) + f"   steps {r['steps']}")
         _save(cfg, machine)
         if cfg.pool:
-            with _env_vars(AGILE_CANDIDATE_POOL="off"):  # the same rounds scanning the whole split
+            with _env_vars(AGILE_CANDIDATE_POOL="on"):  # the same rounds scoring the pool
                 for r in bench_round(b, replace(cfg, baseline_round=False)):
-                    r["name"] = "round_end_to_end_full_scan"
+                    r["name"] = "round_end_to_end_pool"
                     cfg.results.append(r)
                     log(_fmt(r) + f"   steps {r['steps']}")
             cfg.results.append(pool.bench_pool_quality(b, cfg, _row))

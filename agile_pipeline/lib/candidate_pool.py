@@ -34,8 +34,8 @@ import numpy as np
 
 from agile_pipeline import settings
 
-# k (SEALS' neighbours per labelled image), the random sample, and the ``auto`` threshold (the
-# int8 full scan of 250k train rows takes ~0.2 s on the 2-core development box)
+# k (SEALS' neighbours per labelled image; 100 by the simulated-user study in the README), the
+# random sample, and the ``auto`` threshold (settings.POOL_MIN_TRAIN_ROWS says why)
 POOL_K, POOL_RANDOM, POOL_MIN_TRAIN_ROWS = settings.POOL_K, settings.POOL_RANDOM, settings.POOL_MIN_TRAIN_ROWS
 POOL_MODES = ("auto", "on", "off")
 

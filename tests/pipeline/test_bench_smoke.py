@@ -49,7 +49,7 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     quality = rows["pool_quality"]
     assert len(quality["auc_pr_pooled"]) == len(quality["auc_pr_full_scan"]) == 6
     assert all(0.0 <= a <= 1.0 for a in quality["auc_pr_pooled"] + quality["auc_pr_full_scan"])
-    assert rows["round_end_to_end_full_scan"]["next_candidates"] == [100]
+    assert rows["round_end_to_end_pool"]["next_candidates"] == [100]
     assert rows["round_end_to_end"]["next_candidates"] == [100]
     assert 0.0 <= rows["train"]["auc_pr"] <= 1.0
     assert any(line.startswith("round_end_to_end") for line in lines)
