@@ -126,7 +126,7 @@ class BundledEncoder(ImageTextEncoder):
         model.eval()
         model = model.to(memory_format=torch.channels_last)
         self._image_model = model
-        self._image_forward = _fast_pooled_forward(model, self.image_size)
+        self._image_forward = self._build_image_forward(model)
         self._classifier_w = model.classifier.weight.detach().numpy().astype(np.float32)
         self._classifier_b = model.classifier.bias.detach().numpy().astype(np.float32)
         self._feature_center = (
@@ -137,6 +137,14 @@ class BundledEncoder(ImageTextEncoder):
         if self.options["center_rows"]:
             rows = rows - rows.mean(axis=0, keepdims=True)
         self._rows = rows.astype(np.float32)
+
+    def _build_image_forward(self, model: Any) -> Any:
+        """The callable :meth:`pooled_features` runs on ``model``: a frozen TorchScript graph.
+
+        A hook so that a subclass can run the same network elsewhere (the int8 tower of
+        :mod:`agile_pipeline.lib.quantized_encoder`) without loading the weights twice.
+        """
+        return _fast_pooled_forward(model, self.image_size)
 
     def _ensure_text_tower(self) -> np.ndarray:
         """Load MiniLM and the 1,000 class-prompt embeddings, once (lazily: image-only jobs

