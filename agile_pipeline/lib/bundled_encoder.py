@@ -310,6 +310,21 @@ def _short_name(lemmas: str) -> str:
     return lemmas.split(",")[0].strip()
 
 
+def pooled_features_module(model: Any) -> Any:
+    """``model`` (a timm classifier) as a module that returns its pooled penultimate features."""
+    import torch
+
+    class PooledFeatures(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any) -> Any:
+            return self.inner.forward_head(self.inner.forward_features(x), pre_logits=True)
+
+    return PooledFeatures(model).eval()
+
+
 def _fast_pooled_forward(model: Any, image_size: int) -> Any:
     """``x -> pooled features`` as a frozen TorchScript graph, or eager if that fails.
 
@@ -324,15 +339,7 @@ def _fast_pooled_forward(model: Any, image_size: int) -> Any:
 
     import torch
 
-    class PooledFeatures(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: Any) -> Any:
-            return self.inner.forward_head(self.inner.forward_features(x), pre_logits=True)
-
-    eager = PooledFeatures(model).eval()
+    eager = pooled_features_module(model)
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(3, 3, image_size, image_size, generator=gen)
     probe = probe.contiguous(memory_format=torch.channels_last)

@@ -23,16 +23,16 @@ This module is pure: the neighbour search is passed in (:mod:`.loop` gives it th
 the split cache), and the pool is one ``.npz`` file per concept written atomically.
 """
 
-import fcntl
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from agile_pipeline import settings
+from agile_pipeline.lib.file_lock import exclusive
 
 # k (SEALS' neighbours per labelled image; 100 by the simulated-user study in the README), the
 # random sample, and the ``auto`` threshold (settings.POOL_MIN_TRAIN_ROWS says why)
@@ -119,17 +119,10 @@ def pool_path(concept_dir: Path, model_id: str) -> Path:
     return Path(concept_dir) / f"candidate_pool-{model_id}.npz"
 
 
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> AbstractContextManager[None]:
     """One read-modify-write of a pool file at a time, across processes (blocking: growing it
-    takes well under a second)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_suffix(".lock").open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    takes a second or two)."""
+    return exclusive(path)
 
 
 def load(path: Path, k: int = POOL_K) -> CandidatePool:

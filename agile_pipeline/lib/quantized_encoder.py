@@ -231,18 +231,12 @@ def _export_fp32_onnx(model: Any, image_size: int, path: Path) -> None:
     net = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
     _static_same_padding(net, image_size)
 
-    class PooledFeatures(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
+    from agile_pipeline.lib.bundled_encoder import pooled_features_module
 
-        def forward(self, x: Any) -> Any:
-            return self.inner.forward_head(self.inner.forward_features(x), pre_logits=True)
-
-    wrapper = PooledFeatures(net).eval()
+    wrapper = pooled_features_module(net)
     probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected = PooledFeatures(model).eval()(probe)
+        expected = pooled_features_module(model)(probe)
         if not torch.allclose(wrapper(probe), expected, rtol=1e-4, atol=1e-4):
             raise RuntimeError("static-padding rewrite of the image tower changed its output")
     with warnings.catch_warnings():
@@ -380,23 +374,11 @@ def _store(built: Path, path: Path) -> Path | None:
     return path
 
 
-@contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
+def _build_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """Hold an exclusive lock on ``path`` + ``.lock`` (no-op where that is impossible)."""
-    try:
-        import fcntl
+    from agile_pipeline.lib.file_lock import exclusive
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = path.with_suffix(".lock").open("a+")
-    except (ImportError, OSError):
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(path, required=False)
 
 
 def open_session(path: Path, required: bool = False) -> Any:
