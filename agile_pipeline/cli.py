@@ -229,7 +229,12 @@ def ingest(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Ingest, dedup, split and embed SOURCES into $AGILE_HOME; print what happened."""
-    from agile_pipeline.defs.corpus import image_embeddings, image_manifest, train_test_assignment
+    from agile_pipeline.defs.corpus import (
+        embedding_index,
+        image_embeddings,
+        image_manifest,
+        train_test_assignment,
+    )
     from agile_pipeline.runner import metadata_of, run_corpus
 
     _setup_logging(verbose)
@@ -251,6 +256,13 @@ def ingest(
     typer.echo(f"split:        train {s.get('train', 0)}, test {s.get('test', 0)}")
     typer.echo(f"embedded:     {e.get('embedded_now', 0)} with {e.get('model_id', '?')} "
                f"({e.get('rows_total', 0)} in table; {e.get('failed_now', 0)} failed)")
+    ix = metadata_of(result, embedding_index)
+    if ix.get("status") == "exact":
+        typer.echo(f"index:        none: {ix.get('rows', 0):,} rows are searched exactly (an IVF-PQ index "
+                   "is built from 200,000)")
+    elif ix.get("status"):
+        typer.echo(f"index:        IVF-PQ {ix['status']} ({ix.get('indexed_rows', 0):,} rows, "
+                   f"recall@100 {ix.get('recall_at_100', '?')}, {ix.get('build_seconds', '?')} s)")
     rate = e.get("images_per_second")
     typer.echo(f"seconds:      {seconds:.1f}" + (f"  (embedding: {rate} images/s)" if rate else ""))
 
