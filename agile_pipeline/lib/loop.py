@@ -183,13 +183,14 @@ def nearest_train(env: LoopEnv, queries: list[np.ndarray] | np.ndarray, k: int) 
     if len(queries) == 0:
         return []
     q = np.stack(list(queries)).astype(np.float32)
-    if not ann_index.has_index(env.vectors, env.model_id) and has_cache(env.vectors):
+    indexed = ann_index.has_index(env.vectors, env.model_id)
+    if not indexed and has_cache(env.vectors):
         cache = split_cache(env.vectors, env.model_id, "train")
         if len(cache) <= EXACT_SEARCH_MAX_ROWS:
             return [[i for i, _s in h] for h in nearest_in_split(cache, q, k)]
     from agile_pipeline.lib import distributed
 
-    if distributed.enabled() and ann_index.has_index(env.vectors, env.model_id):
+    if distributed.enabled() and indexed:
         hits = ann_index.search_ray(env.vectors, env.model_id, q, k, split="train")
     else:
         hits = ann_index.search(env.vectors, env.model_id, q, k, split="train")

@@ -2,7 +2,6 @@
 subset: layout, labels.csv against the folders, a split by emoji, negatives, determinism."""
 
 import csv
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +21,10 @@ from agile_pipeline.research.emoji_mix_dataset import (
     symbola_font_path,
     write_emoji_mix_dataset,
 )
+from tests.research.test_unseen_dataset import _digest  # byte digest of a written tree
 
 # one emoji per distractor subgroup, two per concept (one train, one test): ~450 images
 SMALL = dict(seed=5, size=32, variants=1, limit=1, progress=False)
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
