@@ -154,7 +154,10 @@ def test_an_owner_and_two_raters(agile_home: Path, tmp_path: Path, browser: Any,
         owner.get_by_role("tab", name="1 · Concept").click()
         owner.fill("#am-pos textarea", "zebra stripes")
         owner.click("#am-save")
-        owner.wait_for_function("() => document.querySelector('[data-testid=toast-body]')", timeout=15000)
+        # wait for this save's own toast: the revoke's toast may still be on screen
+        owner.wait_for_function(
+            "() => [...document.querySelectorAll('[data-testid=toast-body]')]"
+            ".some(t => t.textContent.includes('Saved.'))", timeout=15000)
         assert "zebra stripes" in store.get_concept(CONCEPT).positives
         starts = sum(1 for c in trig.calls if "start" in c[0])
         owner.click("#am-again")
