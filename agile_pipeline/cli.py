@@ -884,7 +884,8 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sim-out"),
     workers: Annotated[int, typer.Option(help="Concepts simulated in parallel.")] = 1,
     min_test_pos: Annotated[int, typer.Option(help="Skip concepts with fewer test positives.")] = 20,
-    few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
+    few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), cv (the product's model choice by cross-validation), ensemble, linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
+    few_shot_args: Annotated[str, typer.Option(help="The variant's settings as key=value,key=value (e.g. 'candidates=mlp|linear,folds=5,ridge_l2=0.3' for cv).")] = "",
     exemplar_when_stuck: Annotated[bool, typer.Option(help="After a batch with no positive, the simulated user gives one exemplar image (the app's recovery path).")] = False,
     pool_k: Annotated[int, typer.Option(help="SEALS candidate pool: score only the k nearest train neighbours of every labelled image and phrase (plus a random sample); 0 = the whole split (the paper's protocol).")] = 0,
     pool_random: Annotated[int, typer.Option(help="With --pool-k: unlabelled train images outside the pool scored too, drawn uniformly (the product's default; 0 = the pool alone, its worst case on small corpora).")] = settings.POOL_RANDOM,
@@ -899,6 +900,7 @@ def simulate(
         choose_concepts,
         config_dict,
         format_table,
+        parse_variant_args,
         run_all,
         summarize,
         write_outputs,
@@ -910,6 +912,11 @@ def simulate(
         fail(f"unknown strategy {strategy!r}: use margin, margin-positive or cluster-margin")
     if few_shot not in FEW_SHOT_VARIANTS:
         fail(f"unknown --few-shot {few_shot!r}: one of {', '.join(FEW_SHOT_VARIANTS)}")
+    try:
+        variant_args = parse_variant_args(few_shot_args)
+    except ValueError as exc:
+        fail(f"--few-shot-args: {exc}")
+        return
     t0 = time.perf_counter()
     data = _guard(lambda: prepare_simulation(str(dataset), min_test_pos=min_test_pos))
     if dataset.is_dir():  # negative phrases (negatives.txt) typed by the simulated user
@@ -933,7 +940,7 @@ def simulate(
     if pool_k < 0 or pool_random < 0:
         fail("--pool-k must be 0 (whole split) or a positive number of neighbours, --pool-random at least 0")
     cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed, few_shot=few_shot,
-                    exemplar_when_stuck=exemplar_when_stuck, pool_k=pool_k, pool_random=pool_random)
+                    few_shot_args=variant_args, exemplar_when_stuck=exemplar_when_stuck, pool_k=pool_k, pool_random=pool_random)
     typer.echo(f"simulating {len(names)} concepts on {len(data.train_ids)} train / "
                f"{len(data.test_ids)} test images with {data.embedding_model}")
     per_concept = run_all(data, names, cfg, workers=workers)

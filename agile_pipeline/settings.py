@@ -207,6 +207,20 @@ def candidate_pool_mode() -> str:
     return os.environ.get("AGILE_CANDIDATE_POOL", "auto").strip().lower() or "auto"
 
 
+MODEL_FAMILIES = ("auto", "mlp", "linear", "ensemble")
+
+
+def model_family() -> str:
+    """``AGILE_MODEL_FAMILY``: which classifier a round trains. ``auto`` (default) picks, per
+    concept and round, the paper's MLP, a ridge logistic regression or their ensemble by
+    cross-validation on the labels; ``mlp`` is the paper's recipe exactly; ``linear`` and
+    ``ensemble`` force a family. See :mod:`agile_pipeline.lib.model_choice`."""
+    value = os.environ.get("AGILE_MODEL_FAMILY", "auto").strip().lower() or "auto"
+    if value not in MODEL_FAMILIES:
+        raise ValueError(f"AGILE_MODEL_FAMILY={value!r}: use one of {', '.join(MODEL_FAMILIES)}")
+    return value
+
+
 AL_ROUNDS = 5
 EVAL_STRATA = 10
 EVAL_PER_STRATUM = 20

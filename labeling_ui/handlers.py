@@ -434,6 +434,21 @@ def _auc_cell(row: dict | None) -> str:
     return f"{row['auc_pr']:.2f}{band}"
 
 
+FAMILY_NAMES = {"mlp": "MLP", "linear": "logistic regression", "ensemble": "MLP + logistic regression"}
+
+
+def _family_cell(row: dict[str, Any]) -> str:
+    """A model's family, with what the cross-validation measured as its tooltip."""
+    family = str(row.get("family") or "mlp")
+    choice = row.get("model_choice") or {}
+    scores = choice.get("cv_auc_pr") or {}
+    tip = (f"chosen by {choice.get('folds')}-fold cross-validation on the ratings, AUC-PR: "
+           + ", ".join(f"{FAMILY_NAMES.get(k, k)} {v:.3f}" for k, v in scores.items())) if scores else (
+        str(choice.get("reason") or "the paper's recipe"))
+    return (f'<span data-family="{html.escape(family, quote=True)}" title="{html.escape(tip, quote=True)}">'
+            f"{html.escape(FAMILY_NAMES.get(family, family))}</span>")
+
+
 def model_panel(service: LabelingService, concept: str | None, *, role: str = "owner") -> str:
     esc = html.escape
     if not concept:
@@ -454,7 +469,8 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
             "n_eval_labels") else {}
         parts.append('<table class="am-table"><thead><tr><th>Model</th><th>Trained on</th>'
                      '<th title="on every evaluation rating so far; in brackets a 90% bootstrap '
-                     'interval">AUC-PR</th><th>MLflow version</th><th>Training time</th>'
+                     'interval">AUC-PR</th><th title="which classifier the round trained, chosen by '
+                     'cross-validation on your ratings">Kind</th><th>MLflow version</th><th>Training time</th>'
                      '<th>Finished</th><th>Download</th></tr></thead><tbody>')
         for r in reversed(rows):
             href = f"/export/{esc(concept, quote=True)}/round-{r['round']}.zip"
@@ -467,6 +483,7 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
             parts.append(
                 f"<tr><td>Model {r['round'] + 1}{note}</td><td>{r['positive']} yes / {r['negative']} no</td>"
                 f"<td>{_auc_cell(scored.get(model_key))}</td>"
+                f"<td>{_family_cell(r)}</td>"
                 f"<td>{esc(str(r['model_version'] or '—'))}</td>"
                 f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
                 f'<td>{download}</td></tr>'

@@ -345,6 +345,8 @@ class Rounds:
                 "dagster_run_id": r["run_id"],
                 "finished_at": r["finished_at"],
                 "hidden": (r.get("info") or {}).get("hidden"),
+                "family": str((r.get("info") or {}).get("family", "mlp")),
+                "model_choice": (r.get("info") or {}).get("model_choice") or {},
                 "lookahead": bool((r.get("info") or {}).get("lookahead")),
                 "registered_model": (r.get("info") or {}).get("registered_model"),
             }

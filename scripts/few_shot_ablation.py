@@ -31,6 +31,7 @@ from agile_pipeline.research.simulate import (
     FEW_SHOT_VARIANTS,
     SimConfig,
     attach_negative_phrases,
+    parse_variant_args,
     run_all,
     summarize,
 )
@@ -39,10 +40,7 @@ from agile_pipeline.research.simulate import (
 def _variant(spec: str) -> tuple[str, dict[str, Any]]:
     """``name`` or ``name:key=value,key=value`` -> (name, args)."""
     name, _, rest = spec.partition(":")
-    args: dict[str, Any] = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        args[k] = v if v.isalpha() else float(v) if "." in v or "e" in v else int(v)
+    args = parse_variant_args(rest)
     if name not in FEW_SHOT_VARIANTS:
         raise SystemExit(f"unknown variant {name!r}: one of {', '.join(FEW_SHOT_VARIANTS)}")
     return name, args

@@ -46,6 +46,10 @@ class TrainingConfig(dg.Config):
     # started while the rater still had a few images of the batch left (see the app's
     # lookahead setting); the model is trained the same way, this only marks it
     lookahead: bool = False
+    # auto: the MLP, ridge logistic regression or their ensemble, chosen per round by
+    # cross-validation on the labels; mlp: the paper's recipe exactly; linear / ensemble;
+    # empty: the AGILE_MODEL_FAMILY setting (default auto)
+    model_family: Literal["", "auto", "mlp", "linear", "ensemble"] = ""
 
 
 class MarginSamplingConfig(dg.Config):
@@ -132,9 +136,10 @@ def zero_shot_scores(
         description="Every weight of the round's classifier is finite (no NaN/inf); a model "
                     "that fails never selects a batch.")],
     description=(
-        "The concept's classifier: the paper's MLP (1x16 first, then 3x128) on frozen "
-        "embeddings, trained on every train label plus random negatives (one model per round; "
-        "its MLflow run and model version are `registered_model`)."
+        "The concept's classifier on frozen embeddings, trained on every train label plus random "
+        "negatives (one model per round; its MLflow run and model version are `registered_model`): "
+        "the paper's MLP (1x16 first, then 3x128), a ridge logistic regression or their ensemble, "
+        "chosen by cross-validation on the labels (`family`, `cv_auc_pr_*`; config `model_family`)."
     ),
 )
 def classifier(
@@ -142,6 +147,7 @@ def classifier(
     state: StateResource, vectors: VectorsResource, encoder: EncoderResource,
 ) -> dg.MaterializeResult:
     from agile_pipeline.lib.loop import plan_round, round_facts, train_round
+    from agile_pipeline.lib.model_choice import choice_for
     from agile_pipeline.lib.state import LabelRule
     from agile_pipeline.lib.training import TrainConfig
 
@@ -158,11 +164,12 @@ def classifier(
             "status": "no positive labels yet: recovery batch instead of a model",
         }, check_results=[dg.AssetCheckResult(check_name="weights_finite", passed=True,
                                               metadata={"status": "no model this round"})])
+    choice = choice_for(config.model_family or settings.model_family(), seed=config.seed)
     result = _user_errors(lambda: train_round(
         env, context.partition_key,
         config=TrainConfig(seed=config.seed, epochs=config.epochs, random_negatives=config.random_negatives),
         rule=rule, force=config.force, run_id=context.run.run_id, tracking=False,
-        lookahead=config.lookahead,
+        lookahead=config.lookahead, choice=choice,
     ))
     if result.reused:
         context.log.info(f"no new labels since round {result.round_index}: kept that model")
@@ -170,6 +177,10 @@ def classifier(
         context.log.warning(w)
     return dg.MaterializeResult(metadata={
         "trained": True, "model": f"Model {result.round_index + 1}",
+        "family": result.family,
+        "family_reason": result.model_choice.get("reason", ""),
+        **{f"cv_auc_pr_{k}": dg.MetadataValue.float(float(v))
+           for k, v in (result.model_choice.get("cv_auc_pr") or {}).items()},
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
         "lookahead": config.lookahead,

@@ -82,6 +82,8 @@ class RoundResult:
     warnings: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
     model_version: str | None = None
+    family: str = "mlp"
+    model_choice: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -384,8 +386,12 @@ def train_round(
     tracking: bool = True,
     run_id: str | None = None,
     lookahead: bool = False,
+    choice: Any = None,
 ) -> RoundResult:
     """Train the next model on every train label so far; log it to MLflow.
+
+    ``choice`` (a :class:`~agile_pipeline.lib.model_choice.ModelChoiceConfig`; default: the
+    ``AGILE_MODEL_FAMILY`` setting) says which family the round trains or cross-validates.
 
     ``tracking=False`` leaves the MLflow run and model version to :func:`register_round`
     (the round job does that after the next batch is committed). ``lookahead`` only marks
@@ -398,7 +404,7 @@ def train_round(
     concept = env.store.get_concept(concept_name)
     with concept_lock(env, concept.name, "training"):
         return _train_round(env, concept.name, config=config, rule=rule, force=force,
-                            tracking=tracking, run_id=run_id, lookahead=lookahead)
+                            tracking=tracking, run_id=run_id, lookahead=lookahead, choice=choice)
 
 
 def _train_round(
@@ -411,10 +417,13 @@ def _train_round(
     tracking: bool,
     run_id: str | None,
     lookahead: bool = False,
+    choice: Any = None,
 ) -> RoundResult:
-    from agile_pipeline.lib.training import NotEnoughLabels, TrainConfig, train_classifier
+    from agile_pipeline.lib.model_choice import choice_for, family_of, train_round_model
+    from agile_pipeline.lib.training import NotEnoughLabels, TrainConfig
 
     config = config or TrainConfig()
+    choice = choice or choice_for(settings.model_family(), seed=config.seed)
     store = env.store
     concept = store.get_concept(concept_name)
     facts = round_facts(store, concept.name, rule)
@@ -426,6 +435,8 @@ def _train_round(
             concept.name, last["round"], cutoff, last["n_pos"], last["n_neg"],
             Path(last["model_uri"]), last["train_seconds"] or 0.0, reused=True,
             mlflow_run_id=last["mlflow_run_id"], model_version=last["model_version"],
+            family=str((last.get("info") or {}).get("family", "mlp")),
+            model_choice=dict((last.get("info") or {}).get("model_choice") or {}),
         )
     if plan.action != "train" or plan.round_index is None:  # no positive: nothing to learn from
         raise LoopError(
@@ -441,9 +452,9 @@ def _train_round(
     X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids)
     events = store.label_events(concept.name, purpose="train", upto=cutoff)
     try:
-        model = train_classifier(
+        model = train_round_model(
             X_lab, y, X_pool, round_index=architecture_round(round_index, [e["round"] for e in events]),
-            config=config,
+            config=config, choice=choice,
             exclude_from_pool=exclude, concept=concept.name,
         )
     except NotEnoughLabels as exc:
@@ -464,13 +475,17 @@ def _train_round(
     result = RoundResult(
         concept.name, round_index, cutoff, n_pos, n_neg, model_dir,
         float(model.meta.train_seconds), warnings=list(model.meta.warnings),
+        family=family_of(model.meta), model_choice=dict(model.meta.config.get("model_choice") or {}),
     )
     store.record_round(
         concept.name, round_index, label_cutoff=cutoff, run_id=run_id, model_uri=str(model_dir),
         model_version=result.model_version, mlflow_run_id=result.mlflow_run_id, n_pos=n_pos,
         n_neg=n_neg, train_seconds=result.train_seconds,
         info={"warnings": result.warnings, "hidden": list(model.meta.hidden),
+              "family": family_of(model.meta), "model_choice": model.meta.config.get("model_choice"),
               "params": {**config.to_dict(), "hidden": list(model.meta.hidden),
+                         "model_family": family_of(model.meta),
+                         "model_candidates": ",".join(choice.candidates),
                          "label_rule": rule.describe(), "label_cutoff": cutoff},
               "n_random_neg": int(model.meta.n_random_neg), "lookahead": lookahead},
     )
@@ -524,10 +539,14 @@ def register_round(env: LoopEnv, concept_name: str, round_index: int | None = No
         params=params,
         metrics={"n_pos": r["n_pos"], "n_neg": r["n_neg"], "n_labels": r["n_pos"] + r["n_neg"],
                  "n_random_neg": float(info.get("n_random_neg", 0)),
+                 **{f"cv_auc_pr_{k}": float(v)
+                    for k, v in ((info.get("model_choice") or {}).get("cv_auc_pr") or {}).items()},
                  "train_seconds": r["train_seconds"] or 0.0, **agreement.metrics()},
         tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or r.get("run_id") or "",
               "agile/label_cutoff": str(r["label_cutoff"]),
               "agile/lookahead": "1" if info.get("lookahead") else "0",
+              "agile/model_family": str(info.get("family", "mlp")),
+              "agile/model_choice": str((info.get("model_choice") or {}).get("reason", "")),
               **dagster_run_link(run_id or r.get("run_id"))},
         encoder_spec=env.encoder_spec or settings.default_encoder_spec(),
         embedding_model=env.model_id,

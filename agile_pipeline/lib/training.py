@@ -50,8 +50,9 @@ and says so in ``meta.warnings``; only when there are neither labeled nor random
 fatal.
 
 **Determinism.** Index sampling uses a NumPy ``Generator`` seeded with ``config.seed``;
-initialisation and dropout use torch's RNG, seeded inside :func:`torch.random.fork_rng` so the
-caller's global RNG state is untouched. Training runs with ``num_threads`` (default 1) intra-op
+initialisation and dropout draw from a ``torch.Generator`` seeded with ``config.seed``, never
+torch's global RNG, so the caller's RNG state is untouched and trainings on several threads at
+once (the cross-validation of :mod:`agile_pipeline.lib.model_choice`) are each deterministic. Training runs with ``num_threads`` (default 1) intra-op
 threads — fastest for these small batches, immune to OpenMP spin-waiting on a busy machine, and
 it makes the weights independent of the host's core count. Same inputs + seed → bit-identical
 weights.
@@ -60,6 +61,7 @@ weights.
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -289,7 +291,7 @@ def _exclusion_mask(exclude: np.ndarray | None, n_pool: int) -> np.ndarray | Non
     return mask
 
 
-def _sample_random_negatives(
+def sample_random_negatives(
     rng: np.random.Generator, n_pool: int, k: int, exclude: np.ndarray | None
 ) -> np.ndarray:
     """Up to ``k`` distinct pool rows not in ``exclude``, in random order (seeded)."""
@@ -329,7 +331,7 @@ def _fold_standardization(module: nn.Sequential, mean: np.ndarray, inv_std: np.n
         first.bias.copy_(b_new.float())
 
 
-def _l2_rows(X: np.ndarray) -> np.ndarray:
+def l2_rows(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return (X / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
@@ -344,6 +346,41 @@ def _to_l2_input(module: nn.Sequential) -> None:
     module[0] = l2
 
 
+_GLOBAL_RNG = threading.Lock()  # fork_rng saves and restores torch's global RNG: one at a time
+
+
+class _SeededDropout(nn.Dropout):
+    """``nn.Dropout`` drawing its masks from its own generator, so that trainings on several
+    threads at once stay deterministic (torch's global RNG is shared by every thread)."""
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        super().__init__(p)
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        return x * torch.empty_like(x).bernoulli_(keep, generator=self.generator).div_(keep)
+
+
+def _init_mlp(input_dim: int, hidden: tuple[int, ...], dropout: float, seed: int) -> nn.Sequential:
+    """:func:`build_mlp` with weights drawn from a generator seeded with ``seed`` (no global RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # the default init is replaced below
+        module = build_mlp(input_dim, hidden, dropout)
+    with torch.no_grad():
+        for layer in module:
+            if isinstance(layer, nn.Linear):  # nn.Linear's own default: U(-1/sqrt(fan_in), ..)
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+    for i, layer in enumerate(module):
+        if isinstance(layer, nn.Dropout):
+            module[i] = _SeededDropout(layer.p, gen)
+    return module
+
+
 def _fit(
     table: torch.Tensor,
     batch_rows: torch.Tensor,
@@ -355,29 +392,30 @@ def _fit(
 ) -> tuple[nn.Sequential, float]:
     """The optimisation loop; returns the module and its mean loss over the last epoch.
 
-    Seeds torch's RNG (initialisation, dropout) inside ``fork_rng`` so the caller's global RNG
-    state is unchanged.
+    Initialisation and dropout draw from one generator seeded with ``config.seed`` (never
+    torch's global RNG), so several trainings may run on threads at once, each deterministic.
     """
     total_steps = batch_rows.shape[0]
     losses = torch.zeros(min(last_steps, total_steps))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        module = build_mlp(table.shape[1], hidden, config.dropout)
-        opt = torch.optim.Adam(
-            module.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
-        )
-        loss_fn = nn.BCEWithLogitsLoss()
-        module.train()
-        first_logged = total_steps - losses.shape[0]
-        for step in range(total_steps):
-            xb = table[batch_rows[step]]
-            loss = loss_fn(module(xb), batch_y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step >= first_logged:
-                losses[step - first_logged] = loss.detach()
+    module = _init_mlp(table.shape[1], hidden, config.dropout, config.seed)
+    opt = torch.optim.Adam(
+        module.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+    module.train()
+    first_logged = total_steps - losses.shape[0]
+    for step in range(total_steps):
+        xb = table[batch_rows[step]]
+        loss = loss_fn(module(xb), batch_y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= first_logged:
+            losses[step - first_logged] = loss.detach()
     module.eval()
+    for i, layer in enumerate(module):  # the saved model is a plain MLP
+        if isinstance(layer, _SeededDropout):
+            module[i] = nn.Dropout(layer.p)
     return module, float(losses.mean()) if losses.numel() else float("nan")
 
 
@@ -452,7 +490,7 @@ def train_classifier(
         raise _not_enough("positive", concept)
 
     rng = np.random.default_rng(config.seed)
-    random_idx = _sample_random_negatives(
+    random_idx = sample_random_negatives(
         rng, X_pool.shape[0], config.random_negatives, exclude_from_pool
     )
     if neg_idx.size == 0 and random_idx.size == 0:
@@ -506,8 +544,8 @@ def train_classifier(
 
     X_lab = np.ascontiguousarray(X_labeled, dtype=np.float32)
     if config.input_norm == "l2":
-        X_lab = _l2_rows(X_lab)
-        rand_rows = _l2_rows(rand_rows)
+        X_lab = l2_rows(X_lab)
+        rand_rows = l2_rows(rand_rows)
     elif config.input_norm != "none":
         raise ValueError(f"input_norm must be 'l2' or 'none', got {config.input_norm!r}")
     mean = inv_std = None

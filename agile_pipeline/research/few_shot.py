@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agile_pipeline.lib.model_choice import recipe_weights as recipe_weights
+
 
 @dataclass(frozen=True)
 class PriorLinearConfig:
@@ -125,32 +127,6 @@ def prior_weights(pool_unit: np.ndarray, text_pos: np.ndarray | None, text_neg: 
     return w0
 
 
-def row_weights(y: np.ndarray, n_random: int, *, frac_pos: float = 0.5, frac_neg: float = 0.25,
-                frac_random: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row weights of the labeled rows and of the random negatives.
-
-    Positives share ``frac_pos`` of the mass, labeled negatives ``frac_neg``, random negatives
-    ``frac_random`` (a missing source hands its share to the other negatives); the total mass is
-    ``len(y)`` (at least 1), so the prior's pull weakens as labels accumulate.
-    """
-    y = np.asarray(y)
-    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-    fn = frac_neg if n_neg else 0.0
-    fr = frac_random if n_random else 0.0
-    if not n_neg:
-        fr += frac_neg if n_random else 0.0
-    if not n_random:
-        fn += frac_random if n_neg else 0.0
-    fp = frac_pos if n_pos else 0.0
-    total = fp + fn + fr
-    if total <= 0:  # nothing to weigh
-        return np.zeros(len(y)), np.zeros(n_random)
-    mass = float(max(1, len(y)))
-    lab = np.where(y == 1, mass * fp / total / max(n_pos, 1), mass * fn / total / max(n_neg, 1))
-    rand = np.full(n_random, mass * fr / total / max(n_random, 1))
-    return lab.astype(np.float64), rand
-
-
 def _sample_pool(rng: np.random.Generator, n_pool: int, k: int, exclude: np.ndarray | None) -> np.ndarray:
     mask = np.zeros(n_pool, dtype=bool)
     if exclude is not None and len(exclude):
@@ -195,7 +171,7 @@ def fit_prior_linear(
     X_rand = unit_rows(np.asarray(X_pool[rand_idx])) if rand_idx.size else np.empty((0, X_lab.shape[1]))
     w0 = prior_weights(X_rand if len(X_rand) > 1 else X_lab, text_pos, text_neg,
                        strength=config.prior_strength, negative_weight=config.negative_weight)
-    w_lab, w_rand = row_weights(y, len(X_rand), frac_pos=config.frac_pos, frac_neg=config.frac_neg,
+    w_lab, w_rand = recipe_weights(y, len(X_rand), frac_pos=config.frac_pos, frac_neg=config.frac_neg,
                                 frac_random=config.frac_random)
     X = np.concatenate([X_lab, X_rand])
     t = np.concatenate([y, np.zeros(len(X_rand))])

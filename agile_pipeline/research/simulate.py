@@ -99,7 +99,29 @@ FEW_SHOT_VARIANTS: dict[str, str] = {
     "hybrid": "prior-linear while the labels hold < switch_pos positives, then the paper's MLP",
     "mlp-pseudo": "the paper's MLP with the phrase vectors added as labeled points",
     "prior-decay": "the paper's MLP blended with the zero-shot prior, β = c / n_pos",
+    "cv": "the product's model choice: MLP, ridge LR or their ensemble by k-fold AUC-PR on the labels",
+    "ensemble": "the mean logit of the paper's MLP and ridge LR, every round",
 }
+
+
+def parse_variant_args(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` -> args (numbers as numbers; ``a|b`` as a tuple of words)."""
+    args: dict[str, Any] = {}
+    for kv in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise ValueError(f"expected key=value, got {kv!r}")
+        if "|" in v:
+            args[k] = tuple(x for x in v.split("|") if x)
+        else:
+            try:
+                args[k] = int(v)
+            except ValueError:
+                try:
+                    args[k] = float(v)
+                except ValueError:
+                    args[k] = v
+    return args
 
 
 def attach_negative_phrases(data: SimData, dataset_path: Path, encoder: Any) -> SimData:
@@ -351,10 +373,39 @@ class _RoundModel:
     kind: str
     scorer: Any  # has predict_proba(X)
     beta: float = 0.0
+    smoothing: "_KnnSmoothing | None" = None
 
     def predict(self, X: np.ndarray, zs_unit: np.ndarray) -> np.ndarray:
         p = self.scorer.predict_proba(X)
+        if self.smoothing is not None:
+            p = self.smoothing.apply(X, p, self.scorer)
         return few_shot.blend_logits(p, zs_unit, self.beta) if self.beta else p
+
+
+@dataclass
+class _KnnSmoothing:
+    """kNN smoothing of a model's scores over the train split (research screen)."""
+
+    X_train: np.ndarray
+    labeled: np.ndarray  # row numbers of the labelled train images
+    y: np.ndarray
+    alpha: float
+    k: int
+    use_labels: bool
+    _p_train: np.ndarray | None = None
+
+    def apply(self, X: np.ndarray, p: np.ndarray, scorer: Any) -> np.ndarray:
+        if self._p_train is None:
+            self._p_train = scorer.predict_proba(self.X_train).astype(np.float64)
+            if self.use_labels:
+                self._p_train[self.labeled] = self.y
+        Xu = few_shot.unit_rows(X)
+        Tu = few_shot.unit_rows(self.X_train)
+        sims = Xu @ Tu.T
+        sims[sims > 0.9999] = -np.inf  # an image is not its own neighbour
+        k = min(self.k, sims.shape[1] - 1)
+        nb = np.argpartition(-sims, k, axis=1)[:, :k]
+        return ((1 - self.alpha) * p + self.alpha * self._p_train[nb].mean(axis=1)).astype(np.float32)
 
 
 def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: int,
@@ -377,6 +428,24 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
         lm = few_shot.fit_prior_linear(X_train[idx], y, X_train, text_pos=text, text_neg=neg_text,
                                        exclude_from_pool=idx, config=pcfg)
         return _RoundModel("linear", lm)
+    if variant in ("cv", "ensemble"):
+        from agile_pipeline.lib.model_choice import ModelChoiceConfig, train_round_model
+
+        known_c = ModelChoiceConfig.__dataclass_fields__
+        ckw = {k: v for k, v in args.items() if k in known_c}
+        if isinstance(ckw.get("candidates"), str):
+            ckw["candidates"] = (ckw["candidates"],)
+        if variant == "ensemble":
+            ckw["candidates"] = ("ensemble",)
+        choice = ModelChoiceConfig(**{"seed": cfg.seed, **ckw})
+        m = train_round_model(X_train[idx], y, X_train, round_index=arch_round,
+                              config=TrainConfig(seed=cfg.seed, **cfg.train), choice=choice,
+                              exclude_from_pool=idx, concept=concept)
+        smooth = None
+        if float(args.get("knn_alpha", 0)) > 0:
+            smooth = _KnnSmoothing(X_train, idx, y.astype(np.float64), float(args["knn_alpha"]),
+                                   int(args.get("knn_k", 10)), bool(int(args.get("knn_labels", 1))))
+        return _RoundModel(str(m.meta.config["family"]), m, smoothing=smooth)
     X_lab, y_lab = X_train[idx], y
     if variant == "mlp-pseudo":
         Xp, yp = few_shot.phrase_pseudo_labels(text, neg_text, X_train.shape[1])

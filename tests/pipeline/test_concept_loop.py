@@ -5,6 +5,7 @@ Uses the plumbing (random) encoder: these tests check the machinery, not semanti
 
 import json
 
+import mlflow
 import pytest
 
 from agile_pipeline.defs.concepts import (
@@ -85,9 +86,23 @@ def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
     versions = model_versions(env.paths.mlflow_uri(), "blobs")
     assert [v["tags"]["agile/round"] for v in versions] == ["0", "1"]
     assert all(v["tags"]["agile/embedding_model"] == env.model_id for v in versions)
-    hidden = [json.loads((env.concept_dir("blobs") / f"round-{i:03d}" / "meta.json").read_text())["hidden"]
-              for i in (0, 1)]
-    assert hidden == [[16], [128, 128, 128]]
+    metas = [json.loads((env.concept_dir("blobs") / f"round-{i:03d}" / "meta.json").read_text())
+             for i in (0, 1)]
+    # the family each round chose by cross-validation, recorded in the model, MLflow and the store
+    families = [m["config"]["family"] for m in metas]
+    recipe = [[16], [128, 128, 128]]  # the paper's first and later MLPs
+    shapes = {"mlp": lambda h: h, "linear": lambda h: [], "ensemble": lambda h: [u + 2 for u in h]}
+    assert [m["hidden"] for m in metas] == [shapes[f](h) for f, h in zip(families, recipe, strict=True)]
+    assert [v["tags"]["agile/model_family"] for v in versions] == families
+    assert [r["info"]["family"] for r in env.store.rounds("blobs")] == families
+    for m, v in zip(metas, versions, strict=True):
+        scores = m["config"]["model_choice"]["cv_auc_pr"]
+        if scores:  # cross-validated: every candidate scored, the best chosen, logged to MLflow
+            assert set(scores) == {"mlp", "linear", "ensemble"}
+            assert scores[m["config"]["family"]] == max(scores.values())
+            run = mlflow.MlflowClient(env.paths.mlflow_uri()).get_run(v["run_id"])
+            for k, x in scores.items():
+                assert run.data.metrics[f"cv_auc_pr_{k}"] == pytest.approx(x)
 
 
 def test_same_labels_and_seed_give_the_same_model(corpus):

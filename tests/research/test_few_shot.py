@@ -15,7 +15,6 @@ from agile_pipeline.research.few_shot import (
     mean_direction,
     phrase_pseudo_labels,
     prior_weights,
-    row_weights,
 )
 
 
@@ -28,21 +27,6 @@ def _planted(seed: int = 0, n: int = 3000, d: int = 32, prevalence: float = 0.02
     X = rng.normal(size=(n, d)) + 2.5 * y[:, None] * c
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     return X.astype(np.float32), y, c
-
-
-def test_row_weights_mass_and_shares() -> None:
-    y = np.array([1, 1, 0, 0, 0, 0])
-    lab, rand = row_weights(y, 10)
-    assert lab.sum() + rand.sum() == pytest.approx(len(y))
-    assert lab[y == 1].sum() == pytest.approx(0.5 * len(y))
-    assert lab[y == 0].sum() == pytest.approx(0.25 * len(y))
-    assert rand.sum() == pytest.approx(0.25 * len(y))
-    # no labeled negatives: their share goes to the random ones
-    lab, rand = row_weights(np.array([1, 1]), 4)
-    assert lab.sum() == pytest.approx(1.0) and rand.sum() == pytest.approx(1.0)
-    # no random negatives: their share goes to the labeled ones
-    lab, rand = row_weights(np.array([1, 0]), 0)
-    assert rand.size == 0 and lab[1] == pytest.approx(1.0)
 
 
 def test_mean_direction_and_prior_weights() -> None:

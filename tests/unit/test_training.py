@@ -15,8 +15,8 @@ from agile_pipeline.lib.training import (
     TrainedClassifier,
     _batch_counts,
     _fold_standardization,
-    _sample_random_negatives,
     build_mlp,
+    sample_random_negatives,
     train_classifier,
 )
 
@@ -222,10 +222,10 @@ def test_random_negatives_never_include_labeled_rows(as_mask):
     excl = np.arange(0, n, 3)
     arg = np.isin(np.arange(n), excl) if as_mask else excl
     rng = np.random.default_rng(0)
-    got = _sample_random_negatives(rng, n, 10_000, arg)
+    got = sample_random_negatives(rng, n, 10_000, arg)
     assert len(got) == n - len(excl) and len(np.unique(got)) == len(got)
     assert not np.isin(got, excl).any()
-    small = _sample_random_negatives(np.random.default_rng(0), n, 50, arg)
+    small = sample_random_negatives(np.random.default_rng(0), n, 50, arg)
     assert len(small) == 50 and not np.isin(small, excl).any()
 
 

@@ -1,0 +1,365 @@
+"""Which classifier a round trains: chosen per concept, each round, by cross-validation.
+
+The paper's recipe trains one family, its MLP (:mod:`agile_pipeline.lib.training`). With a few
+hundred labels a ridge logistic regression on the normalised embedding is often as good or
+better, and an ensemble of the two better than either; which one wins depends on the concept.
+:func:`train_round_model` therefore scores the candidate families by k-fold cross-validation on
+the concept's own labels and trains the winner on all of them:
+
+* ``mlp`` — the paper's MLP, exactly as :func:`~agile_pipeline.lib.training.train_classifier`
+  trains it;
+* ``linear`` — ridge logistic regression (scikit-learn, L-BFGS) on L2-normalised embeddings,
+  ``½ λ ‖w‖²`` with ``λ = ridge_l2``; rows weighted as the recipe mixes its batches (half the mass
+  on labelled positives, a quarter on labelled negatives, a quarter on random train images taken
+  as negatives), the total mass being the number of labels;
+* ``ensemble`` — the mean of the two models' logits.
+
+**Cross-validation.** The labelled rows are split into ``folds`` stratified folds and a sample
+of ``cv_random`` unlabelled train rows (random negatives) into as many; every fold trains each
+base family on the other folds and scores its own held-out labels plus its held-out random
+negatives, weighted as in training. The score is weighted average precision (AUC-PR,
+scikit-learn), the mean over folds; the ensemble is scored from the same folds' models, so it
+costs no extra training. Ties go to the family listed first in ``candidates``.
+
+**Fallback.** With fewer than ``min_pos_for_cv`` positives (or negatives) a fold has too few to
+rank anything, so the round trains ``fallback`` without cross-validation and says so.
+
+**One model file whatever the family.** A linear model is an MLP with no hidden layer; the
+ensemble is folded *exactly* into one wider MLP (:func:`fold_ensemble`: two extra units per
+hidden layer carry ``w·x̂`` through the ReLUs as ``relu(z) - relu(-z)``), so saving, loading, the
+int8 scans, MLflow and the export read every family the same way. The family and the
+cross-validation scores are in :attr:`ClassifierMeta.config` (``family``, ``model_choice``).
+"""
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agile_pipeline.lib.torch_runtime import torch_threads
+from agile_pipeline.lib.training import (
+    ClassifierMeta,
+    TrainConfig,
+    TrainedClassifier,
+    build_mlp,
+    l2_rows,
+    sample_random_negatives,
+    train_classifier,
+)
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("mlp", "linear", "ensemble")
+
+
+@dataclass(frozen=True)
+class ModelChoiceConfig:
+    """How a round picks its family (defaults: see the README's model-choice tables)."""
+
+    candidates: tuple[str, ...] = FAMILIES
+    folds: int = 4
+    min_pos_for_cv: int = 6
+    fallback: str = "linear"
+    ridge_l2: float = 0.3
+    cv_random: int = 3000
+    workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [c for c in (*self.candidates, self.fallback) if c not in FAMILIES]
+        if bad or not self.candidates:
+            raise ValueError(f"unknown model families {bad}: use {', '.join(FAMILIES)}")
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2")
+
+    @property
+    def cross_validates(self) -> bool:
+        return len(self.candidates) > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["candidates"] = list(self.candidates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelChoiceConfig":
+        known = set(cls.__dataclass_fields__)
+        kw = {k: v for k, v in d.items() if k in known}
+        if "candidates" in kw:
+            kw["candidates"] = tuple(kw["candidates"])
+        return cls(**kw)
+
+
+PAPER = ModelChoiceConfig(candidates=("mlp",), fallback="mlp")
+"""The paper's recipe exactly: the MLP every round, no cross-validation."""
+
+
+def choice_for(family: str, *, seed: int = 0) -> ModelChoiceConfig:
+    """The :class:`ModelChoiceConfig` of a ``model_family`` setting: ``auto`` cross-validates
+    every family; a family name trains that family every round (``mlp``: the paper's recipe)."""
+    if family == "auto":
+        return ModelChoiceConfig(seed=seed)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}: use auto, {', '.join(FAMILIES)}")
+    return ModelChoiceConfig(candidates=(family,), fallback=family, seed=seed)
+
+
+@dataclass
+class ChoiceReport:
+    """What the cross-validation saw and chose (kept in the model's meta, MLflow and Dagster)."""
+
+    family: str
+    reason: str
+    cv_auc_pr: dict[str, float]
+    folds: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- ridge logistic regression ----------------------------------------------------------------
+def recipe_weights(y: np.ndarray, n_random: int, *, frac_pos: float = 0.5, frac_neg: float = 0.25,
+                   frac_random: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row weights of the labelled rows and of the random negatives.
+
+    Positives share ``frac_pos`` of the mass, labelled negatives ``frac_neg``, random negatives
+    ``frac_random`` (a missing source hands its share to the other negatives); the total mass is
+    ``len(y)`` (at least 1).
+    """
+    y = np.asarray(y)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    fn = frac_neg if n_neg else 0.0
+    fr = frac_random if n_random else 0.0
+    if not n_neg:
+        fr += frac_neg if n_random else 0.0
+    if not n_random:
+        fn += frac_random if n_neg else 0.0
+    fp = frac_pos if n_pos else 0.0
+    total = fp + fn + fr
+    if total <= 0:
+        return np.zeros(len(y)), np.zeros(n_random)
+    mass = float(max(1, len(y)))
+    lab = np.where(y == 1, mass * fp / total / max(n_pos, 1), mass * fn / total / max(n_neg, 1))
+    rand = np.full(n_random, mass * fr / total / max(n_random, 1))
+    return lab.astype(np.float64), rand
+
+
+def fit_ridge_logistic(X_lab_unit: np.ndarray, y: np.ndarray, X_rand_unit: np.ndarray,
+                       *, l2: float) -> tuple[np.ndarray, float]:
+    """``(w, b)`` of ``σ(w·x̂ + b)`` on unit rows: labelled rows plus random negatives, weighted
+    by :func:`recipe_weights`, ridge ``½ l2 ‖w‖²`` (the intercept is not penalised)."""
+    from sklearn.linear_model import LogisticRegression
+
+    w_lab, w_rand = recipe_weights(y, len(X_rand_unit))
+    X = np.concatenate([X_lab_unit, X_rand_unit]).astype(np.float64)
+    t = np.concatenate([np.asarray(y, np.int64), np.zeros(len(X_rand_unit), np.int64)])
+    lr = LogisticRegression(C=1.0 / l2, solver="lbfgs", max_iter=300)
+    lr.fit(X, t, sample_weight=np.concatenate([w_lab, w_rand]))
+    return lr.coef_[0].astype(np.float32), float(lr.intercept_[0])
+
+
+def linear_classifier(w: np.ndarray, b: float, meta: ClassifierMeta) -> TrainedClassifier:
+    """``σ(w·x̂ + b)`` as a :class:`TrainedClassifier` (no hidden layer, L2-normalising input)."""
+    d = int(w.shape[0])
+    with torch.random.fork_rng(devices=[]):
+        module = build_mlp(d, (), 0.0, l2_input=True)
+    with torch.no_grad():
+        module[0].weight.copy_(torch.from_numpy(np.asarray(w, np.float32)).unsqueeze(0))
+        module[0].bias.fill_(float(b))
+    module.eval()
+    return TrainedClassifier(module=module, meta=replace(meta, hidden=()))
+
+
+def fold_ensemble(mlp: TrainedClassifier, w: np.ndarray, b: float) -> TrainedClassifier:
+    """One MLP whose logit is exactly ``½ (mlp logit + w·x̂ + b)``.
+
+    The first layer gains two rows ``w`` and ``-w`` (so two units hold ``relu(±w·x̂)``), every
+    further hidden layer passes them on through an identity block (a ReLU of a non-negative
+    value is the value), and the output layer halves the MLP's weights and adds
+    ``½ (relu(z) - relu(-z))``. Dropout is inactive at inference, so nothing else changes.
+    """
+    if not mlp.meta.hidden:
+        raise ValueError("fold_ensemble needs an MLP with at least one hidden layer")
+    linears = [m for m in mlp.module if isinstance(m, nn.Linear)]
+    hidden = tuple(h + 2 for h in mlp.meta.hidden)
+    dropout = float(mlp.meta.config.get("dropout", 0.5))
+    l2 = mlp.meta.config.get("input_norm", "none") == "l2"
+    with torch.random.fork_rng(devices=[]):
+        module = build_mlp(mlp.meta.input_dim, hidden, dropout, l2_input=l2)
+    new = [m for m in module if isinstance(m, nn.Linear)]
+    wt = torch.from_numpy(np.asarray(w, np.float32))
+    with torch.no_grad():
+        for i, (src, dst) in enumerate(zip(linears, new, strict=True)):
+            dst.weight.zero_()
+            dst.bias.zero_()
+            last = i == len(linears) - 1
+            if last:
+                h = src.in_features
+                dst.weight[:, :h] = 0.5 * src.weight
+                dst.weight[0, h], dst.weight[0, h + 1] = 0.5, -0.5
+                dst.bias.copy_(0.5 * (src.bias + b))
+            elif i == 0:
+                h = src.out_features
+                dst.weight[:h] = src.weight
+                dst.bias[:h] = src.bias
+                dst.weight[h], dst.weight[h + 1] = wt, -wt
+            else:
+                h_in, h_out = src.in_features, src.out_features
+                dst.weight[:h_out, :h_in] = src.weight
+                dst.bias[:h_out] = src.bias
+                dst.weight[h_out, h_in] = dst.weight[h_out + 1, h_in + 1] = 1.0
+    module.eval()
+    return TrainedClassifier(module=module, meta=replace(mlp.meta, hidden=hidden))
+
+
+# ---- cross-validation -------------------------------------------------------------------------
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def _stratified_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold number of every label: each class dealt round-robin in a random order."""
+    fold = np.empty(len(y), np.int64)
+    for cls in (0, 1):
+        idx = np.flatnonzero(y == cls)
+        fold[rng.permutation(idx)] = np.arange(idx.size) % k
+    return fold
+
+
+def cross_validate(
+    X_lab_unit: np.ndarray, y: np.ndarray, X_rand_unit: np.ndarray, *, round_index: int,
+    train: TrainConfig, choice: ModelChoiceConfig,
+) -> dict[str, float]:
+    """Mean weighted AUC-PR over ``choice.folds`` folds of every family in ``choice.candidates``."""
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(choice.seed)
+    k = choice.folds
+    fold = _stratified_folds(y, k, rng)
+    rfold = rng.permutation(len(X_rand_unit)) % k
+    need_mlp = any(c in ("mlp", "ensemble") for c in choice.candidates)
+    need_lin = any(c in ("linear", "ensemble") for c in choice.candidates)
+
+    def one(f: int) -> dict[str, float]:
+        tr, te = fold != f, fold == f
+        rtr, rte = rfold != f, rfold == f
+        X_te = np.concatenate([X_lab_unit[te], X_rand_unit[rte]])
+        y_te = np.concatenate([y[te], np.zeros(int(rte.sum()), np.int64)])
+        w_te = np.concatenate(recipe_weights(y[te], int(rte.sum())))
+        logits: dict[str, np.ndarray] = {}
+        if need_mlp:
+            cfg = replace(train, random_negatives=int(rtr.sum()), seed=train.seed + f, num_threads=None)
+            m = train_classifier(X_lab_unit[tr], y[tr], X_rand_unit[rtr], round_index=round_index, config=cfg)
+            logits["mlp"] = _logit(m.predict_proba(X_te))
+        if need_lin:
+            w, b = fit_ridge_logistic(X_lab_unit[tr], y[tr], X_rand_unit[rtr], l2=choice.ridge_l2)
+            logits["linear"] = X_te @ w.astype(np.float64) + b
+        if need_mlp and need_lin:
+            logits["ensemble"] = 0.5 * (logits["mlp"] + logits["linear"])
+        return {c: float(average_precision_score(y_te, logits[c], sample_weight=w_te))
+                for c in choice.candidates}
+
+    # one fold per core; every training draws from its own generator, so each is deterministic,
+    # and torch's intra-op threads are set once for all of them
+    with torch_threads(train.num_threads), ThreadPoolExecutor(max(1, min(choice.workers, k))) as pool:
+        per_fold = list(pool.map(one, range(k)))
+    return {c: float(np.mean([s[c] for s in per_fold])) for c in choice.candidates}
+
+
+def train_round_model(
+    X_labeled: np.ndarray,
+    y: np.ndarray,
+    X_pool: np.ndarray,
+    *,
+    round_index: int,
+    config: TrainConfig = TrainConfig(),
+    choice: ModelChoiceConfig = ModelChoiceConfig(),
+    exclude_from_pool: np.ndarray | None = None,
+    concept: str | None = None,
+) -> TrainedClassifier:
+    """A round's classifier: the family ``choice`` picks (see the module docstring), trained on
+    every label. Arguments and errors as :func:`~agile_pipeline.lib.training.train_classifier`;
+    ``round_index`` is the architecture round (0: the recipe's first, smaller MLP)."""
+    t0 = time.perf_counter()
+    y = np.asarray(y).reshape(-1).astype(np.int64)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    scores: dict[str, float] = {}
+    if not choice.cross_validates:
+        family, reason = choice.candidates[0], "only candidate"
+    elif min(n_pos, n_neg) < choice.min_pos_for_cv:
+        family = choice.fallback
+        reason = (f"{n_pos} positive and {n_neg} negative labels: fewer than {choice.min_pos_for_cv} of a "
+                  f"class to cross-validate, so the fallback ({choice.fallback})")
+    else:
+        family, reason = "", ""
+    need_rand = family != "mlp"
+    X_lab_unit = l2_rows(np.asarray(X_labeled, np.float32)) if len(y) else np.empty((0, X_pool.shape[1]), np.float32)
+    X_rand_unit = np.empty((0, X_pool.shape[1]), np.float32)
+    if need_rand:
+        rng = np.random.default_rng(choice.seed)
+        idx = np.sort(sample_random_negatives(rng, X_pool.shape[0], choice.cv_random, exclude_from_pool))
+        X_rand_unit = l2_rows(np.asarray(X_pool[idx], np.float32))
+    if not family:
+        scores = cross_validate(X_lab_unit, y, X_rand_unit, round_index=round_index, train=config, choice=choice)
+        family = max(choice.candidates, key=lambda c: (scores[c], -choice.candidates.index(c)))
+        reason = f"highest {choice.folds}-fold AUC-PR"
+    cv_seconds = time.perf_counter() - t0
+
+    if n_pos == 0:  # the same refusal, whatever the family
+        raise _refusal(X_labeled, y, X_pool, round_index, config, exclude_from_pool, concept)
+
+    def fit_mlp() -> TrainedClassifier:
+        return train_classifier(X_labeled, y, X_pool, round_index=round_index,
+                                config=replace(config, num_threads=None),
+                                exclude_from_pool=exclude_from_pool, concept=concept)
+
+    def fit_linear() -> tuple[np.ndarray, float]:
+        return fit_ridge_logistic(X_lab_unit, y, X_rand_unit, l2=choice.ridge_l2)
+
+    with torch_threads(config.num_threads), ThreadPoolExecutor(max(1, min(choice.workers, 2))) as pool:
+        mlp_job = pool.submit(fit_mlp) if family in ("mlp", "ensemble") else None
+        lin_job = pool.submit(fit_linear) if family in ("linear", "ensemble") else None
+        mlp = mlp_job.result() if mlp_job else None
+        lin = lin_job.result() if lin_job else None
+    if mlp is not None and lin is not None:
+        model = fold_ensemble(mlp, *lin)
+    elif lin is not None:
+        meta = ClassifierMeta(input_dim=int(X_lab_unit.shape[1]), hidden=(), n_pos=n_pos, n_neg=n_neg,
+                              n_random_neg=len(X_rand_unit), train_seconds=0.0,
+                              round_index=int(round_index), config=config.to_dict())
+        model = linear_classifier(*lin, meta)
+    else:
+        assert mlp is not None
+        model = mlp
+    seconds = time.perf_counter() - t0
+    report = ChoiceReport(family=family, reason=reason, cv_auc_pr={k: round(v, 4) for k, v in scores.items()},
+                          folds=choice.folds if scores else 0, seconds=round(cv_seconds, 3))
+    model.meta = replace(model.meta, train_seconds=round(seconds, 4), config={
+        **model.meta.config, "input_norm": "l2", "family": family, "model_choice": report.to_dict(),
+        "ridge_l2": choice.ridge_l2})
+    log.info("%s%s chosen (%s) in %.2fs; CV AUC-PR %s", f"{concept}: " if concept else "", family,
+             reason, seconds, report.cv_auc_pr or "—")
+    return model
+
+
+def _refusal(X_labeled: np.ndarray, y: np.ndarray, X_pool: np.ndarray, round_index: int,
+             config: TrainConfig, exclude: np.ndarray | None, concept: str | None) -> Exception:
+    """The error :func:`train_classifier` gives for these labels (no positive)."""
+    try:
+        train_classifier(X_labeled, y, X_pool, round_index=round_index, config=config,
+                         exclude_from_pool=exclude, concept=concept)
+    except Exception as exc:
+        return exc
+    return RuntimeError("expected train_classifier to refuse labels without a positive")
+
+
+def family_of(meta: ClassifierMeta) -> str:
+    """The family of a saved model (models from before the choice existed are MLPs)."""
+    return str(meta.config.get("family", "mlp"))

@@ -1,0 +1,121 @@
+"""Pure logic of agile_pipeline.lib.model_choice: ridge LR, the folded ensemble, the CV choice."""
+
+import numpy as np
+import pytest
+import torch
+
+from agile_pipeline.lib.model_choice import (
+    PAPER,
+    ModelChoiceConfig,
+    fit_ridge_logistic,
+    fold_ensemble,
+    recipe_weights,
+    train_round_model,
+)
+from agile_pipeline.lib.training import TrainConfig, TrainedClassifier, l2_rows, train_classifier
+
+
+def _planted(seed: int = 0, n: int = 3000, d: int = 32, prevalence: float = 0.05):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=d)
+    c /= np.linalg.norm(c)
+    y = (rng.random(n) < prevalence).astype(np.int64)
+    X = rng.normal(size=(n, d)) + 2.5 * y[:, None] * c
+    return l2_rows(X.astype(np.float32)), y
+
+
+def _labels(X: np.ndarray, y: np.ndarray, n_pos: int, n_neg: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == 1), n_pos, replace=False),
+                          rng.choice(np.flatnonzero(y == 0), n_neg, replace=False)])
+    return idx, X[idx], y[idx]
+
+
+def test_recipe_weights_mass_and_shares() -> None:
+    y = np.array([1, 1, 0, 0, 0, 0])
+    lab, rand = recipe_weights(y, 10)
+    assert lab.sum() + rand.sum() == pytest.approx(len(y))
+    assert lab[y == 1].sum() == pytest.approx(0.5 * len(y))
+    assert lab[y == 0].sum() == pytest.approx(0.25 * len(y))
+    assert rand.sum() == pytest.approx(0.25 * len(y))
+    lab, rand = recipe_weights(np.array([1, 1]), 4)  # no labelled negatives: share to the random
+    assert lab.sum() == pytest.approx(1.0) and rand.sum() == pytest.approx(1.0)
+    lab, rand = recipe_weights(np.array([1, 0]), 0)  # no random negatives: share to the labelled
+    assert rand.size == 0 and lab[1] == pytest.approx(1.0)
+
+
+def test_ridge_logistic_separates_a_planted_concept_and_shrinks_with_l2() -> None:
+    X, y = _planted()
+    idx, X_lab, y_lab = _labels(X, y, 30, 60)
+    rest = np.setdiff1d(np.arange(len(X)), idx)
+    w, b = fit_ridge_logistic(X_lab, y_lab, X[rest[:1000]], l2=0.3)
+    from sklearn.metrics import average_precision_score
+
+    assert average_precision_score(y, X @ w + b) > 0.5  # prevalence 0.05
+    w_big, _ = fit_ridge_logistic(X_lab, y_lab, X[rest[:1000]], l2=30.0)
+    assert np.linalg.norm(w_big) < 0.5 * np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("round_index", [0, 1])
+def test_fold_ensemble_is_exactly_the_mean_logit(round_index: int, tmp_path) -> None:
+    X, y = _planted(1)
+    idx, X_lab, y_lab = _labels(X, y, 20, 40)
+    mlp = train_classifier(X_lab, y_lab, X, round_index=round_index, exclude_from_pool=idx,
+                           config=TrainConfig(epochs=2))
+    w, b = fit_ridge_logistic(X_lab, y_lab, X[:500], l2=0.3)
+    ens = fold_ensemble(mlp, w, b)
+    probe = X[:400] * 3.0  # not unit: the folded model normalises like the MLP does
+    lm = np.log(mlp.predict_proba(probe).astype(np.float64))
+    lm -= np.log1p(-mlp.predict_proba(probe).astype(np.float64))
+    expect = 0.5 * (lm + l2_rows(probe) @ w.astype(np.float64) + b)
+    got = ens.predict_proba(probe).astype(np.float64)
+    np.testing.assert_allclose(np.log(got) - np.log1p(-got), expect, atol=2e-3)
+    ens.meta.config["family"] = "ensemble"
+    ens.save(tmp_path / "m")
+    back = TrainedClassifier.load(tmp_path / "m")
+    np.testing.assert_allclose(back.predict_proba(probe), ens.predict_proba(probe), atol=1e-6)
+
+
+def test_choice_records_scores_and_picks_the_best_family() -> None:
+    X, y = _planted(2)
+    idx, X_lab, y_lab = _labels(X, y, 40, 80)
+    m = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx,
+                          choice=ModelChoiceConfig(workers=1))
+    mc = m.meta.config["model_choice"]
+    assert set(mc["cv_auc_pr"]) == {"mlp", "linear", "ensemble"}
+    assert mc["family"] == m.meta.config["family"] == max(mc["cv_auc_pr"], key=mc["cv_auc_pr"].get)
+    assert all(0.0 <= v <= 1.0 for v in mc["cv_auc_pr"].values())
+    assert m.meta.n_pos == 40
+    assert np.isfinite(m.predict_proba(X)).all()
+    # deterministic, folds on one thread or three: the same inputs choose and train the same model
+    again = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx,
+                              choice=ModelChoiceConfig(workers=3))
+    assert again.meta.config["model_choice"]["cv_auc_pr"] == mc["cv_auc_pr"]
+    np.testing.assert_array_equal(again.predict_proba(X[:50]), m.predict_proba(X[:50]))
+
+
+def test_few_positives_fall_back_without_cross_validation() -> None:
+    X, y = _planted(3)
+    idx, X_lab, y_lab = _labels(X, y, 3, 50)
+    m = train_round_model(X_lab, y_lab, X, round_index=0, exclude_from_pool=idx,
+                          choice=ModelChoiceConfig(fallback="linear"))
+    assert m.meta.config["family"] == "linear" and m.meta.hidden == ()
+    assert "fewer than 6" in m.meta.config["model_choice"]["reason"]
+    assert m.meta.config["model_choice"]["cv_auc_pr"] == {}
+
+
+def test_paper_config_is_the_plain_mlp() -> None:
+    X, y = _planted(4)
+    idx, X_lab, y_lab = _labels(X, y, 20, 40)
+    m = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx, choice=PAPER)
+    plain = train_classifier(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx)
+    assert m.meta.config["family"] == "mlp" and m.meta.hidden == (128, 128, 128)
+    for a, b in zip(m.module.state_dict().values(), plain.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_choice_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown model families"):
+        ModelChoiceConfig(candidates=("mlp", "forest"))
+    with pytest.raises(ValueError, match="folds"):
+        ModelChoiceConfig(folds=1)
