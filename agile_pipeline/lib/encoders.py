@@ -18,6 +18,10 @@ One interface, :class:`ImageTextEncoder`, and four implementations picked by a s
     checkpoint path, or ``none`` (seeded random weights: tests only).
 ``"random:DIM"`` (:class:`RandomEncoder`)
     Deterministic random projections, for plumbing tests only. No semantics at all.
+``"SPEC+flip"`` (:class:`FlipAveragedEncoder`)
+    Any of the above, with every image vector the normalised mean of the vectors of the image
+    and of its mirror image (test-time augmentation), under its own model id (``…-flip``).
+    Twice the embedding cost; text vectors unchanged.
 
 The interface (:class:`ImageTextEncoder`) and its shared helpers live in
 :mod:`agile_pipeline.lib.encoder_base`, the bundled model in
@@ -191,10 +195,39 @@ class OpenClipEncoder(ImageTextEncoder):
 # spec parsing
 
 
+FLIP_SUFFIX = "+flip"
+
+
+class FlipAveragedEncoder(ImageTextEncoder):
+    """``base``'s vectors averaged over the image and its horizontal mirror, renormalised.
+
+    The mirror is taken of the preprocessed tensor (width axis), which equals preprocessing
+    the mirrored image for the symmetric resizes and centre crops every backend here uses.
+    """
+
+    def __init__(self, base: ImageTextEncoder) -> None:
+        self.base = base
+        self.dim = base.dim
+        self.model_id = sanitize_model_id(f"{base.model_id}-flip")
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.base.preprocess(image)
+
+    def embed_preprocessed(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        both = self.base.embed_preprocessed(np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])]))
+        n = len(batch)
+        return l2_normalize((both[:n] + both[n:]).astype(np.float32))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.base.embed_texts(texts)
+
+
 def parse_spec(spec: str) -> tuple[str, tuple[Any, ...]]:
     """Split an encoder spec into ``(kind, args)``; raises ``ValueError`` for bad specs.
 
     ``"bundled"`` -> ``("bundled", ())``; ``"bundled-int8"`` -> ``("bundled-int8", ())``;
+    ``"bundled+flip"`` -> ``("flip", ("bundled",))``;
     ``"random:32"`` -> ``("random", (32,))``;
     ``"open_clip:ViT-B-32:laion2b_s34b_b79k"`` -> ``("open_clip", ("ViT-B-32", "laion2b_s34b_b79k"))``.
     ``PRETRAINED`` may be a tag, a local path, or ``none``. Model names with a schema
@@ -202,6 +235,11 @@ def parse_spec(spec: str) -> tuple[str, tuple[Any, ...]]:
     ``PRETRAINED`` or with ``none``.
     """
     spec = spec.strip()
+    if spec.endswith(FLIP_SUFFIX):
+        inner = spec[: -len(FLIP_SUFFIX)]
+        if not inner or inner.endswith(FLIP_SUFFIX):
+            raise ValueError(f"bad encoder spec {spec!r}: '+flip' follows one encoder spec, once")
+        return "flip", (inner,)
     if spec in ("bundled", "bundled-int8"):
         return spec, ()
     kind, sep, rest = spec.partition(":")
@@ -235,6 +273,9 @@ def model_id_for_spec(spec: str) -> str | None:
     says it (``bundled``, ``bundled-int8``, ``random:DIM``); ``None`` where only the loaded
     model knows."""
     kind, args = parse_spec(spec)
+    if kind == "flip":
+        inner = model_id_for_spec(args[0])
+        return sanitize_model_id(f"{inner}-flip") if inner else None
     if kind == "random":
         return f"random-{args[0]}"
     if kind == "bundled":
@@ -249,9 +290,11 @@ def load_encoder(spec: str = "bundled") -> ImageTextEncoder:
     """The encoder for ``spec``, loaded once per process (cached per spec string).
 
     See :func:`parse_spec` for the grammar: ``bundled``, ``bundled-int8``,
-    ``open_clip:MODEL_NAME:PRETRAINED``, ``random:DIM``.
+    ``open_clip:MODEL_NAME:PRETRAINED``, ``random:DIM``, any of them followed by ``+flip``.
     """
     kind, args = parse_spec(spec)
+    if kind == "flip":
+        return FlipAveragedEncoder(load_encoder(args[0]))
     if kind == "random":
         return RandomEncoder(*args)
     configure_torch_threads()
