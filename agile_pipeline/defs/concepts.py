@@ -47,9 +47,9 @@ class TrainingConfig(dg.Config):
     # lookahead setting); the model is trained the same way, this only marks it
     lookahead: bool = False
     # auto: the MLP, ridge logistic regression or their ensemble, chosen per round by
-    # cross-validation on the labels; mlp: the paper's recipe exactly; linear / ensemble;
-    # empty: the AGILE_MODEL_FAMILY setting (default auto)
-    model_family: Literal["", "auto", "mlp", "linear", "ensemble"] = ""
+    # cross-validation on the labels; paper: the paper's recipe exactly; mlp / linear /
+    # ensemble: that family every round; empty: the AGILE_MODEL_FAMILY setting (default auto)
+    model_family: Literal["", "auto", "paper", "mlp", "linear", "ensemble"] = ""
 
 
 class MarginSamplingConfig(dg.Config):

@@ -119,3 +119,26 @@ def test_bad_choice_config_is_refused() -> None:
         ModelChoiceConfig(candidates=("mlp", "forest"))
     with pytest.raises(ValueError, match="folds"):
         ModelChoiceConfig(folds=1)
+
+
+def test_settings_map_to_choices() -> None:
+    from agile_pipeline.lib.model_choice import choice_for
+
+    assert choice_for("paper") == PAPER and PAPER.mlp_lr is None
+    auto = choice_for("auto", seed=3)
+    assert auto.candidates == ("mlp", "linear", "ensemble") and auto.seed == 3 and auto.mlp_lr == 1e-3
+    assert choice_for("linear").candidates == ("linear",) and choice_for("linear").fallback == "linear"
+    with pytest.raises(ValueError, match="unknown model family"):
+        choice_for("forest")
+
+
+def test_the_mlp_candidates_train_at_the_choice_learning_rate() -> None:
+    X, y = _planted(5)
+    idx, X_lab, y_lab = _labels(X, y, 20, 40)
+    fast = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx,
+                             choice=ModelChoiceConfig(candidates=("mlp",)))
+    assert fast.meta.config["lr"] == 1e-3
+    same = train_classifier(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx, config=TrainConfig(lr=1e-3))
+    np.testing.assert_array_equal(fast.predict_proba(X[:64]), same.predict_proba(X[:64]))
+    paper = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx, choice=PAPER)
+    assert paper.meta.config["lr"] == 1e-4
