@@ -52,5 +52,12 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     assert rows["round_end_to_end_pool"]["next_candidates"] == [100]
     assert rows["round_end_to_end"]["next_candidates"] == [100]
     assert 0.0 <= rows["train"]["auc_pr"] <= 1.0
+    choice = rows["train_model_choice"]  # issue 19: the default round training, beside the recipe's
+    assert choice["family"] in ("mlp", "linear", "ensemble") and 0.0 <= choice["auc_pr"] <= 1.0
+    if choice["cv_auc_pr"]:  # cross-validated: the best family won
+        assert choice["cv_auc_pr"][choice["family"]] == max(choice["cv_auc_pr"].values())
+    else:  # too few positives at this tiny size: the fallback, without cross-validation
+        assert choice["family"] == "linear"
+    assert choice["auc_pr_paper_recipe"] == rows["train"]["auc_pr"]
     assert any(line.startswith("round_end_to_end") for line in lines)
     assert not (tmp_path / "work" / "corpus-20000-d32").exists()  # deleted without keep
