@@ -54,6 +54,7 @@ from agile_pipeline.lib.training import (
     TrainedClassifier,
     build_mlp,
     l2_rows,
+    not_enough_labels,
     sample_random_negatives,
     train_classifier,
 )
@@ -326,7 +327,7 @@ def train_round_model(
     cv_seconds = time.perf_counter() - t0
 
     if n_pos == 0:  # the same refusal, whatever the family
-        raise _refusal(X_labeled, y, X_pool, round_index, config, exclude_from_pool, concept)
+        raise not_enough_labels("positive", concept)
 
     def fit_mlp() -> TrainedClassifier:
         return train_classifier(X_labeled, y, X_pool, round_index=round_index,
@@ -360,17 +361,6 @@ def train_round_model(
     log.info("%s%s chosen (%s) in %.2fs; CV AUC-PR %s", f"{concept}: " if concept else "", family,
              reason, seconds, report.cv_auc_pr or "—")
     return model
-
-
-def _refusal(X_labeled: np.ndarray, y: np.ndarray, X_pool: np.ndarray, round_index: int,
-             config: TrainConfig, exclude: np.ndarray | None, concept: str | None) -> Exception:
-    """The error :func:`train_classifier` gives for these labels (no positive)."""
-    try:
-        train_classifier(X_labeled, y, X_pool, round_index=round_index, config=config,
-                         exclude_from_pool=exclude, concept=concept)
-    except Exception as exc:
-        return exc
-    return RuntimeError("expected train_classifier to refuse labels without a positive")
 
 
 def family_of(meta: ClassifierMeta) -> str:

@@ -419,7 +419,7 @@ def _fit(
     return module, float(losses.mean()) if losses.numel() else float("nan")
 
 
-def _not_enough(what: str, concept: str | None) -> NotEnoughLabels:
+def not_enough_labels(what: str, concept: str | None) -> NotEnoughLabels:
     name = f" for {concept!r}" if concept else ""
     if what == "positive":
         return NotEnoughLabels(
@@ -487,14 +487,14 @@ def train_classifier(
     pos_idx = np.flatnonzero(y == 1)
     neg_idx = np.flatnonzero(y == 0)
     if pos_idx.size == 0:
-        raise _not_enough("positive", concept)
+        raise not_enough_labels("positive", concept)
 
     rng = np.random.default_rng(config.seed)
     random_idx = sample_random_negatives(
         rng, X_pool.shape[0], config.random_negatives, exclude_from_pool
     )
     if neg_idx.size == 0 and random_idx.size == 0:
-        raise _not_enough("negative", concept)
+        raise not_enough_labels("negative", concept)
 
     warnings: list[str] = []
     if neg_idx.size == 0:

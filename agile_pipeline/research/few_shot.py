@@ -78,23 +78,15 @@ class LinearModel:
 
     def to_classifier(self, *, round_index: int = 0, config: dict | None = None):  # type: ignore[no-untyped-def]
         """The same model as a :class:`TrainedClassifier` (no hidden layer, L2 input)."""
-        import torch
+        from agile_pipeline.lib.model_choice import linear_classifier
+        from agile_pipeline.lib.training import ClassifierMeta
 
-        from agile_pipeline.lib.training import ClassifierMeta, TrainedClassifier, build_mlp
-
-        d = int(self.w.shape[0])
-        with torch.random.fork_rng(devices=[]):
-            module = build_mlp(d, (), 0.0, l2_input=True)
-        with torch.no_grad():
-            module[0].weight.copy_(torch.from_numpy(self.w.astype(np.float32)).unsqueeze(0))
-            module[0].bias.fill_(float(self.b))
-        module.eval()
         meta = ClassifierMeta(
-            input_dim=d, hidden=(), n_pos=self.n_pos, n_neg=self.n_neg,
+            input_dim=int(self.w.shape[0]), hidden=(), n_pos=self.n_pos, n_neg=self.n_neg,
             n_random_neg=self.n_random_neg, train_seconds=0.0, round_index=round_index,
             config={"input_norm": "l2", "dropout": 0.0, "kind": "prior-linear", **(config or {})},
         )
-        return TrainedClassifier(module=module, meta=meta)
+        return linear_classifier(self.w, self.b, meta)
 
 
 def unit_rows(X: np.ndarray) -> np.ndarray:

@@ -393,15 +393,16 @@ class _KnnSmoothing:
     k: int
     use_labels: bool
     _p_train: np.ndarray | None = None
+    _train_unit: np.ndarray | None = None
 
     def apply(self, X: np.ndarray, p: np.ndarray, scorer: Any) -> np.ndarray:
         if self._p_train is None:
             self._p_train = scorer.predict_proba(self.X_train).astype(np.float64)
             if self.use_labels:
                 self._p_train[self.labeled] = self.y
-        Xu = few_shot.unit_rows(X)
-        Tu = few_shot.unit_rows(self.X_train)
-        sims = Xu @ Tu.T
+        if self._train_unit is None:  # once per model, not per call
+            self._train_unit = few_shot.unit_rows(self.X_train)
+        sims = few_shot.unit_rows(X) @ self._train_unit.T
         sims[sims > 0.9999] = -np.inf  # an image is not its own neighbour
         k = min(self.k, sims.shape[1] - 1)
         nb = np.argpartition(-sims, k, axis=1)[:, :k]
