@@ -92,11 +92,35 @@ def zero_shot_scores(
     return out
 
 
+def weighted_average_precisions(y_true: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC-PR (average precision, as scikit-learn's ``average_precision_score`` with
+    ``sample_weight``) of one scored set under each row of ``weights`` (``(B, n)``, e.g. the
+    multiplicities of bootstrap resamples) in one vectorised pass: the rows are sorted once and
+    tied scores form one threshold. A weighting with no positive mass gives NaN."""
+    y = np.asarray(y_true).reshape(-1).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    order = np.argsort(-s, kind="stable")
+    s_sorted = s[order]
+    ends = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])  # last row of each tie group
+    ws = w[:, order]
+    tp = np.cumsum(ws * y[order], axis=1)[:, ends]
+    seen = np.cumsum(ws, axis=1)[:, ends]
+    d_tp = np.diff(tp, axis=1, prepend=0.0)
+    precision = np.divide(tp, seen, out=np.zeros_like(tp), where=seen > 0)
+    total = tp[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (d_tp * precision).sum(axis=1) / total, math.nan)
+
+
 def bootstrap_auc_pr(y_true: np.ndarray, scores: np.ndarray, *, n_boot: int = 500, level: float = 0.9,
                      seed: int = 0) -> tuple[float, float]:
     """A percentile bootstrap interval (``level``, default 90%) for AUC-PR: the eval ratings
     resampled with replacement ``n_boot`` times (seeded; resamples with one class only are
-    skipped). ``(nan, nan)`` when there are too few ratings of both kinds to resample."""
+    skipped). ``(nan, nan)`` when there are too few ratings of both kinds to resample.
+
+    Each resample's AUC-PR is scikit-learn's, computed for all resamples at once from their
+    multiplicities (:func:`weighted_average_precisions`): ~1 ms per model instead of ~1 s."""
     y = np.asarray(y_true).reshape(-1).astype(np.int64)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
@@ -105,8 +129,12 @@ def bootstrap_auc_pr(y_true: np.ndarray, scores: np.ndarray, *, n_boot: int = 50
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, y.size, size=(n_boot, y.size))
-    vals = [float(average_precision_score(y[d], s[d])) for d in draws if 0 < int(y[d].sum()) < y.size]
-    if len(vals) < n_boot // 2:
+    counts = np.zeros((n_boot, y.size), np.float64)
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)
+    n_pos = counts @ y
+    counts = counts[(n_pos > 0) & (n_pos < y.size)]  # both classes drawn
+    if len(counts) < n_boot // 2:
         return math.nan, math.nan
+    vals = weighted_average_precisions(y, s, counts)
     lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)

@@ -111,3 +111,21 @@ def test_bootstrap_interval_brackets_auc_pr_and_narrows_with_more_ratings():
         assert bootstrap_auc_pr(y, s) == (lo, hi)  # seeded: the same interval every time
     assert widths[1] < widths[0] / 2
     assert all(np.isnan(bootstrap_auc_pr(np.array([1, 1]), np.array([0.2, 0.9]))))  # one class
+
+
+def test_vectorised_resample_auc_pr_equals_scikit_learn_on_each_resample():
+    from sklearn.metrics import average_precision_score
+
+    from agile_pipeline.lib.metrics import weighted_average_precisions
+
+    rng = np.random.default_rng(3)
+    n = 60
+    y = (rng.random(n) < 0.3).astype(int)
+    s = np.round(rng.random(n) + 0.3 * y, 1)  # rounded: many tied scores
+    draws = rng.integers(0, n, size=(40, n))
+    weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(float)
+    got = weighted_average_precisions(y, s, weights)
+    for d, g in zip(draws, got, strict=True):
+        if 0 < y[d].sum() < n:
+            assert g == pytest.approx(average_precision_score(y[d], s[d]), abs=1e-12)
+    assert np.isnan(weighted_average_precisions(y, s, (1 - y)[None, :].astype(float)))[0]  # no positives
