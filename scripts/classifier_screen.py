@@ -13,6 +13,8 @@ Candidates: ``mlp`` (the paper's; ``mlp@0.001``: with another learning rate, as 
 and ``cv``), ``linear`` /
 ``linear-l2=X`` (ridge logistic regression), ``ensemble``, ``cv`` (the product's choice), and any of
 them with ``+knn`` (kNN smoothing over the train split with neighbours' labels, α = 0.3, k = 10).
+A prefix ``center:`` subtracts the train split's mean unit vector first, ``whiteS:`` also
+whitens with shrinkage S (``white0.1:linear``).
 """
 
 import argparse
@@ -57,8 +59,25 @@ def _knn_smooth(p_test: np.ndarray, p_train: np.ndarray, nb: np.ndarray, alpha: 
     return (1 - alpha) * p_test + alpha * p_train[nb].mean(axis=1)
 
 
+def _whitening(X_tr: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and ``(C + s·tr(C)/d·I)^(-1/2)`` of the train split's unit rows (``shrink`` = 0:
+    centring only)."""
+    U = l2_rows(X_tr).astype(np.float64)
+    mu = U.mean(axis=0)
+    if shrink <= 0:
+        return mu.astype(np.float32), np.eye(U.shape[1], dtype=np.float32)
+    C = np.cov(U - mu, rowvar=False)
+    evals, evecs = np.linalg.eigh(C + shrink * np.trace(C) / C.shape[0] * np.eye(C.shape[0]))
+    T = evecs @ np.diag(evals ** -0.5) @ evecs.T
+    return mu.astype(np.float32), (T / np.sqrt(np.mean(np.diag(T)))).astype(np.float32)
+
+
 def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np.ndarray,
            arch: int, seed: int, nb_te: np.ndarray) -> np.ndarray:
+    if name.startswith(("center:", "white")):  # e.g. "center:linear", "white0.1:linear"
+        prefix, _, name = name.partition(":")
+        mu, T = _whitening(X_tr, 0.0 if prefix == "center" else float(prefix[5:] or 0.1))
+        X_tr, X_te = (l2_rows(X_tr) - mu) @ T, (l2_rows(X_te) - mu) @ T
     base, _, knn = name.partition("+")
     base, _, lr = base.partition("@")
     tc = TrainConfig(seed=seed, lr=float(lr) if lr else TrainConfig.lr)
