@@ -209,7 +209,7 @@ def _search_rerank_in_cache(vectors: Any, model_id: str, tbl: Any, q: np.ndarray
     how = settings or search_settings(vectors, model_id)
     cache = split_cache(vectors, model_id, split)
     res = (tbl.search(q if len(q) > 1 else q[0], vector_column_name="vector").distance_type("cosine")
-           .nprobes(int(how["nprobes"])).limit(k * int(how["refine_factor"])).select(["id"]).to_arrow())
+           .nprobes(int(how["nprobes"])).limit(k * int(how["refine_factor"])).select(["id", "_distance"]).to_arrow())
     qi = res.column("query_index").to_numpy() if "query_index" in res.column_names else np.zeros(res.num_rows, np.int64)
     rows = cache.positions(res.column("id").to_numpy(zero_copy_only=False).astype(str))
     out: list[list[tuple[str, str, float]]] = []
