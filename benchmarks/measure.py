@@ -112,8 +112,12 @@ def drop_file_cache(paths: list[str]) -> bool:
     return ok
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory, load: what the numbers were measured on."""
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "avx512_fp16")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of :data:`SIMD_FLAGS` it has (``/proc/cpuinfo``): the
+    int8 and bfloat16 kernels, hence many timings, depend on them."""
     model = platform.processor() or "unknown CPU"
     flags: list[str] = []
     try:
@@ -123,10 +127,16 @@ def machine() -> dict[str, Any]:
                     model = line.split(":", 1)[1].strip()
                 if line.startswith("flags"):
                     have = set(line.split(":", 1)[1].split())
-                    flags = sorted(x for x in have if x in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"})
+                    flags = [x for x in SIMD_FLAGS if x in have]
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, load: what the numbers were measured on."""
+    model, flags = cpu_model_and_flags()
     try:
         nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
     except (OSError, ValueError, subprocess.CalledProcessError):

@@ -403,7 +403,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         "",
         f"Command: `{doc.get('command')}`",
         "",
-        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, {_num(m.get('ram_gib'), '.1f')} GiB RAM, "
+        f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores "
+        f"({' '.join(m.get('cpu_flags') or []) or 'SIMD flags not recorded'}), {_num(m.get('ram_gib'), '.1f')} GiB RAM, "
         f"{m.get('platform', '?')}; load average (1/5/15 min) {la(la0)} at start, {la(la1)} at end.",
         "",
         f"Setup (one-off, not rater waits): {doc.get('corpus_step', 'corpus')} {_num(setup.get('corpus_s'), '.1f')} s; "
@@ -438,15 +439,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
 
 # ---- machine ---------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from benchmarks.measure import cpu_model_and_flags
+
+    cpu, flags = cpu_model_and_flags()
     try:
         import psutil
 
@@ -458,7 +453,7 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # pragma: no cover - not Linux
         usable = os.cpu_count()
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "cpus_usable": usable, "ram_gib": round(ram, 1)}
+            "cpu_flags": flags, "cpu_count": os.cpu_count(), "cpus_usable": usable, "ram_gib": round(ram, 1)}
 
 
 def loadavg() -> list[float]:
