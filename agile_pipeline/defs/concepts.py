@@ -44,7 +44,8 @@ class TrainingConfig(dg.Config):
     owner_wins: bool = True
     tie: Literal["drop", "positive", "negative"] = "drop"
     # started while the rater still had a few images of the batch left (see the app's
-    # lookahead setting); the model is trained the same way, this only marks it
+    # lookahead setting); it trains the family of the last cross-validated round without
+    # cross-validating again (the follow-up on the batch's full labels does)
     lookahead: bool = False
     # auto: the MLP, ridge logistic regression or their ensemble, chosen per round by
     # cross-validation on the labels; paper: the paper's recipe exactly; mlp / linear /

@@ -394,8 +394,10 @@ def train_round(
     ``AGILE_MODEL_FAMILY`` setting) says which family the round trains or cross-validates.
 
     ``tracking=False`` leaves the MLflow run and model version to :func:`register_round`
-    (the round job does that after the next batch is committed). ``lookahead`` only marks
-    a round started while the rater still had a few images of the batch left.
+    (the round job does that after the next batch is committed). ``lookahead`` marks a round
+    started while the rater still had a few images of the batch left; such a round trains the
+    family the concept's last cross-validation chose instead of cross-validating again
+    (:func:`~agile_pipeline.lib.model_choice.reuse_choice`), as the rater may be waiting for it.
 
     A round is keyed by its label cutoff (the last label event it saw). If nothing was rated
     since the last round, the last round is returned (``reused=True``) unless ``force``, which
@@ -419,13 +421,21 @@ def _train_round(
     lookahead: bool = False,
     choice: Any = None,
 ) -> RoundResult:
-    from agile_pipeline.lib.model_choice import choice_for, family_of, train_round_model
+    from agile_pipeline.lib.model_choice import (
+        choice_for,
+        family_of,
+        reuse_choice,
+        train_round_model,
+    )
     from agile_pipeline.lib.training import NotEnoughLabels, TrainConfig
 
     config = config or TrainConfig()
     choice = choice or choice_for(settings.model_family(), seed=config.seed)
     store = env.store
     concept = store.get_concept(concept_name)
+    if lookahead:  # the rater may be waiting: the last cross-validated family, no CV now
+        done = [(r.get("info") or {}).get("model_choice") for r in store.rounds(concept.name)]
+        choice = reuse_choice(choice, next((c for c in reversed(done) if c and c.get("folds")), None))
     facts = round_facts(store, concept.name, rule)
     cutoff = facts.label_cutoff
     plan = plan_round(facts, force=force)

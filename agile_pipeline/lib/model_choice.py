@@ -78,6 +78,8 @@ class ModelChoiceConfig:
     seed: int = 0
     # the MLP candidates' Adam learning rate (None: the TrainConfig's, the paper's 1e-4)
     mlp_lr: float | None = 1e-3
+    # why a single candidate was set (recorded as the choice's reason; see reuse_choice)
+    reason: str = ""
 
     def __post_init__(self) -> None:
         bad = [c for c in (*self.candidates, self.fallback) if c not in FAMILIES]
@@ -119,6 +121,22 @@ def choice_for(family: str, *, seed: int = 0) -> ModelChoiceConfig:
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: use auto, {', '.join(FAMILIES)}")
     return ModelChoiceConfig(candidates=(family,), fallback=family, seed=seed)
+
+
+def reuse_choice(choice: ModelChoiceConfig, previous: dict[str, Any] | None) -> ModelChoiceConfig:
+    """``choice`` without its cross-validation when an earlier round of the concept already
+    cross-validated (``previous``: that round's ``model_choice`` record): its family, trained
+    the same way. A lookahead round uses this (the app starts it while the rater finishes the
+    batch, and the rater may be waiting for it); the follow-up round on the batch's full labels
+    cross-validates again. Anything else (no earlier cross-validated choice, a fixed family)
+    returns ``choice`` unchanged."""
+    if not choice.cross_validates or not previous or not previous.get("folds"):
+        return choice
+    family = str(previous.get("family", ""))
+    if family not in choice.candidates:
+        return choice
+    return replace(choice, candidates=(family,), fallback=family,
+                   reason="the last cross-validated choice (a lookahead round does not cross-validate)")
 
 
 @dataclass
@@ -306,7 +324,7 @@ def train_round_model(
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     scores: dict[str, float] = {}
     if not choice.cross_validates:
-        family, reason = choice.candidates[0], "only candidate"
+        family, reason = choice.candidates[0], choice.reason or "only candidate"
     elif min(n_pos, n_neg) < choice.min_pos_for_cv:
         family = choice.fallback
         reason = (f"{n_pos} positive and {n_neg} negative labels: fewer than {choice.min_pos_for_cv} of a "

@@ -122,6 +122,26 @@ def test_same_labels_and_seed_give_the_same_model(corpus):
     assert metadata_of(res, classifier)["reused_previous_round"] is True
 
 
+def test_a_lookahead_round_trains_the_last_cross_validated_family(corpus):
+    """The app's lookahead round (the rater may be waiting) skips the cross-validation: it
+    trains the family the last cross-validated round chose; the follow-up cross-validates."""
+    env = _env(corpus)
+    env.store.create_concept("ahead", ["x"])
+    run_concept_start("ahead")
+    half = lambda i: int(i[-1], 16) < 8  # noqa: E731 - about half positive: enough to cross-validate
+    _rate(env, "ahead", pending_items(env, "ahead"), half)
+    first = metadata_of(run_concept_round("ahead"), classifier)
+    assert first["cv_auc_pr_mlp"] >= 0  # round 0 cross-validated
+    _rate(env, "ahead", pending_items(env, "ahead"), half)
+    res = run_concept_round("ahead", training={"lookahead": True}, sampling={"exclude_pending": True})
+    md = metadata_of(res, classifier)
+    assert md["round"] == 1 and md["family"] == first["family"]
+    assert "last cross-validated" in md["family_reason"]
+    assert not any(k.startswith("cv_auc_pr_") for k in md)
+    info = env.store.rounds("ahead")[-1]["info"]
+    assert info["lookahead"] is True and info["model_choice"]["folds"] == 0
+
+
 def test_eval_set_is_test_split_and_metrics_are_computed(corpus):
     env = _env(corpus)
     env.store.create_concept("ev", ["x"])

@@ -142,3 +142,23 @@ def test_the_mlp_candidates_train_at_the_choice_learning_rate() -> None:
     np.testing.assert_array_equal(fast.predict_proba(X[:64]), same.predict_proba(X[:64]))
     paper = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx, choice=PAPER)
     assert paper.meta.config["lr"] == 1e-4
+
+
+def test_a_lookahead_round_reuses_the_last_cross_validated_family() -> None:
+    from agile_pipeline.lib.model_choice import reuse_choice
+
+    auto = ModelChoiceConfig()
+    cv = {"family": "linear", "folds": 4, "cv_auc_pr": {"mlp": 0.5, "linear": 0.6, "ensemble": 0.55}}
+    reused = reuse_choice(auto, cv)
+    assert reused.candidates == ("linear",) and not reused.cross_validates
+    assert reused.mlp_lr == auto.mlp_lr and reused.ridge_l2 == auto.ridge_l2
+    X, y = _planted(4)
+    idx, X_lab, y_lab = _labels(X, y, 30, 60)
+    m = train_round_model(X_lab, y_lab, X, round_index=1, exclude_from_pool=idx, choice=reused)
+    mc = m.meta.config["model_choice"]
+    assert mc["family"] == "linear" and mc["cv_auc_pr"] == {} and "last cross-validated" in mc["reason"]
+    # nothing to reuse: no earlier CV (a fallback round has folds 0), a fixed family, no record
+    assert reuse_choice(auto, {"family": "linear", "folds": 0}) == auto
+    assert reuse_choice(auto, None) == auto
+    fixed = ModelChoiceConfig(candidates=("mlp",), fallback="mlp")
+    assert reuse_choice(fixed, cv) == fixed
