@@ -7,7 +7,8 @@ c`` (another child) every 15 ratings. It runs until killed.
 
 The log is the client's memory (what the browser keeps in localStorage): ``sent ID...`` is
 written (and fsynced) before a request, ``acked ID...`` after its success response. On restart,
-ids sent but never acknowledged are sent again, as the app's client does.
+ids sent but never acknowledged are sent again, as the app's client does; ``ready SEED`` follows
+once the app answers and that re-send is acknowledged.
 """
 
 import json
@@ -69,6 +70,13 @@ def read_log(log: Path) -> tuple[dict[str, dict[str, object]], set[str]]:
     return sent, acked
 
 
+def ready_count(log: Path) -> int:
+    """How many sessions came up (app answering, earlier unacknowledged ratings re-sent)."""
+    if not log.exists():
+        return 0
+    return sum(1 for line in log.read_text().split("\n")[:-1] if line.startswith("ready "))
+
+
 def unacknowledged(log: Path) -> dict[str, dict[str, object]]:
     """Events sent but never acknowledged, by event id (what a client must send again)."""
     sent, acked = read_log(log)
@@ -102,6 +110,7 @@ def main(home: str, log_path: str, seed: int) -> None:
             _log(fh, "sent " + json.dumps(retry))
             _post(base, retry)
             _log(fh, "acked " + " ".join(str(e["event_id"]) for e in retry))
+        _log(fh, f"ready {seed}")
         round_proc: subprocess.Popen[bytes] | None = None
         n = 0
         while True:

@@ -18,7 +18,7 @@ import pytest
 
 from agile_pipeline.runner import run_concept_round
 from tests.reliability.helpers import REPO, env_vars, record
-from tests.reliability.session_driver import read_log
+from tests.reliability.session_driver import read_log, ready_count
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,20 @@ def _start_session(home: Path, log: Path, seed: int) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_for_acks(p: subprocess.Popen[bytes], log: Path, at_least: int, timeout: float = 240) -> None:
+def _train_exhausted(store) -> bool:  # type: ignore[no-untyped-def]
+    """Every train image has a rating of concept ``c``: a long session has nothing left to rate."""
+    train = {i for i, s in store.all_image_splits().items() if s == "train"}
+    return train <= {r["image_id"] for r in store.label_events("c")}
+
+
+def _wait_for_session(p: subprocess.Popen[bytes], log: Path, store, timeout: float = 240) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the session started last is up (its re-sends acknowledged) and has had a new
+    rating acknowledged, or has nothing left to rate (every train image rated: a fast machine
+    gets there within the kills)."""
+    ready_before, acked_before = ready_count(log), len(read_log(log)[1])
     deadline = time.time() + timeout
-    while len(read_log(log)[1]) < at_least:
+    while not (ready_count(log) > ready_before
+               and (len(read_log(log)[1]) > acked_before or _train_exhausted(store))):
         if p.poll() is not None:
             raise AssertionError(f"the session ended by itself: {p.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
         if time.time() > deadline:
@@ -92,8 +103,7 @@ def test_sigkill_of_the_whole_session_loses_no_acknowledged_label(loop_home, tmp
     figures = []
     for i in range(KILLS):
         p = _start_session(home, log, seed=i)
-        before = len(read_log(log)[1])
-        _wait_for_acks(p, log, before + 1)
+        _wait_for_session(p, log, env.store)
         time.sleep(rng.uniform(0.5, 8.0))  # a random point: mid-post, mid-round or in between
         _kill_group(p)
         sent, acked = read_log(log)
@@ -108,11 +118,12 @@ def test_sigkill_of_the_whole_session_loses_no_acknowledged_label(loop_home, tmp
             assert (d / "model.pt").exists() and (d / "meta.json").exists(), d
         _assert_batch_whole(env.store)
         figures.append({"acked": len(acked), "sent_not_acked": len(set(sent) - acked),
-                        "stored": len(stored), "rounds": len(env.store.rounds("c"))})
+                        "stored": len(stored), "rounds": len(env.store.rounds("c")),
+                        "train_exhausted": _train_exhausted(env.store)})
     # restart: the client re-sends what was never acknowledged; every sent rating is stored once
     sent_before = set(read_log(log)[0])
     p = _start_session(home, log, seed=KILLS)
-    _wait_for_acks(p, log, len(read_log(log)[1]) + 1)
+    _wait_for_session(p, log, env.store)
     _kill_group(p)
     sent, acked = read_log(log)
     stored = [str(r["event_id"]) for r in _session_rows(env.store)]
