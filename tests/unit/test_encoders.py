@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from agile_pipeline.lib import encoders, torch_runtime
+from agile_pipeline.lib import encoders
 from agile_pipeline.lib.embedding import EmbeddedBatch, EmbeddingRun
 from agile_pipeline.lib.encoders import (
     ImageTextEncoder,
@@ -80,6 +80,22 @@ def test_importing_encoders_does_not_import_torch() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_torch_and_torchvision_are_a_matching_pair() -> None:
+    """torchvision's compiled operators load beside the installed torch: importing timm and
+    open_clip (which import torchvision) prints nothing and needs no run-time patching, and an
+    operator from torchvision's C++ extension runs."""
+    code = (
+        "import warnings; warnings.simplefilter('error'); import torch, torchvision, timm, open_clip; "
+        "from torchvision.ops import nms; "
+        "k = nms(torch.tensor([[0., 0., 2., 2.], [0., 0., 2., 2.1], [5., 5., 6., 6.]]), "
+        "torch.tensor([0.9, 0.8, 0.7]), 0.5); print(k.tolist())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[0, 2]"
+    assert done.stderr == "", done.stderr[-2000:]
+
+
 def test_to_rgb_composites_alpha_on_white() -> None:
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
@@ -135,7 +151,6 @@ TINY = "agile-tiny-test"
 @pytest.fixture
 def tiny_open_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Registers a tiny open_clip config (embed_dim 16) for this test only."""
-    torch_runtime.ensure_torchvision_importable()
     import open_clip.factory as factory
 
     monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
