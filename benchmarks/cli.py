@@ -40,6 +40,7 @@ def run_bench(
     committed_first_load_max_n: int = 2_000_000,
     baseline_round_max_n: int = 2_000_000,
     ray: bool = False,
+    pool_rounds: int = 5,
     log: Any = None,
     command: str = "",
 ) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def run_bench(
         random_negatives=random_negatives, ann=ann, pool=pool, baseline_round=baseline_round,
         baseline_round_repeats=baseline_round_repeats,
         committed_first_load_max_n=committed_first_load_max_n,
-        baseline_round_max_n=baseline_round_max_n, ray=ray,
+        baseline_round_max_n=baseline_round_max_n, ray=ray, pool_rounds=pool_rounds,
         log=log or typer.echo,
         command=command or f"{prog_name()} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -92,6 +93,7 @@ def bench_command(
     baseline_round: Annotated[bool, typer.Option(help="Also time whole rounds on the straightforward path.")] = True,
     baseline_round_max_n: Annotated[int, typer.Option(help="Largest size whose straightforward rounds are timed (they take minutes).")] = 2_000_000,
     ray: Annotated[bool, typer.Option(help="Also time the AL round with its scan on a local Ray instance.")] = False,
+    pool_rounds: Annotated[int, typer.Option(help="Rounds of pool_quality (pooled vs full scan from the same labels).")] = 5,
 ) -> None:
     """Benchmark the loop at scale on synthetic corpora with a planted concept (see BENCHMARKS.md)."""
     import logging
@@ -104,7 +106,7 @@ def bench_command(
                     f"about {need:.0f} GiB", fg=typer.colors.YELLOW, err=True)
     doc = run_bench(_sizes(sizes), out, dim, repeats, workdir=workdir, keep=keep,
                     plain_epochs=plain_epochs, ann=ann, pool=pool, baseline_round=baseline_round,
-                    baseline_round_max_n=baseline_round_max_n, ray=ray)
+                    baseline_round_max_n=baseline_round_max_n, ray=ray, pool_rounds=pool_rounds)
     typer.echo(f"wrote {Path(out) / 'results.json'} ({len(doc['results'])} rows)")
 
 

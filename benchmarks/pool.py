@@ -90,13 +90,15 @@ def bench_pool_growth(b: Any, cfg: Any, row: Callable[..., dict[str, Any]]) -> d
 def bench_al_round_pool(b: Any, cfg: Any, row: Callable[..., dict[str, Any]], model: Any,
                         full: dict[str, Any]) -> dict[str, Any]:
     """The pooled selection (the concept's real pool, grown from its labels) vs the full scan."""
-    from agile_pipeline.lib.loop import _select_from_pool, grow_candidate_pool
+    from agile_pipeline.lib.loop import _select_from_pool, grow_candidate_pool, sweep_candidate_pool
     from agile_pipeline.lib.selection import select_for_round
     from agile_pipeline.lib.split_cache import clear_split_caches
 
     store = b.env.store
     labeled = store.labeled_image_ids(synth.CONCEPT)
     grow_candidate_pool(b.env, synth.CONCEPT, sorted(labeled))  # catch up once, not timed
+    # the previous round's sweep, as a round finds it (it ran after that round's commit)
+    sweep_s = measure.measure(lambda: sweep_candidate_pool(b.env, synth.CONCEPT), 1)
 
     def pooled() -> Any:
         clear_split_caches()  # include loading the split cache, as a fresh round does
@@ -109,18 +111,22 @@ def bench_al_round_pool(b: Any, cfg: Any, row: Callable[..., dict[str, Any]], mo
     truth_full = b.truth_train[b.train.positions(whole.ids)]
     return row("al_round_pool", b.n, o, measure.Measured(seconds=full["runs"]) if full.get("runs") else None,
                pool_size=info["pool_size"], pool_k=info["pool_k"], rows_scored=int(o.value.n_scored),
-               random_scored=info["random_scored"], batch=100,
+               random_scored=info["random_scored"], sweep_scored=info["sweep_scored"],
+               sweep_seconds=round(float(np.median(sweep_s.seconds)), 3), batch=100,
                overlap_with_full_scan=len(set(o.value.ids) & set(whole.ids)),
                positives_in_batch=int(truth.sum()), positives_in_full_scan_batch=int(truth_full.sum()),
                labels=len(labeled),
-               method="SEALS pool (k nearest train images of every label and phrase) + 2,000 uniform "
-                      "rows, scored exactly in float32; split cache loaded from disk each run",
+               method="SEALS pool (k nearest train images of every label and phrase) + the previous "
+                      "model's 2,000 most uncertain (the sweep; sweep_seconds: its whole-split scan, run "
+                      "after a round's commit) + 2,000 uniform rows, scored exactly in float32; split "
+                      "cache loaded from disk each run",
                baseline="al_round of this run: the whole train split scanned")
 
 
 def bench_pool_quality(b: Any, cfg: Any, row: Callable[..., dict[str, Any]], rounds: int = 5) -> dict[str, Any]:
-    """Two copies of the planted concept from the same expansion labels: 5 rounds with the pool,
-    5 with the full scan; AUC-PR of every round's model on (up to 1M rows of) the test split."""
+    """Two copies of the planted concept from the same expansion labels: ``rounds`` rounds with
+    the pool (and its sweep), as many with the full scan; AUC-PR of every round's model on (up to
+    1M rows of) the test split."""
     from sklearn.metrics import average_precision_score
 
     from agile_pipeline.lib.loop import build_expansion, load_model, select_candidates, train_round
@@ -159,7 +165,7 @@ def bench_pool_quality(b: Any, cfg: Any, row: Callable[..., dict[str, Any]], rou
                measure.Measured(seconds=[float(np.median(seconds["off"]))]),
                auc_pr_pooled=out["on"], auc_pr_full_scan=out["off"],
                select_seconds_pooled=seconds["on"], select_seconds_full_scan=seconds["off"],
-               difference_after_5=round(out["on"][-1] - out["off"][-1], 4),
-               method="5 rounds (train, select 100 from the pool, label by the planted truth) "
+               rounds=rounds, difference_last_round=round(out["on"][-1] - out["off"][-1], 4),
+               method=f"{rounds} rounds (train, select 100 from the pool, label by the planted truth) "
                       "from the expansion labels; seconds: median selection until the batch is committed",
-               baseline="the same 5 rounds with the whole train split scanned")
+               baseline=f"the same {rounds} rounds with the whole train split scanned")

@@ -66,6 +66,7 @@ class SuiteConfig:
     committed_first_load_max_n: int = 2_000_000
     baseline_round_max_n: int = 2_000_000
     ray: bool = False
+    pool_rounds: int = 5
     log: Callable[[str], None] = print
     command: str = ""
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -851,7 +852,7 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
                     r["name"] = "round_end_to_end_pool"
                     cfg.results.append(r)
                     log(_fmt(r) + f"   steps {r['steps']}")
-            cfg.results.append(pool.bench_pool_quality(b, cfg, _row))
+            cfg.results.append(pool.bench_pool_quality(b, cfg, _row, rounds=cfg.pool_rounds))
             log(_fmt(cfg.results[-1]) + f"   AUC-PR pooled {cfg.results[-1]['auc_pr_pooled']} vs full scan "
                 f"{cfg.results[-1]['auc_pr_full_scan']}")
             _save(cfg, machine)

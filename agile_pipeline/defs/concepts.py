@@ -236,7 +236,8 @@ def al_candidates(
         "select_seconds": round(batch.seconds, 3),
         "excluded_pending": batch.info.get("excluded_pending", 0),
         **{k: batch.info[k] for k in ("candidate_pool", "pool_size", "pool_k", "pool_scored", "random_scored",
-                                      "pool_added", "pool_grow_seconds") if k in batch.info},
+                                      "sweep_scored", "pool_added", "pool_grow_seconds", "pool_swept",
+                                      "pool_sweep_seconds") if k in batch.info},
         "score_min": min(scores) if scores else 0.0, "score_max": max(scores) if scores else 0.0,
     }, check_results=[_check("batch_of_unlabeled_train_images", lambda: checks.batch_of_unlabeled_train_images(
         env.store, context.partition_key, batch.batch_id, batch_size=config.batch_size,

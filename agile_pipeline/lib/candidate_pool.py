@@ -10,6 +10,12 @@ orders of magnitude less selection cost. Two changes for this product:
 
 * a small uniform sample of the rest of the split (:data:`POOL_RANDOM`) is scored with the
   pool, so a concept whose positives sit far from everything labelled can still surface them;
+* after each pooled selection, once the batch is committed (off the rater's wait), one scan of
+  the whole split with that round's model keeps its :data:`POOL_SWEEP` most uncertain
+  unlabelled images (:attr:`CandidatePool.sweep`); the next round scores them with the pool.
+  Neighbourhoods of the labels cannot reach a mode of the concept that nothing labelled is
+  near (SEALS' blind spot), and a uniform sample of a few thousand rarely lands on its few
+  uncertain images; the sweep finds them as the full scan would, one round later;
 * the neighbours of a batch's images are fetched when the batch is *selected* (in the round's
   follow-up, while the rater rates it), so the next round finds them in the pool already;
   whatever was labelled and never expanded (a crash, labels from elsewhere) is expanded at the
@@ -37,6 +43,7 @@ from agile_pipeline.lib.file_lock import exclusive
 # k (SEALS' neighbours per labelled image; 100 by the simulated-user study in the README), the
 # random sample, and the ``auto`` threshold (settings.POOL_MIN_TRAIN_ROWS says why)
 POOL_K, POOL_RANDOM, POOL_MIN_TRAIN_ROWS = settings.POOL_K, settings.POOL_RANDOM, settings.POOL_MIN_TRAIN_ROWS
+POOL_SWEEP = settings.POOL_SWEEP
 POOL_MODES = ("auto", "on", "off")
 
 NeighbourSearch = Callable[[np.ndarray, int], list[list[str]]]
@@ -53,11 +60,13 @@ def use_pool(mode: str, n_train: int, min_rows: int = POOL_MIN_TRAIN_ROWS) -> bo
 
 @dataclass
 class CandidatePool:
-    """Pool members and the queries (image ids, or ``phrase:…`` keys) already expanded."""
+    """Pool members, the queries (image ids, or ``phrase:…`` keys) already expanded, and the
+    last sweep's most uncertain images (scored with the members, not members themselves)."""
 
     ids: set[str] = field(default_factory=set)
     expanded: set[str] = field(default_factory=set)
     k: int = POOL_K
+    sweep: list[str] = field(default_factory=list)
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The keys (in order, once each) whose neighbours are not in the pool yet."""
@@ -132,8 +141,9 @@ def load(path: Path, k: int = POOL_K) -> CandidatePool:
         with np.load(path, allow_pickle=False) as z:
             if int(z["k"]) != k:
                 return CandidatePool(k=k)
+            sweep = [b.decode() for b in z["sweep"].tolist()] if "sweep" in z.files else []
             return CandidatePool({b.decode() for b in z["ids"].tolist()},
-                                 {b.decode() for b in z["expanded"].tolist()}, k)
+                                 {b.decode() for b in z["expanded"].tolist()}, k, sweep)
     except (OSError, KeyError, ValueError):  # none yet, or a torn file from before a crash
         return CandidatePool(k=k)
 
@@ -143,7 +153,8 @@ def save(path: Path, pool: CandidatePool) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     enc = lambda xs: np.array(sorted(x.encode() for x in xs), dtype=bytes)  # noqa: E731
     np.savez(tmp, ids=enc(pool.ids) if pool.ids else np.empty(0, "S1"),
-             expanded=enc(pool.expanded) if pool.expanded else np.empty(0, "S1"), k=np.int64(pool.k))
+             expanded=enc(pool.expanded) if pool.expanded else np.empty(0, "S1"), k=np.int64(pool.k),
+             sweep=np.array([x.encode() for x in pool.sweep], dtype=bytes) if pool.sweep else np.empty(0, "S1"))
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(path)

@@ -616,6 +616,9 @@ def select_candidates(
         t0 = time.perf_counter()          # the pool while they rate it (SEALS' growth step)
         added = grow_candidate_pool(env, concept.name, [it["image_id"] for it in batch.items])
         batch.info.update(pool_added=added, pool_grow_seconds=round(time.perf_counter() - t0, 4))
+        t0 = time.perf_counter()  # and the next round also scores this model's most uncertain
+        swept = sweep_candidate_pool(env, concept.name, exclude=[it["image_id"] for it in batch.items])
+        batch.info.update(pool_swept=swept, pool_sweep_seconds=round(time.perf_counter() - t0, 4))
     return batch
 
 
@@ -648,6 +651,30 @@ def grow_candidate_pool(env: LoopEnv, concept_name: str, image_ids: Sequence[str
         added = pool.grow(keys, train.rows_f32(rows[rows >= 0]), lambda q, k: nearest_train(env, q, k + 1))
         candidate_pool.save(path, pool)
         return added
+
+
+def sweep_candidate_pool(env: LoopEnv, concept_name: str, exclude: Sequence[str] = ()) -> int:
+    """Scan the whole train split with the concept's latest model and keep its
+    :data:`~.candidate_pool.POOL_SWEEP` most uncertain unlabelled images (not in ``exclude``)
+    in the pool file, for the next pooled round to score; returns how many were kept.
+
+    Costs one full scan (the paper's per-round selection), run after the batch is committed, so
+    it is off the rater's wait; what it buys is the pool's blind spot closed (see
+    :mod:`.candidate_pool`)."""
+    from agile_pipeline.lib import candidate_pool
+    from agile_pipeline.lib.selection import select_for_round
+
+    if candidate_pool.POOL_SWEEP <= 0:
+        return 0
+    _, model = load_model(env, concept_name)
+    ineligible = set(env.store.labeled_image_ids(concept_name)) | set(exclude)
+    sel = select_for_round(env.vectors, env.model_id, model, ineligible, candidate_pool.POOL_SWEEP, "margin")
+    path = candidate_pool.pool_path(env.concept_dir(concept_name), env.model_id)
+    with candidate_pool.locked(path):
+        pool = candidate_pool.load(path)
+        pool.sweep = list(sel.ids)
+        candidate_pool.save(path, pool)
+    return len(sel.ids)
 
 
 def _select_candidates(
@@ -708,7 +735,10 @@ def _select_from_pool(env: LoopEnv, concept_name: str, model: Any, ineligible: s
     train = split_cache(env.vectors, env.model_id, "train")
     eligible = ~train.mask(list(ineligible))
     rng = np.random.default_rng([round_index, zlib.crc32(concept_name.encode())])
-    rows, n_random = candidate_pool.rows_to_score(train.positions(list(pool.ids)), eligible,
+    members = train.positions(list(pool.ids))
+    swept = train.positions(pool.sweep) if pool.sweep else np.empty(0, np.int64)
+    swept = swept[swept >= 0]
+    rows, n_random = candidate_pool.rows_to_score(np.concatenate([members, swept]), eligible,
                                                   candidate_pool.POOL_RANDOM, rng)
     scores = exact_scores(model, train, rows) if rows.size else np.empty(0, np.float32)
     if strategy == "cluster-margin":  # diversity among the most uncertain only
@@ -720,6 +750,7 @@ def _select_from_pool(env: LoopEnv, concept_name: str, model: Any, ineligible: s
                           int(eligible.sum()), {
                               "candidate_pool": True, "pool_size": len(pool.ids), "pool_k": pool.k,
                               "pool_scored": int(rows.size - n_random), "random_scored": n_random,
+                              "sweep_scored": int(eligible[swept].sum()),
                               "pool_caught_up": caught_up, "pool_catch_up_seconds": round(t_grow, 4),
                               "seconds": round(time.perf_counter() - t0, 4)})
 

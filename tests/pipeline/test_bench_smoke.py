@@ -44,7 +44,8 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     assert rows["expansion_ann"]["recall_at_100"] >= 0.9
     assert rows["pool_growth"]["recall"] >= 0.9 and rows["pool_growth"]["queries"] == 100
     pooled = rows["al_round_pool"]
-    assert 0 < pooled["pool_size"] < 20_000 and pooled["rows_scored"] <= pooled["pool_size"] + pooled["random_scored"]
+    assert 0 < pooled["pool_size"] < 20_000 and 0 < pooled["sweep_scored"] <= 2000
+    assert pooled["rows_scored"] <= pooled["pool_size"] + pooled["sweep_scored"] + pooled["random_scored"]
     assert 0 <= pooled["overlap_with_full_scan"] <= 100
     quality = rows["pool_quality"]
     assert len(quality["auc_pr_pooled"]) == len(quality["auc_pr_full_scan"]) == 6

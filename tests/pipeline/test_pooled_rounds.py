@@ -22,6 +22,7 @@ from tests.pipeline.test_concept_loop import _env, _rate
 
 def test_pooled_rounds_score_the_neighbours_of_every_label_and_pick_the_least_certain(corpus, monkeypatch):
     monkeypatch.setenv("AGILE_CANDIDATE_POOL", "on")
+    monkeypatch.setattr(candidate_pool, "POOL_SWEEP", 40)  # fewer than the split's unlabelled images
     env = _env(corpus)
     env.store.create_concept("pooled", ["red blob"], ["blue square"])
     run_concept_start("pooled")
@@ -31,10 +32,12 @@ def test_pooled_rounds_score_the_neighbours_of_every_label_and_pick_the_least_ce
     truth = lambda i: int(i[:2], 16) % 4 == 0  # noqa: E731
     _rate(env, "pooled", pending_items(env, "pooled"), truth)
     train = split_cache(env.vectors, env.model_id, "train")
-    for _ in range(2):
+    for r in range(2):
         res = run_concept_round("pooled")
         a = metadata_of(res, al_candidates)
         assert a["candidate_pool"] is True and a["candidates"] == 100
+        # the previous round's sweep is scored with the pool (none before the first pooled round)
+        assert (a["sweep_scored"] > 0) == (r > 0)
         pool = candidate_pool.load(path)
         labeled = env.store.labeled_image_ids("pooled")
         # every labelled train image's k nearest train neighbours are in the pool
@@ -53,6 +56,16 @@ def test_pooled_rounds_score_the_neighbours_of_every_label_and_pick_the_least_ce
         assert margin(exact_scores(model, train, eligible_pool[eligible_pool >= 0])).min() >= worst_chosen - 1e-6
         # the batch's own neighbours joined the pool while it waits to be rated
         assert chosen <= pool.expanded and a["pool_added"] >= 0
+        # the sweep: the 40 least certain unlabelled train images of the whole split under this
+        # model, the batch left out, kept for the next round
+        assert a["pool_swept"] == 40 and len(set(pool.sweep)) == 40
+        assert not set(pool.sweep) & (labeled | chosen)
+        rest = np.ones(len(train), bool)
+        taken = train.positions(sorted(labeled | chosen))
+        rest[taken[taken >= 0]] = False
+        rest_margins = np.sort(margin(exact_scores(model, train, np.flatnonzero(rest))))
+        sweep_rows = np.sort(train.positions(pool.sweep))
+        assert margin(exact_scores(model, train, sweep_rows)).max() <= rest_margins[39] + 1e-3
         _rate(env, "pooled", batch, truth)
 
 

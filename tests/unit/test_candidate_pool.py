@@ -76,3 +76,13 @@ def test_pool_file_round_trips_and_a_k_change_starts_over(tmp_path):
     path.write_bytes(b"torn")  # a file cut short is treated as no pool, never an error
     assert cp.load(path, k=7).ids == set()
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_pool_file_keeps_the_sweep_in_order_and_reads_a_file_from_before_it(tmp_path):
+    path = cp.pool_path(tmp_path, "m")
+    cp.save(path, cp.CandidatePool({"x"}, {"img1"}, k=7, sweep=["b", "a", "c"]))
+    assert cp.load(path, k=7).sweep == ["b", "a", "c"]  # most uncertain first, as the scan ranked
+    np.savez(path.with_suffix(".tmp.npz"), ids=np.array([b"x"]), expanded=np.array([b"img1"]), k=np.int64(7))
+    path.with_suffix(".tmp.npz").replace(path)  # a pool written before sweeps existed
+    old = cp.load(path, k=7)
+    assert old.ids == {"x"} and old.sweep == []
