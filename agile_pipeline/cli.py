@@ -889,6 +889,7 @@ def simulate(
     exemplar_when_stuck: Annotated[bool, typer.Option(help="After a batch with no positive, the simulated user gives one exemplar image (the app's recovery path).")] = False,
     pool_k: Annotated[int, typer.Option(help="SEALS candidate pool: score only the k nearest train neighbours of every labelled image and phrase (plus a random sample); 0 = the whole split (the paper's protocol).")] = 0,
     pool_random: Annotated[int, typer.Option(help="With --pool-k: unlabelled train images outside the pool scored too, drawn uniformly (the product's default; 0 = the pool alone, its worst case on small corpora).")] = settings.POOL_RANDOM,
+    pool_sweep: Annotated[int, typer.Option(help="With --pool-k: the previous model's most uncertain train images (one whole-split scan after each selection, as the product does) scored with the pool too; 0 = none.")] = settings.POOL_SWEEP,
 ) -> None:
     """Play the user with ground truth (paper section 5) and report AUC-PR per round."""
     import json
@@ -937,10 +938,11 @@ def simulate(
     except ValueError as exc:
         fail(str(exc))
         return
-    if pool_k < 0 or pool_random < 0:
-        fail("--pool-k must be 0 (whole split) or a positive number of neighbours, --pool-random at least 0")
+    if pool_k < 0 or pool_random < 0 or pool_sweep < 0:
+        fail("--pool-k must be 0 (whole split) or a positive number of neighbours, --pool-random and --pool-sweep at least 0")
     cfg = SimConfig(rounds=rounds, batch=batch, strategy=strategy, seed=seed, few_shot=few_shot,
-                    few_shot_args=variant_args, exemplar_when_stuck=exemplar_when_stuck, pool_k=pool_k, pool_random=pool_random)
+                    few_shot_args=variant_args, exemplar_when_stuck=exemplar_when_stuck, pool_k=pool_k, pool_random=pool_random,
+                    pool_sweep=pool_sweep)
     typer.echo(f"simulating {len(names)} concepts on {len(data.train_ids)} train / "
                f"{len(data.test_ids)} test images with {data.embedding_model}")
     per_concept = run_all(data, names, cfg, workers=workers)

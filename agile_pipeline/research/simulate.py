@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from agile_pipeline import settings
-from agile_pipeline.lib.candidate_pool import POOL_RANDOM, rows_to_score
+from agile_pipeline.lib.candidate_pool import POOL_RANDOM, POOL_SWEEP, rows_to_score
 from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
 from agile_pipeline.lib.labeled_dataset import SimData, load_dataset
 from agile_pipeline.lib.loop import RoundFacts, RoundPlan, architecture_round, plan_round
@@ -87,9 +87,11 @@ class SimConfig:
     # SEALS candidate pool (issue 15, lib/candidate_pool.py): 0 = every round scores the whole
     # train split (the paper's protocol); k > 0 = only the union of the k nearest train
     # neighbours of every labelled image, phrase and exemplar, plus `pool_random` images drawn
-    # uniformly from the rest
+    # uniformly from the rest, plus the previous selector's `pool_sweep` most uncertain images of
+    # the whole split (the product's sweep after each pooled round's commit; 0 = none)
     pool_k: int = 0
     pool_random: int = POOL_RANDOM
+    pool_sweep: int = POOL_SWEEP
 
 
 FEW_SHOT_VARIANTS: dict[str, str] = {
@@ -189,6 +191,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
 
     in_pool = np.zeros(len(data.train_ids), dtype=bool)
     expanded = np.zeros(len(data.train_ids), dtype=bool)
+    swept = np.empty(0, np.int64)  # the last pooled selection's sweep, scored by the next one
     if cfg.pool_k > 0:  # the phrases' neighbours seed the pool, as the product's expansion does
         for j in range(sims.shape[1]):
             in_pool[np.argsort(-sims[:, j], kind="stable")[: cfg.pool_k]] = True
@@ -272,9 +275,10 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                     top = np.argpartition(-near, min(cfg.pool_k, len(near) - 1), axis=0)[: cfg.pool_k + 1]
                     in_pool[top.ravel()] = True
                     expanded[new] = True
-                rows, n_rand = rows_to_score(np.flatnonzero(in_pool), eligible, cfg.pool_random,
-                                             np.random.default_rng(cfg.seed * 1009 + r))
-                entry.update(pool_size=int(in_pool.sum()), scored=int(rows.size), random_scored=n_rand)
+                rows, n_rand = rows_to_score(np.concatenate([np.flatnonzero(in_pool), swept]), eligible,
+                                             cfg.pool_random, np.random.default_rng(cfg.seed * 1009 + r))
+                entry.update(pool_size=int(in_pool.sum()), scored=int(rows.size), random_scored=n_rand,
+                             sweep_scored=int(eligible[swept].sum()))
             p_rows = selector.predict(X_train[rows], zs_train_unit[rows])
             sub_eligible = eligible[rows]
             if cfg.strategy == "margin-positive":
@@ -285,6 +289,10 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                 pick = select_margin(p_rows, cfg.batch, eligible=sub_eligible)
             nxt = rows[pick]
             book.batch(nxt, "al", selector_round, int(labeled.sum()))
+            if cfg.pool_k > 0 and cfg.pool_sweep > 0:  # after the commit: the whole split, this model
+                rest = eligible.copy()
+                rest[nxt] = False
+                swept = select_margin(selector.predict(X_train, zs_train_unit), cfg.pool_sweep, eligible=rest)
         else:  # no positive yet: widen the expansion to the next-nearest images per phrase
             widen += 1
             cand = []

@@ -186,3 +186,20 @@ def test_simulated_lookahead_selects_with_the_early_model_and_measures_the_full_
     # the paper's protocol is unchanged by the option's existence (seeded: same models)
     again = run_concept(data, "planted", base)
     assert [e["auc_pr"] for e in again["rounds"]] == [e["auc_pr"] for e in plain["rounds"]]
+
+
+def test_simulated_pool_scores_the_previous_selectors_sweep() -> None:
+    """With the SEALS pool, each selection after the first also scores the previous model's most
+    uncertain images of the whole split (the product's sweep); ``pool_sweep=0`` scores none."""
+    from agile_pipeline.research.simulate import SimConfig, run_concept
+
+    data = _sim_data()
+    base = SimConfig(rounds=3, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5,
+                     pool_k=5, pool_random=10, pool_sweep=30)
+    res = run_concept(data, "planted", base)
+    pooled = [e for e in res["rounds"] if "pool_size" in e]
+    assert len(pooled) >= 2 and pooled[0]["sweep_scored"] == 0  # none before the first selection
+    assert all(0 < e["sweep_scored"] <= 30 for e in pooled[1:])
+    assert all(e["scored"] <= e["pool_size"] + e["sweep_scored"] + e["random_scored"] for e in pooled)
+    off = run_concept(data, "planted", replace(base, pool_sweep=0))
+    assert all(e["sweep_scored"] == 0 for e in off["rounds"] if "pool_size" in e)
