@@ -90,10 +90,15 @@ def test_torch_and_torchvision_are_a_matching_pair() -> None:
         "k = nms(torch.tensor([[0., 0., 2., 2.], [0., 0., 2., 2.1], [5., 5., 6., 6.]]), "
         "torch.tensor([0.9, 0.8, 0.7]), 0.5); print(k.tolist())"
     )
+    assert _run_in_fresh_process(code) == "[0, 2]"
+
+
+def _run_in_fresh_process(code: str) -> str:
+    """Run ``code`` in a new interpreter; it must succeed and print nothing to stderr."""
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[0, 2]"
     assert done.stderr == "", done.stderr[-2000:]
+    return done.stdout.strip()
 
 
 def test_to_rgb_composites_alpha_on_white() -> None:
@@ -340,10 +345,7 @@ def test_bundled_encoder_loads_quietly() -> None:
         "e = load_encoder('bundled'); t = e.embed_texts(['a red car']); "
         "v = e.embed_images([Image.new('RGB', (64, 64), (200, 30, 30))]); print(t.shape, v.shape)"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "(1, 1280) (1, 1280)"
-    assert done.stderr == "", done.stderr[-2000:]
+    assert _run_in_fresh_process(code) == "(1, 1280) (1, 1280)"
 
 
 @pytest.mark.slow
