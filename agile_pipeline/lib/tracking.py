@@ -60,6 +60,9 @@ class LoggedModel:
 def _client(tracking_uri: str):  # type: ignore[no-untyped-def]
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # a progress bar per artifact download (logging a model reloads it to check the input
+    # example): several per round in the app's log and the CLI's output, never informative here
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     for name in ("alembic", "mlflow"):

@@ -37,3 +37,16 @@ def test_embedded_store_is_created_whole_or_not_at_all(tmp_path) -> None:
     client = tracking._client(uri)
     assert client.search_experiments(max_results=5)  # the default experiment: a complete store
     assert not list(tmp_path.glob(f".mlflow.db.init-{os.getpid()}"))
+
+
+def test_mlflow_artifact_progress_bars_are_off_unless_asked_for(tmp_path, monkeypatch) -> None:
+    """MLflow draws a bar per artifact download (several per round in the app's log); the
+    product's client turns them off, and leaves a user's own setting alone."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    tracking._client(f"sqlite:///{tmp_path / 'a.db'}")
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    tracking._client(f"sqlite:///{tmp_path / 'b.db'}")
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is True
