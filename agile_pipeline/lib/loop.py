@@ -617,7 +617,12 @@ def select_candidates(
         added = grow_candidate_pool(env, concept.name, [it["image_id"] for it in batch.items])
         batch.info.update(pool_added=added, pool_grow_seconds=round(time.perf_counter() - t0, 4))
         t0 = time.perf_counter()  # and the next round also scores this model's most uncertain
-        swept = sweep_candidate_pool(env, concept.name, exclude=[it["image_id"] for it in batch.items])
+        try:
+            swept = sweep_candidate_pool(env, concept.name, exclude=[it["image_id"] for it in batch.items])
+        except Exception as exc:  # the batch is committed: the next round goes without the sweep
+            log.warning("%s: the candidate pool's sweep failed (the next round scores the pool and the "
+                        "random sample only): %s", concept.name, exc)
+            swept = 0
         batch.info.update(pool_swept=swept, pool_sweep_seconds=round(time.perf_counter() - t0, 4))
     return batch
 

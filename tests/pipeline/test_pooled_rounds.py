@@ -81,3 +81,24 @@ def test_embedding_index_asset_builds_an_index_and_checks_its_recall(corpus):
     # the default threshold: an 800-image corpus is searched exactly, the check says so
     res = _run(CORPUS_JOB, selection=["embedding_index"])
     assert metadata_of(res, embedding_index)["status"] == "current"  # the index exists: kept
+
+
+def test_a_failed_sweep_leaves_the_committed_batch_and_the_round_whole(corpus, monkeypatch, caplog):
+    from agile_pipeline.lib import loop
+
+    monkeypatch.setenv("AGILE_CANDIDATE_POOL", "on")
+    env = _env(corpus)
+    env.store.create_concept("swept", ["red blob"], ["blue square"])
+    run_concept_start("swept")
+    _rate(env, "swept", pending_items(env, "swept"), lambda i: int(i[:2], 16) % 4 == 0)
+
+    def out_of_memory(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise MemoryError("no room for the scan")
+
+    monkeypatch.setattr(loop, "sweep_candidate_pool", out_of_memory)
+    res = run_concept_round("swept")
+    assert res.success
+    a = metadata_of(res, al_candidates)
+    assert a["candidates"] == 100 and a["pool_swept"] == 0
+    assert len(pending_items(env, "swept")) == 100
+    assert "sweep failed" in caplog.text and "no room for the scan" in caplog.text
