@@ -25,6 +25,7 @@ import numpy as np
 import typer
 from sklearn.metrics import average_precision_score
 
+from agile_pipeline.lib.candidate_pool import POOL_K, POOL_RANDOM, POOL_SWEEP
 from agile_pipeline.lib.model_choice import train_round_model
 from agile_pipeline.lib.selection import select_margin
 from benchmarks import synth
@@ -38,7 +39,7 @@ def _knn(queries: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
 
 def run_variant(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray,
                 phrases: np.ndarray, first: np.ndarray, variant: str, rounds: int, seed: int,
-                k: int = 100, n_random: int = 2000, n_sweep: int = 2000) -> tuple[list[float], int]:
+                k: int = POOL_K, n_random: int = POOL_RANDOM, n_sweep: int = POOL_SWEEP) -> tuple[list[float], int]:
     """AUC-PR after the expansion labels and after each round; positives labelled at the end."""
     labeled = list(first)
     pool = set(_knn(phrases, X, k).tolist()) | set(_knn(X[first], X, k).tolist())
@@ -66,7 +67,8 @@ def run_variant(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.nda
         if variant != "full":
             pool |= set(_knn(X[pick], X, k).tolist())
         if variant == "pool+sweep":  # after the batch is committed: this model's most uncertain
-            rest = np.flatnonzero(np.isin(np.arange(len(X)), labeled, invert=True))
+            eligible[pick] = False
+            rest = np.flatnonzero(eligible)
             sweep = rest[select_margin(model.predict_proba(X[rest]), n_sweep)]
     return aps, int(y[labeled].sum())
 
