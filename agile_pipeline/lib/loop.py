@@ -673,7 +673,8 @@ def sweep_candidate_pool(env: LoopEnv, concept_name: str, exclude: Sequence[str]
         return 0
     _, model = load_model(env, concept_name)
     ineligible = set(env.store.labeled_image_ids(concept_name)) | set(exclude)
-    sel = select_for_round(env.vectors, env.model_id, model, ineligible, candidate_pool.POOL_SWEEP, "margin")
+    sel = select_for_round(env.vectors, env.model_id, model, ineligible, candidate_pool.POOL_SWEEP, "margin",
+                           exact=False)  # the next round re-scores the sweep exactly
     path = candidate_pool.pool_path(env.concept_dir(concept_name), env.model_id)
     with candidate_pool.locked(path):
         pool = candidate_pool.load(path)

@@ -460,10 +460,15 @@ class RoundSelection:
 
 
 def select_for_round(vectors: Any, model_id: str, model: Any, labeled: set[str] | Sequence[str],
-                     k: int, strategy: str) -> RoundSelection:
+                     k: int, strategy: str, *, exact: bool = True) -> RoundSelection:
     """The next AL batch over the train split: the same rows as ``select_margin`` /
     ``select_margin_positive`` on ``predict_proba`` of the whole split with labeled images
-    ineligible (see :func:`select_margin_exact`)."""
+    ineligible (see :func:`select_margin_exact`).
+
+    ``exact=False`` (margin only) takes the ``k`` smallest margins of the approximate scan as
+    they are, without the float32 re-score that proves the order: for a shortlist that is
+    scored exactly later (the candidate pool's sweep), where a large ``k`` would otherwise
+    re-score most of the split. The scores returned are then the scan's."""
     if not has_cache(vectors):
         m = vectors.matrix(model_id, "train")
         scores = model.predict_proba(m.vectors)
@@ -478,6 +483,13 @@ def select_for_round(vectors: Any, model_id: str, model: Any, labeled: set[str] 
                               len(scores), int(eligible.sum()))
     train = split_cache(vectors, model_id, "train")
     eligible = ~train.mask(list(labeled))
+    if not exact and strategy == "margin":
+        t0 = time.perf_counter()
+        approx = score_approx(model, train)
+        rows = select_margin(approx, k, eligible=eligible)
+        return RoundSelection(train.id_at(rows), [float(s) for s in approx[rows]], len(train),
+                              int(eligible.sum()), {"scan_seconds": round(time.perf_counter() - t0, 4),
+                                                    "exact": False})
     sel = select_margin_exact(model, train, k, eligible=eligible, strategy=strategy)
     return RoundSelection(train.id_at(sel.rows), [float(s) for s in sel.scores], len(train),
                           sel.n_eligible, sel.info)

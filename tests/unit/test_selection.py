@@ -220,6 +220,24 @@ def test_select_margin_exact_equals_float32_selection(split_store, strategy, sho
     assert sel.ids == [str(m.ids[i]) for i in want]
 
 
+def test_approximate_pick_for_the_sweep_is_the_scans_smallest_margins(split_store, scan_mode_each):
+    """exact=False (the pool's sweep) skips the float32 proof: the k smallest margins of the
+    scan, never a labelled row, nearly the same rows as the exact pick."""
+    from agile_pipeline.lib.selection import score_approx
+
+    model, labeled = trained_on_split(split_store)
+    c = split_cache(split_store, SPLIT_MODEL, "train")
+    eligible = ~c.mask(labeled)
+    approx = score_approx(model, c)
+    sel = select_for_round(split_store, SPLIT_MODEL, model, set(labeled), 100, "margin", exact=False)
+    want = select_margin(approx, 100, eligible=eligible)
+    assert sel.ids == c.id_at(want)
+    assert not set(sel.ids) & set(labeled)
+    assert sel.info["exact"] is False and np.allclose(sel.scores, approx[want])
+    exact = select_for_round(split_store, SPLIT_MODEL, model, set(labeled), 100, "margin")
+    assert len(set(sel.ids) & set(exact.ids)) >= 80
+
+
 # ---- cluster-margin: the most uncertain, one per cluster ------------------------------------
 def _near_duplicates(groups: int, per: int, dim: int = 16, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
