@@ -193,11 +193,12 @@ POOL_K = 100
 """SEALS candidate pool (lib/candidate_pool.py): neighbours added per labelled image, phrase and exemplar."""
 POOL_RANDOM = 2000
 """Unlabelled train images outside the pool scored each pooled round too, drawn uniformly."""
-POOL_SWEEP = 2000
+POOL_SWEEP = 20_000
 """The most uncertain unlabelled train images under a pooled round's model, from one scan of the
 whole split that runs after the batch is committed (while the rater rates it); the next pooled
 round scores them too. What lets the pool find a mode of the concept near nothing labelled
-(``scripts/pool_blind_spot.py``); 0 turns the sweep off."""
+(``scripts/pool_blind_spot.py``: 20,000 found it about two rounds sooner than 2,000 on 3 seeds at
+1M, for +0.09 s of pooled selection; BENCHMARKS.md, "The pool's sweep"); 0 turns the sweep off."""
 POOL_MIN_TRAIN_ROWS = 2_500_000
 """``auto``: below this many train rows (a ~5M-image corpus) every round scans the whole split,
 the paper's protocol: there a full scan costs under ~3.5 s even on a 2-core AVX2 box, and at

@@ -12,8 +12,9 @@ and scored by AUC-PR on the whole test split. Three ways to find the candidates:
 * ``full`` — every unlabelled train image (the paper's protocol);
 * ``pool`` — the SEALS pool (the 100 nearest train images of every phrase and labelled image,
   exact) plus 2,000 uniform rows of the rest, as ``AGILE_CANDIDATE_POOL=on`` did before the sweep;
-* ``pool+sweep`` — the same plus the 2,000 most uncertain images of a whole-split scan with the
-  previous round's model (what :func:`agile_pipeline.lib.loop.sweep_candidate_pool` keeps).
+* ``pool+sweep`` — the same plus the ``--sweep`` most uncertain images (default: the product's
+  ``POOL_SWEEP``) of a whole-split scan with the previous round's model (what
+  :func:`agile_pipeline.lib.loop.sweep_candidate_pool` keeps).
 
 A harness: neighbours are exact, not through the index, and nothing goes through Dagster; the
 bench's ``pool_quality`` runs the product's own path.
@@ -79,6 +80,7 @@ def main(
     rounds: Annotated[int, typer.Option(help="AL rounds after the expansion labels.")] = 10,
     variants: Annotated[str, typer.Option(help="Comma-separated: full, pool, pool+sweep.")] = ",".join(VARIANTS),
     dim: Annotated[int, typer.Option(help="Vector dimension (the bench's default).")] = 512,
+    sweep: Annotated[int, typer.Option(help="Sweep size of pool+sweep (the product's default).")] = POOL_SWEEP,
 ) -> None:
     chosen = [v for v in variants.split(",") if v]
     bad = [v for v in chosen if v not in VARIANTS]
@@ -97,7 +99,7 @@ def main(
         near = np.unique(_knn(phrases[:2], X, 100))
         first = np.random.default_rng(seed).choice(near, size=min(100, len(near)), replace=False)
         for v in chosen:
-            aps, pos = run_variant(X, y, X_test, y_test, phrases, first, v, rounds, seed)
+            aps, pos = run_variant(X, y, X_test, y_test, phrases, first, v, rounds, seed, n_sweep=sweep)
             results[v].append(aps)
             typer.echo(f"seed {seed} {v:>10}: AUC-PR by round {aps}; {pos} positives labelled")
     typer.echo("\nmean AUC-PR by round (0 = the expansion labels):")
