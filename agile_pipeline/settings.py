@@ -213,14 +213,15 @@ def candidate_pool_mode() -> str:
     return os.environ.get("AGILE_CANDIDATE_POOL", "auto").strip().lower() or "auto"
 
 
-MODEL_FAMILIES = ("auto", "paper", "mlp", "linear", "ensemble")
+MODEL_FAMILIES = ("auto", "paper", "mlp", "linear", "ensemble", "kernel")
 
 
 def model_family() -> str:
     """``AGILE_MODEL_FAMILY``: which classifier a round trains. ``auto`` (default) picks, per
     concept and round, the paper's MLP, a ridge logistic regression or their ensemble by
     cross-validation on the labels; ``paper`` is the paper's recipe exactly (its MLP, learning
-    rate 1e-4, no cross-validation); ``mlp``, ``linear`` and ``ensemble`` force a family. See
+    rate 1e-4, no cross-validation); ``mlp``, ``linear``, ``ensemble`` and ``kernel`` (the kernel
+    machine on the rated images, opt-in) force a family. See
     :mod:`agile_pipeline.lib.model_choice`."""
     value = os.environ.get("AGILE_MODEL_FAMILY", "auto").strip().lower() or "auto"
     if value not in MODEL_FAMILIES:

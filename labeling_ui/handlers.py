@@ -434,7 +434,8 @@ def _auc_cell(row: dict | None) -> str:
     return f"{row['auc_pr']:.2f}{band}"
 
 
-FAMILY_NAMES = {"mlp": "MLP", "linear": "logistic regression", "ensemble": "MLP + logistic regression"}
+FAMILY_NAMES = {"mlp": "MLP", "linear": "logistic regression", "ensemble": "MLP + logistic regression",
+                "kernel": "kernel machine on the rated images"}
 
 
 def _family_cell(row: dict[str, Any]) -> str:

@@ -49,8 +49,8 @@ class TrainingConfig(dg.Config):
     lookahead: bool = False
     # auto: the MLP, ridge logistic regression or their ensemble, chosen per round by
     # cross-validation on the labels; paper: the paper's recipe exactly; mlp / linear /
-    # ensemble: that family every round; empty: the AGILE_MODEL_FAMILY setting (default auto)
-    model_family: Literal["", "auto", "paper", "mlp", "linear", "ensemble"] = ""
+    # ensemble / kernel: that family every round; empty: the AGILE_MODEL_FAMILY setting (default auto)
+    model_family: Literal["", "auto", "paper", "mlp", "linear", "ensemble", "kernel"] = ""
 
 
 class MarginSamplingConfig(dg.Config):

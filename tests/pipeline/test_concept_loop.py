@@ -105,6 +105,27 @@ def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
                 assert run.data.metrics[f"cv_auc_pr_{k}"] == pytest.approx(x)
 
 
+def test_the_kernel_family_runs_a_whole_round_as_an_ordinary_model_file(corpus, monkeypatch):
+    """AGILE_MODEL_FAMILY=kernel (opt-in): the round trains the kernel machine, saved as an MLP
+    with one hidden unit per label (plus two), and everything after it (int8/bf16 scans, the
+    checks, MLflow) reads it like any other model."""
+    monkeypatch.setenv("AGILE_MODEL_FAMILY", "kernel")
+    env = _env(corpus)
+    env.store.create_concept("kern", ["red blob"], ["blue square"])
+    run_concept_start("kern")
+    truth = lambda i: int(i[:2], 16) % 4 == 0  # noqa: E731
+    _rate(env, "kern", pending_items(env, "kern"), truth)
+    res = run_concept_round("kern")
+    assert metadata_of(res, classifier)["family"] == "kernel"
+    assert metadata_of(res, al_candidates)["candidates"] == 100
+    assert all(e.passed for e in res.get_asset_check_evaluations()
+               if e.check_name in ("weights_finite", "batch_of_unlabeled_train_images"))
+    meta = json.loads((env.concept_dir("kern") / "round-000" / "meta.json").read_text())
+    n_labels = len(env.store.labeled_image_ids("kern"))
+    assert meta["config"]["family"] == "kernel" and meta["hidden"] == [n_labels + 2]
+    assert model_versions(env.paths.mlflow_uri(), "kern")[0]["tags"]["agile/model_family"] == "kernel"
+
+
 def test_same_labels_and_seed_give_the_same_model(corpus):
     env = _env(corpus)
     env.store.create_concept("same", ["x"])

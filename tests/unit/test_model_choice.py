@@ -94,6 +94,39 @@ def test_choice_records_scores_and_picks_the_best_family() -> None:
     np.testing.assert_array_equal(again.predict_proba(X[:50]), m.predict_proba(X[:50]))
 
 
+def test_kernel_machine_folds_exactly_into_one_mlp_file(tmp_path) -> None:
+    """The kernel family's MLP (a hidden unit per labelled image) gives the kernel machine's own
+    logit, saves and loads like any model, and wins where a concept is a set of tight clusters
+    that no hyperplane separates."""
+    from agile_pipeline.lib.model_choice import fit_kernel_logistic
+
+    rng = np.random.default_rng(5)
+    centres = l2_rows(rng.normal(size=(40, 8)).astype(np.float32))
+    members = np.repeat(np.arange(40), 30)
+    X = l2_rows((centres[members] + 0.05 * rng.normal(size=(1200, 8))).astype(np.float32))
+    y = (members % 2 == 0).astype(np.int64)  # half the clusters, at random directions
+    idx = rng.choice(1200, 300, replace=False)
+    m = train_round_model(X[idx], y[idx], X, round_index=1, exclude_from_pool=idx,
+                          choice=ModelChoiceConfig(candidates=("kernel",), fallback="kernel", workers=1))
+    assert m.meta.config["family"] == "kernel" and m.meta.hidden == (302,)
+    km = fit_kernel_logistic(X[idx], y[idx], X[np.sort(rng.choice(np.setdiff1d(np.arange(1200), idx), 500,
+                                                                   replace=False))], l2=0.3, tau=0.7)
+    from agile_pipeline.lib.model_choice import kernel_classifier
+
+    folded = kernel_classifier(km, m.meta)
+    np.testing.assert_allclose(folded.predict_proba(X), 1 / (1 + np.exp(-km.logits(X))), atol=1e-5)
+    m.save(tmp_path)
+    np.testing.assert_array_equal(TrainedClassifier.load(tmp_path).predict_proba(X), m.predict_proba(X))
+    rest = np.setdiff1d(np.arange(1200), idx)
+    cv = train_round_model(X[idx], y[idx], X, round_index=1, exclude_from_pool=idx,
+                           choice=ModelChoiceConfig(candidates=("linear", "kernel"), workers=1))
+    scores = cv.meta.config["model_choice"]["cv_auc_pr"]
+    assert scores["kernel"] > scores["linear"] + 0.1 and cv.meta.config["family"] == "kernel"
+    from sklearn.metrics import average_precision_score
+
+    assert average_precision_score(y[rest], cv.predict_proba(X[rest])) > 0.95
+
+
 def test_few_positives_fall_back_without_cross_validation() -> None:
     X, y = _planted(3)
     idx, X_lab, y_lab = _labels(X, y, 3, 50)
@@ -119,6 +152,8 @@ def test_bad_choice_config_is_refused() -> None:
         ModelChoiceConfig(candidates=("mlp", "forest"))
     with pytest.raises(ValueError, match="folds"):
         ModelChoiceConfig(folds=1)
+    with pytest.raises(ValueError, match="kernel_tau"):
+        ModelChoiceConfig(kernel_tau=1.0)
 
 
 def test_settings_map_to_choices() -> None:
@@ -128,6 +163,7 @@ def test_settings_map_to_choices() -> None:
     auto = choice_for("auto", seed=3)
     assert auto.candidates == ("mlp", "linear", "ensemble") and auto.seed == 3 and auto.mlp_lr == 1e-3
     assert choice_for("linear").candidates == ("linear",) and choice_for("linear").fallback == "linear"
+    assert choice_for("kernel").candidates == ("kernel",)  # opt-in: not among auto's candidates
     with pytest.raises(ValueError, match="unknown model family"):
         choice_for("forest")
 
