@@ -11,15 +11,27 @@ compared in full `agile simulate` runs, where each model picks its own batches.
 
 Candidates: ``mlp`` (the paper's; ``mlp@0.001``: with another learning rate, as for ``ensemble``
 and ``cv``), ``linear`` /
-``linear-l2=X`` (ridge logistic regression), ``ensemble``, ``cv`` (the product's choice), and any of
-them with ``+knn`` (kNN smoothing over the train split with neighbours' labels, α = 0.3, k = 10).
+``linear-l2=X`` (ridge logistic regression), ``kernelT`` (the product's ``kernel`` family:
+ridge logistic regression on the vector plus one feature per rated image, ``relu(cos - T) / (1 -
+T)``, T default 0.7), ``ensemble``, ``cv`` (the product's choice), and any of
+them with a smoothing of the test scores over the unlabelled corpus (``A`` the weight of the
+neighbours, default 0.3; ``K`` how many, default 10):
+
+* ``+knnAkK`` — mixed with the mean score of the test image's K nearest train images (rated
+  ones counted by their rating), e.g. ``linear+knn`` or ``linear+knn0.5k20``;
+* ``+lpAkK`` — label propagation: ten steps of ``f = (1-A)·p + A·mean f(K neighbours)`` over the
+  kNN graph of train ∪ test, rated train images clamped to their ratings;
+* ``+lknnAkK`` — mixed with the mean rating of the K most similar rated images only (what a
+  model file could carry).
 A prefix ``center:`` subtracts the train split's mean unit vector first, ``whiteS:`` also
 whitens with shrinkage S (``white0.1:linear``).
 """
 
 import argparse
 import math
+import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,7 @@ import numpy as np
 from agile_pipeline.lib.metrics import compute_metrics
 from agile_pipeline.lib.model_choice import (
     ModelChoiceConfig,
+    fit_kernel_logistic,
     fit_ridge_logistic,
     train_round_model,
 )
@@ -72,8 +85,58 @@ def _whitening(X_tr: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]
     return mu.astype(np.float32), (T / np.sqrt(np.mean(np.diag(T)))).astype(np.float32)
 
 
+_SMOOTH = re.compile(r"(?P<kind>knn|lp|lknn)(?P<a>[0-9.]+)?(?:k(?P<k>[0-9]+))?$")
+
+
+@dataclass
+class Graph:
+    """Nearest neighbours (most similar first) of every test image among the train images, and of
+    every image of train ∪ test (rows: train then test) among all of them."""
+
+    te_tr: np.ndarray
+    all_all: np.ndarray
+
+
+def _build_graph(X_tr: np.ndarray, X_te: np.ndarray, k: int = 30) -> Graph:
+    U_tr, U_te = l2_rows(X_tr), l2_rows(X_te)
+    U = np.concatenate([U_tr, U_te])
+    s = U_te @ U_tr.T
+    te_tr = np.argsort(-s, axis=1)[:, :k]
+    s = U @ U.T
+    np.fill_diagonal(s, -np.inf)
+    part = np.argpartition(-s, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1)
+    return Graph(te_tr=te_tr, all_all=np.take_along_axis(part, order, axis=1))
+
+
+def _smooth(spec: str, p_te: np.ndarray, predict: Any, X_tr: np.ndarray, X_te: np.ndarray,
+            idx: np.ndarray, y: np.ndarray, g: Graph) -> np.ndarray:
+    m = _SMOOTH.match(spec)
+    if not m:
+        raise SystemExit(f"unknown smoothing {spec!r}")
+    kind, a, k = m["kind"], float(m["a"] or 0.3), int(m["k"] or 10)
+    if kind == "knn":  # test scores mixed with their train neighbours' (rated ones: their rating)
+        p_tr = predict(X_tr).astype(np.float64)
+        p_tr[idx] = y
+        return _knn_smooth(p_te, p_tr, g.te_tr[:, :k], a)
+    if kind == "lknn":  # mixed with the ratings of the k most similar rated images
+        s = l2_rows(X_te) @ l2_rows(X_tr[idx]).T
+        kk = min(k, len(idx))
+        nb = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        return (1 - a) * p_te + a * np.asarray(y, np.float64)[nb].mean(axis=1)
+    # lp: label propagation over the kNN graph of train ∪ test, rated train images clamped
+    p0 = np.concatenate([predict(X_tr), p_te]).astype(np.float64)
+    p0[idx] = y
+    f = p0.copy()
+    nb = g.all_all[:, :k]
+    for _ in range(10):
+        f = (1 - a) * p0 + a * f[nb].mean(axis=1)
+        f[idx] = y
+    return f[len(X_tr):]
+
+
 def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np.ndarray,
-           arch: int, seed: int, nb_te: np.ndarray) -> np.ndarray:
+           arch: int, seed: int, g: Graph) -> np.ndarray:
     if name.startswith(("center:", "white")):  # e.g. "center:linear", "white0.1:linear"
         prefix, _, name = name.partition(":")
         mu, T = _whitening(X_tr, 0.0 if prefix == "center" else float(prefix[5:] or 0.1))
@@ -96,6 +159,15 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
         w, b = fit_ridge_logistic(l2_rows(X_tr[idx]), y, l2_rows(X_tr[rand]), l2=kw.get("l2", 0.3))
         def predict(X: np.ndarray) -> np.ndarray:
             return 1 / (1 + np.exp(-(l2_rows(X) @ w + b)))
+    elif base.startswith("kernel"):  # the product's kernel family at threshold τ
+        rng = np.random.default_rng(seed)
+        rest = np.setdiff1d(np.arange(len(X_tr)), idx)
+        rand = rng.choice(rest, size=min(3000, rest.size), replace=False)
+        km = fit_kernel_logistic(l2_rows(X_tr[idx]), y, l2_rows(X_tr[rand]), l2=kw.get("l2", 0.3),
+                                 tau=float(base[6:] or 0.7))
+
+        def predict(X: np.ndarray) -> np.ndarray:
+            return 1 / (1 + np.exp(-km.logits(l2_rows(X))))
     elif base in ("ensemble", "cv"):
         choice = ModelChoiceConfig(candidates=("ensemble",) if base == "ensemble" else
                                    ("mlp", "linear", "ensemble"), seed=seed)
@@ -106,9 +178,7 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
         raise SystemExit(f"unknown candidate {name!r}")
     p = predict(X_te)
     if knn:
-        p_tr = predict(X_tr).astype(np.float64)
-        p_tr[idx] = y
-        p = _knn_smooth(p, p_tr, nb_te, 0.3)
+        p = _smooth(knn, p, predict, X_tr, X_te, idx, y, g)
     return p
 
 
@@ -118,6 +188,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--candidates", default="mlp,linear,ensemble,cv,mlp@0.001,ensemble@0.001,cv@0.001")
     ap.add_argument("--min-test-pos", type=int, default=20)
+    ap.add_argument("--label-sets", default="", help="folder to keep each seed's plain-run label sets in "
+                    "(recorded once, read back by later screens of the same dataset)")
     a = ap.parse_args()
 
     from agile_pipeline.defs.resources import AgileResources
@@ -128,19 +200,26 @@ def main() -> None:
     simulate.attach_negative_phrases(data, Path(a.dataset), agile.encoder.load())
     names = sorted(data.positives)
     X_tr, X_te = data.X_train.astype(np.float32), data.X_test.astype(np.float32)
-    sims = l2_rows(X_te) @ l2_rows(X_tr).T
-    nb_te = np.argpartition(-sims, 10, axis=1)[:, :10]
+    g = _build_graph(X_tr, X_te)
     cands = [c.strip() for c in a.candidates.split(",") if c.strip()]
     table: dict[str, dict[int, list[float]]] = {c: defaultdict(list) for c in cands}
     for seed in [int(s) for s in a.seeds.split(",")]:
-        sets = _record_label_sets(data, names, seed)
+        cached = Path(a.label_sets) / f"seed{seed}.npz" if a.label_sets else None
+        if cached and cached.exists():
+            z = np.load(cached)
+            sets = {(k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])): z[k] for k in z.files}
+        else:
+            sets = _record_label_sets(data, names, seed)
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cached, **{f"{c}@{r}": v for (c, r), v in sets.items()})
         for (concept, r), idx in sorted(sets.items()):
             pos = data.positives[concept]
             y_tr = np.array([i in pos for i in data.train_ids], np.int64)
             y_te = np.array([i in pos for i in data.test_ids], np.int64)
             arch = 0 if r == 0 else 1
             for c in cands:
-                p = _score(c, X_tr, X_te, idx, y_tr[idx], arch, seed, nb_te)
+                p = _score(c, X_tr, X_te, idx, y_tr[idx], arch, seed, g)
                 table[c][len(idx) // 100 * 100].append(float(compute_metrics(y_te, p).auc_pr))
         print(f"seed {seed}: {len(sets)} label sets", flush=True)  # noqa: T201
     budgets = sorted({b for c in cands for b in table[c]})
