@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+from agile_pipeline.lib.candidate_pool import POOL_SWEEP
 from benchmarks.cli import run_bench
 
 REQUIRED = {"expansion_exact", "expansion_ann", "al_round", "train", "eval_set", "round_end_to_end",
@@ -44,7 +45,7 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     assert rows["expansion_ann"]["recall_at_100"] >= 0.9
     assert rows["pool_growth"]["recall"] >= 0.9 and rows["pool_growth"]["queries"] == 100
     pooled = rows["al_round_pool"]
-    assert 0 < pooled["pool_size"] < 20_000 and 0 < pooled["sweep_scored"] <= 2000
+    assert 0 < pooled["pool_size"] < 20_000 and 0 < pooled["sweep_scored"] <= POOL_SWEEP
     assert pooled["rows_scored"] <= pooled["pool_size"] + pooled["sweep_scored"] + pooled["random_scored"]
     assert 0 <= pooled["overlap_with_full_scan"] <= 100
     quality = rows["pool_quality"]
