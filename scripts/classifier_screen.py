@@ -135,6 +135,12 @@ def _smooth(spec: str, p_te: np.ndarray, predict: Any, X_tr: np.ndarray, X_te: n
     return f[len(X_tr):]
 
 
+def _random_rows(n: int, idx: np.ndarray, seed: int) -> np.ndarray:
+    """Up to 3,000 unlabelled train rows, the random negatives of the linear models."""
+    rest = np.setdiff1d(np.arange(n), idx)
+    return np.random.default_rng(seed).choice(rest, size=min(3000, rest.size), replace=False)
+
+
 def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np.ndarray,
            arch: int, seed: int, g: Graph) -> np.ndarray:
     if name.startswith(("center:", "white")):  # e.g. "center:linear", "white0.1:linear"
@@ -153,16 +159,12 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
                              config=tc)
         predict = m.predict_proba
     elif base == "linear":
-        rng = np.random.default_rng(seed)
-        rest = np.setdiff1d(np.arange(len(X_tr)), idx)
-        rand = rng.choice(rest, size=min(3000, rest.size), replace=False)
+        rand = _random_rows(len(X_tr), idx, seed)
         w, b = fit_ridge_logistic(l2_rows(X_tr[idx]), y, l2_rows(X_tr[rand]), l2=kw.get("l2", 0.3))
         def predict(X: np.ndarray) -> np.ndarray:
             return 1 / (1 + np.exp(-(l2_rows(X) @ w + b)))
     elif base.startswith("kernel"):  # the product's kernel family at threshold τ
-        rng = np.random.default_rng(seed)
-        rest = np.setdiff1d(np.arange(len(X_tr)), idx)
-        rand = rng.choice(rest, size=min(3000, rest.size), replace=False)
+        rand = _random_rows(len(X_tr), idx, seed)
         km = fit_kernel_logistic(l2_rows(X_tr[idx]), y, l2_rows(X_tr[rand]), l2=kw.get("l2", 0.3),
                                  tau=float(base[6:] or 0.7))
 

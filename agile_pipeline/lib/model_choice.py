@@ -216,11 +216,8 @@ class KernelModel:
     v: np.ndarray
     b: float
 
-    def features(self, X_unit: np.ndarray) -> np.ndarray:
-        return kernel_features(X_unit, self.U, self.tau)
-
     def logits(self, X_unit: np.ndarray) -> np.ndarray:
-        return self.features(X_unit) @ np.concatenate([self.w, self.v]).astype(np.float64) + self.b
+        return kernel_features(X_unit, self.U, self.tau) @ np.concatenate([self.w, self.v]).astype(np.float64) + self.b
 
 
 def kernel_features(X_unit: np.ndarray, U: np.ndarray, tau: float) -> np.ndarray:
