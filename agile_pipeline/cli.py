@@ -884,7 +884,7 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sim-out"),
     workers: Annotated[int, typer.Option(help="Concepts simulated in parallel.")] = 1,
     min_test_pos: Annotated[int, typer.Option(help="Skip concepts with fewer test positives.")] = 20,
-    few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), cv (the product's model choice by cross-validation), ensemble, linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
+    few_shot: Annotated[str, typer.Option(help="Training variant: plain (the paper's MLP), auto (the product's default model choice), cv (model choice by cross-validation), ensemble, linear, prior-linear, hybrid, mlp-pseudo, prior-decay.")] = "plain",
     few_shot_args: Annotated[str, typer.Option(help="The variant's settings as key=value,key=value (e.g. 'candidates=mlp|linear,folds=5,ridge_l2=0.3' for cv).")] = "",
     exemplar_when_stuck: Annotated[bool, typer.Option(help="After a batch with no positive, the simulated user gives one exemplar image (the app's recovery path).")] = False,
     pool_k: Annotated[int, typer.Option(help="SEALS candidate pool: score only the k nearest train neighbours of every labelled image and phrase (plus a random sample); 0 = the whole split (the paper's protocol).")] = 0,

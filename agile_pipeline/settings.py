@@ -213,16 +213,16 @@ def candidate_pool_mode() -> str:
     return os.environ.get("AGILE_CANDIDATE_POOL", "auto").strip().lower() or "auto"
 
 
-MODEL_FAMILIES = ("auto", "paper", "mlp", "linear", "ensemble", "kernel")
+MODEL_FAMILIES = ("auto", "cv", "paper", "mlp", "linear", "ensemble", "kernel", "mlp+kernel")
 
 
 def model_family() -> str:
     """``AGILE_MODEL_FAMILY``: which classifier a round trains. ``auto`` (default) picks, per
-    concept and round, the paper's MLP, a ridge logistic regression or their ensemble by
-    cross-validation on the labels; ``paper`` is the paper's recipe exactly (its MLP, learning
-    rate 1e-4, no cross-validation); ``mlp``, ``linear``, ``ensemble`` and ``kernel`` (the kernel
-    machine on the rated images, opt-in) force a family. See
-    :mod:`agile_pipeline.lib.model_choice`."""
+    concept and round, the kernel machine on the rated images or the MLP by the near-duplicate
+    agreement of the ratings; ``cv`` picks the MLP, a ridge logistic regression or their ensemble
+    by cross-validation on the labels; ``paper`` is the paper's recipe exactly (its MLP,
+    learning rate 1e-4, no choice); ``mlp``, ``linear``, ``ensemble``, ``kernel`` and
+    ``mlp+kernel`` force a family. See :mod:`agile_pipeline.lib.model_choice`."""
     value = os.environ.get("AGILE_MODEL_FAMILY", "auto").strip().lower() or "auto"
     if value not in MODEL_FAMILIES:
         raise ValueError(f"AGILE_MODEL_FAMILY={value!r}: use one of {', '.join(MODEL_FAMILIES)}")

@@ -402,13 +402,19 @@ def scale_search(cache: Any, queries: np.ndarray, k: int, *, chunk: int = 1 << 1
     return out
 
 
+def _round_selection(b: Bench, model: Any) -> Any:
+    """The AL round's selection as the product runs it, split cache loading included."""
+    def select() -> Any:
+        clear_split_caches()  # include loading the split cache, as a fresh round does
+        return select_for_round(b.env.vectors, b.corpus.model_id, model,
+                                b.env.store.labeled_image_ids(synth.CONCEPT), 100, "margin")
+    return select
+
+
 def bench_al_round(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
 
     vs, mid, store = b.env.vectors, b.corpus.model_id, b.env.store
-
-    def ours() -> Any:
-        clear_split_caches()  # include loading the split cache, as a fresh round does
-        return select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
+    ours = _round_selection(b, model)
 
     def base() -> Any:
         return plain.al_round_fp32(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100)
@@ -437,12 +443,7 @@ def bench_al_round_ray(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]
     against the local path in the same run: what the Ray switch costs or gains on one box."""
     from agile_pipeline.lib import distributed
 
-    vs, mid, store = b.env.vectors, b.corpus.model_id, b.env.store
-
-    def select() -> Any:
-        clear_split_caches()
-        return select_for_round(vs, mid, model, store.labeled_image_ids(synth.CONCEPT), 100, "margin")
-
+    select = _round_selection(b, model)
     _release(b)
     local = measure.measure(select, cfg.repeats)
     before = os.environ.get(distributed.ENV_ADDRESS)
@@ -522,10 +523,13 @@ def bench_train(b: Bench, cfg: SuiteConfig) -> tuple[dict[str, Any], Any]:
     return _row("train", b.n, o, base, **extra), model
 
 
-def bench_train_model_choice(b: Bench, cfg: SuiteConfig, paper_row: dict[str, Any]) -> dict[str, Any]:
-    """The product's default round training (issue 19): 4-fold cross-validation of the MLP
-    (lr 1e-3), ridge LR and their ensemble, then the winner trained on every label."""
-    from agile_pipeline.lib.model_choice import ModelChoiceConfig, train_round_model
+def bench_train_model_choice(b: Bench, cfg: SuiteConfig, paper_row: dict[str, Any],
+                             family: str = "auto") -> tuple[dict[str, Any], Any]:
+    """The product's round training (issue 19) with ``AGILE_MODEL_FAMILY=family``: ``auto`` (the
+    default: the kernel machine or the MLP by the near-duplicate agreement of the labels) or
+    ``cv`` (4-fold cross-validation of the MLP, ridge LR and their ensemble), then the chosen
+    family trained on every label."""
+    from agile_pipeline.lib.model_choice import choice_for, train_round_model
     from agile_pipeline.lib.training import TrainConfig
 
     vs, mid = b.env.vectors, b.corpus.model_id
@@ -534,7 +538,7 @@ def bench_train_model_choice(b: Bench, cfg: SuiteConfig, paper_row: dict[str, An
 
     def ours() -> Any:
         X_pool, X_lab, exclude = training_inputs(vs, mid, ids)
-        return train_round_model(X_lab, y, X_pool, round_index=1, config=tc, choice=ModelChoiceConfig(),
+        return train_round_model(X_lab, y, X_pool, round_index=1, config=tc, choice=choice_for(family),
                                  exclude_from_pool=exclude)
 
     _release(b)
@@ -545,12 +549,28 @@ def bench_train_model_choice(b: Bench, cfg: SuiteConfig, paper_row: dict[str, An
     ap = _auc_pr(truth, model.predict_proba(b.test.rows_f32(ap_rows)))
     choice = model.meta.config["model_choice"]
     _release(b)
-    return _row("train_model_choice", b.n, o, None, labels=len(y), labels_positive=int(y.sum()),
-                family=choice["family"], cv_auc_pr=choice["cv_auc_pr"], cv_seconds=choice["seconds"],
-                auc_pr=round(ap, 4), auc_pr_paper_recipe=paper_row["auc_pr"],
-                method="train_round_model: 4-fold CV (MLP lr 1e-3, ridge LR, ensemble) on the labels "
-                       "plus 3,000 random train rows, then the winner on every label, incl. input gathering",
-                baseline="the paper's recipe: the train row above")
+    how = ("4-fold CV (MLP lr 1e-3, ridge LR, ensemble) on the labels plus 3,000 random train rows, "
+           "then the winner" if family == "cv" else
+           "the kernel machine or the MLP (lr 1e-3) by the near-duplicate agreement of the labels, then that family")
+    row = _row("train_model_choice" + ("" if family == "auto" else f"_{family}"), b.n, o, None, labels=len(y),
+               labels_positive=int(y.sum()), family=choice["family"], reason=choice["reason"],
+               agreement=choice.get("agreement"), cv_auc_pr=choice["cv_auc_pr"], cv_seconds=choice["seconds"],
+               hidden=list(model.meta.hidden), auc_pr=round(ap, 4), auc_pr_paper_recipe=paper_row["auc_pr"],
+               method=f"train_round_model, AGILE_MODEL_FAMILY={family}: {how} on every label, incl. input gathering",
+               baseline="the paper's recipe: the train row above")
+    return row, model
+
+
+def bench_al_round_model_choice(b: Bench, cfg: SuiteConfig, model: Any) -> dict[str, Any]:
+    """The AL round of the ``al_round`` row with the default family's model instead of the
+    paper's MLP: the kernel machine has a hidden unit per label, so its scan costs more per row."""
+    _release(b)
+    o = measure.measure(_round_selection(b, model), cfg.repeats)
+    _release(b)
+    return _row("al_round_model_choice", b.n, o, None, rows_scored=len(b.train), batch=100,
+                family=model.meta.config.get("family"), hidden=list(model.meta.hidden),
+                method="as al_round, with the model of the train_model_choice row",
+                baseline="al_round (the paper's MLP)")
 
 
 def bench_eval_set(b: Bench, cfg: SuiteConfig, models: dict[str, Any]) -> dict[str, Any]:
@@ -797,12 +817,18 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
         cfg.results.append(train_row)
         log(_fmt(train_row) + f"   AUC-PR {train_row['auc_pr']} (plain {train_row.get('auc_pr_baseline')}, "
             f"zero-shot {train_row['auc_pr_zero_shot']})")
-        cfg.results.append(bench_train_model_choice(b, cfg, train_row))
-        log(_fmt(cfg.results[-1]) + f"   {cfg.results[-1]['family']}: AUC-PR {cfg.results[-1]['auc_pr']} "
-            f"(paper's recipe {train_row['auc_pr']}; CV {cfg.results[-1]['cv_auc_pr']})")
+        chosen = None
+        for family in ("auto", "cv"):
+            row, model = bench_train_model_choice(b, cfg, train_row, family)
+            chosen = chosen or model
+            cfg.results.append(row)
+            log(_fmt(row) + f"   {row['family']}: AUC-PR {row['auc_pr']} (paper's recipe {train_row['auc_pr']}; "
+                f"{'CV ' + str(row['cv_auc_pr']) if row['cv_auc_pr'] else row['reason']})")
         _save(cfg, machine)
         cfg.results.append(bench_al_round(b, cfg, model1))
         log(_fmt(cfg.results[-1]) + f"   same selection: {cfg.results[-1]['same_selection_as_baseline']}")
+        cfg.results.append(bench_al_round_model_choice(b, cfg, chosen))
+        log(_fmt(cfg.results[-1]) + f"   {cfg.results[-1]['family']}, hidden {cfg.results[-1]['hidden']}")
         _save(cfg, machine)
         full_scan = cfg.results[-1]
         if cfg.ann:

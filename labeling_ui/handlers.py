@@ -435,7 +435,8 @@ def _auc_cell(row: dict | None) -> str:
 
 
 FAMILY_NAMES = {"mlp": "MLP", "linear": "logistic regression", "ensemble": "MLP + logistic regression",
-                "kernel": "kernel machine on the rated images"}
+                "kernel": "kernel machine on the rated images",
+                "mlp+kernel": "MLP + kernel machine on the rated images"}
 
 
 def _family_cell(row: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ Candidates: ``mlp`` (the paper's; ``mlp@0.001``: with another learning rate, as 
 and ``cv``), ``linear`` /
 ``linear-l2=X`` (ridge logistic regression), ``kernelT`` (the product's ``kernel`` family:
 ridge logistic regression on the vector plus one feature per rated image, ``relu(cos - T) / (1 -
-T)``, T default 0.7), ``ensemble``, ``cv`` (the product's choice), and any of
+T)``, T default 0.7; ``kernelqQ``: T the Q quantile of random-to-rated cosines), ``A&B`` (the mean logit of candidates A and B; ``A~B``: each logit divided by its s.d. over random train rows first), ``ensemble``, ``cv`` (the product's choice), and any of
 them with a smoothing of the test scores over the unlabelled corpus (``A`` the weight of the
 neighbours, default 0.3; ``K`` how many, default 10):
 
@@ -143,6 +143,17 @@ def _random_rows(n: int, idx: np.ndarray, seed: int) -> np.ndarray:
 
 def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np.ndarray,
            arch: int, seed: int, g: Graph) -> np.ndarray:
+    if "&" in name or "~" in name:  # "mlp@0.001&kernel0.8": the mean logit of the parts;
+        # "mlp@0.001~kernel0.8": the mean of the logits each divided by its s.d. over random train rows
+        scaled = "~" in name
+        rand = _random_rows(len(X_tr), idx, seed + 1)
+        both = np.concatenate([X_te, X_tr[rand]])
+        zs = []
+        for part in name.split("~" if scaled else "&"):
+            q = np.clip(_score(part, X_tr, both, idx, y, arch, seed, g), 1e-7, 1 - 1e-7)
+            z = np.log(q) - np.log1p(-q)
+            zs.append(z[: len(X_te)] / (z[len(X_te):].std() + 1e-9) if scaled else z[: len(X_te)])
+        return 1 / (1 + np.exp(-np.mean(zs, axis=0)))
     if name.startswith(("center:", "white")):  # e.g. "center:linear", "white0.1:linear"
         prefix, _, name = name.partition(":")
         mu, T = _whitening(X_tr, 0.0 if prefix == "center" else float(prefix[5:] or 0.1))
@@ -165,8 +176,10 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
             return 1 / (1 + np.exp(-(l2_rows(X) @ w + b)))
     elif base.startswith("kernel"):  # the product's kernel family at threshold τ
         rand = _random_rows(len(X_tr), idx, seed)
+        spec = base[6:] or "0.7"  # "kernel0.8": τ = 0.8; "kernelq0.99": τ = that quantile
         km = fit_kernel_logistic(l2_rows(X_tr[idx]), y, l2_rows(X_tr[rand]), l2=kw.get("l2", 0.3),
-                                 tau=float(base[6:] or 0.7))
+                                 tau=None if spec.startswith("q") else float(spec),
+                                 quantile=float(spec[1:]) if spec.startswith("q") else 0.99)
 
         def predict(X: np.ndarray) -> np.ndarray:
             return 1 / (1 + np.exp(-km.logits(l2_rows(X))))

@@ -47,10 +47,11 @@ class TrainingConfig(dg.Config):
     # lookahead setting); it trains the family of the last cross-validated round without
     # cross-validating again (the follow-up on the batch's full labels does)
     lookahead: bool = False
-    # auto: the MLP, ridge logistic regression or their ensemble, chosen per round by
-    # cross-validation on the labels; paper: the paper's recipe exactly; mlp / linear /
-    # ensemble / kernel: that family every round; empty: the AGILE_MODEL_FAMILY setting (default auto)
-    model_family: Literal["", "auto", "paper", "mlp", "linear", "ensemble", "kernel"] = ""
+    # auto: the kernel machine on the rated images or the MLP, by the near-duplicate agreement of
+    # the ratings; cv: the MLP, ridge logistic regression or their ensemble, chosen per round by
+    # cross-validation on the labels; paper: the paper's recipe exactly; mlp / linear / ensemble /
+    # kernel / mlp+kernel: that family every round; empty: the AGILE_MODEL_FAMILY setting (default auto)
+    model_family: Literal["", "auto", "cv", "paper", "mlp", "linear", "ensemble", "kernel", "mlp+kernel"] = ""
 
 
 class MarginSamplingConfig(dg.Config):
@@ -139,8 +140,10 @@ def zero_shot_scores(
     description=(
         "The concept's classifier on frozen embeddings, trained on every train label plus random "
         "negatives (one model per round; its MLflow run and model version are `registered_model`): "
-        "the paper's MLP (1x16 first, then 3x128), a ridge logistic regression or their ensemble, "
-        "chosen by cross-validation on the labels (`family`, `cv_auc_pr_*`; config `model_family`)."
+        "by default a kernel machine on the rated images or the paper's MLP (1x16 first, then 3x128), "
+        "chosen by the near-duplicate agreement of the ratings (`family`, `family_reason`, "
+        "`near_duplicate_agreement`); with `model_family` cv, the MLP, a ridge logistic regression "
+        "or their ensemble by cross-validation (`cv_auc_pr_*`)."
     ),
 )
 def classifier(
@@ -182,6 +185,8 @@ def classifier(
         "family_reason": result.model_choice.get("reason", ""),
         **{f"cv_auc_pr_{k}": dg.MetadataValue.float(float(v))
            for k, v in (result.model_choice.get("cv_auc_pr") or {}).items()},
+        **({"near_duplicate_agreement": dg.MetadataValue.float(float(result.model_choice["agreement"]))}
+           if result.model_choice.get("agreement") is not None else {}),
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
         "lookahead": config.lookahead,

@@ -551,6 +551,8 @@ def register_round(env: LoopEnv, concept_name: str, round_index: int | None = No
                  "n_random_neg": float(info.get("n_random_neg", 0)),
                  **{f"cv_auc_pr_{k}": float(v)
                     for k, v in ((info.get("model_choice") or {}).get("cv_auc_pr") or {}).items()},
+                 **({"near_duplicate_agreement": float(info["model_choice"]["agreement"])}
+                    if (info.get("model_choice") or {}).get("agreement") is not None else {}),
                  "train_seconds": r["train_seconds"] or 0.0, **agreement.metrics()},
         tags={"agile/embedding_model": env.model_id, "dagster_run_id": run_id or r.get("run_id") or "",
               "agile/label_cutoff": str(r["label_cutoff"]),

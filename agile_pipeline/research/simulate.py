@@ -101,7 +101,10 @@ FEW_SHOT_VARIANTS: dict[str, str] = {
     "hybrid": "prior-linear while the labels hold < switch_pos positives, then the paper's MLP",
     "mlp-pseudo": "the paper's MLP with the phrase vectors added as labeled points",
     "prior-decay": "the paper's MLP blended with the zero-shot prior, β = c / n_pos",
-    "cv": "the product's model choice: MLP, ridge LR or their ensemble by k-fold AUC-PR on the labels",
+    "auto": "the product's default (AGILE_MODEL_FAMILY=auto): the kernel machine on the rated images or "
+            "the MLP, by the near-duplicate agreement of the labels",
+    "cv": "AGILE_MODEL_FAMILY=cv: MLP, ridge LR or their ensemble by k-fold AUC-PR on the labels "
+          "(candidates=... for other families, e.g. candidates=kernel for one family)",
     "ensemble": "the mean logit of the paper's MLP and ridge LR, every round",
 }
 
@@ -437,8 +440,8 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
         lm = few_shot.fit_prior_linear(X_train[idx], y, X_train, text_pos=text, text_neg=neg_text,
                                        exclude_from_pool=idx, config=pcfg)
         return _RoundModel("linear", lm)
-    if variant in ("cv", "ensemble"):
-        from agile_pipeline.lib.model_choice import ModelChoiceConfig, train_round_model
+    if variant in ("auto", "cv", "ensemble"):
+        from agile_pipeline.lib.model_choice import ModelChoiceConfig, choice_for, train_round_model
 
         known_c = ModelChoiceConfig.__dataclass_fields__
         ckw = {k: v for k, v in args.items() if k in known_c}
@@ -446,7 +449,8 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
             ckw["candidates"] = (ckw["candidates"],)
         if variant == "ensemble":
             ckw["candidates"] = ("ensemble",)
-        choice = ModelChoiceConfig(**{"seed": cfg.seed, **ckw})
+        # auto: the product's default choice (AGILE_MODEL_FAMILY=auto); cv: cross-validation
+        choice = replace(choice_for("auto" if variant == "auto" else "cv", seed=cfg.seed), **ckw)
         m = train_round_model(X_train[idx], y, X_train, round_index=arch_round,
                               config=TrainConfig(seed=cfg.seed, **cfg.train), choice=choice,
                               exclude_from_pool=idx, concept=concept)

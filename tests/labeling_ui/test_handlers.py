@@ -127,3 +127,19 @@ def test_panels_escape_user_text(world: World) -> None:
 def test_tick_without_concept_stops_polling(world: World) -> None:
     view = handlers.on_tick(world.service, SETTINGS, LabelingSession())
     assert view.timer is False and view.widget is NO_CHANGE
+
+
+def test_the_kind_column_names_the_family_and_says_why_it_was_chosen() -> None:
+    """The Model tab's Kind cell: the family's name, and as its tooltip the cross-validation
+    scores (AGILE_MODEL_FAMILY=cv) or the reason of the default's agreement rule."""
+    agreement = {"family": "kernel", "model_choice": {
+        "family": "kernel", "cv_auc_pr": {}, "agreement": 0.93, "close_positives": 40,
+        "reason": "near-duplicate agreement 0.93: of the 40 rated positives with a near-duplicate "
+                  "among the ratings, 93% have a positive one (≥ 75%)"}}
+    cell = handlers._family_cell(agreement)
+    assert 'data-family="kernel"' in cell and ">kernel machine on the rated images<" in cell
+    assert "93% have a positive one" in cell
+    cv = {"family": "ensemble", "model_choice": {"family": "ensemble", "folds": 4,
+                                                 "cv_auc_pr": {"mlp": 0.5, "linear": 0.6, "ensemble": 0.7}}}
+    cell = handlers._family_cell(cv)
+    assert "4-fold cross-validation" in cell and "MLP + logistic regression 0.700" in cell

@@ -55,11 +55,17 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     assert rows["round_end_to_end"]["next_candidates"] == [100]
     assert 0.0 <= rows["train"]["auc_pr"] <= 1.0
     choice = rows["train_model_choice"]  # issue 19: the default round training, beside the recipe's
-    assert choice["family"] in ("mlp", "linear", "ensemble") and 0.0 <= choice["auc_pr"] <= 1.0
-    if choice["cv_auc_pr"]:  # cross-validated: the best family won
-        assert choice["cv_auc_pr"][choice["family"]] == max(choice["cv_auc_pr"].values())
-    else:  # too few positives at this tiny size: the fallback, without cross-validation
-        assert choice["family"] == "linear"
+    assert choice["family"] in ("kernel", "mlp") and 0.0 <= choice["auc_pr"] <= 1.0
+    assert choice["cv_auc_pr"] == {} and "near-duplicate" in choice["reason"]
+    assert choice["hidden"] == ([choice["labels"] + 2] if choice["family"] == "kernel" else [128, 128, 128])
     assert choice["auc_pr_paper_recipe"] == rows["train"]["auc_pr"]
+    cv = rows["train_model_choice_cv"]
+    assert cv["family"] in ("mlp", "linear", "ensemble") and 0.0 <= cv["auc_pr"] <= 1.0
+    if cv["cv_auc_pr"]:  # cross-validated: the best family won
+        assert cv["cv_auc_pr"][cv["family"]] == max(cv["cv_auc_pr"].values())
+    else:  # too few positives at this tiny size: the fallback, without cross-validation
+        assert cv["family"] == "linear"
+    scan = rows["al_round_model_choice"]
+    assert scan["family"] == choice["family"] and scan["rows_scored"] == rows["al_round"]["rows_scored"]
     assert any(line.startswith("round_end_to_end") for line in lines)
     assert not (tmp_path / "work" / "corpus-20000-d32").exists()  # deleted without keep

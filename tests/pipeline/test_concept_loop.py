@@ -88,42 +88,68 @@ def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
     assert all(v["tags"]["agile/embedding_model"] == env.model_id for v in versions)
     metas = [json.loads((env.concept_dir("blobs") / f"round-{i:03d}" / "meta.json").read_text())
              for i in (0, 1)]
-    # the family each round chose by cross-validation, recorded in the model, MLflow and the store
+    # the family each round chose (by default: the kernel machine or the MLP, by the near-duplicate
+    # agreement of the ratings), recorded in the model, MLflow and the store
     families = [m["config"]["family"] for m in metas]
     recipe = [[16], [128, 128, 128]]  # the paper's first and later MLPs
-    shapes = {"mlp": lambda h: h, "linear": lambda h: [], "ensemble": lambda h: [u + 2 for u in h]}
-    assert [m["hidden"] for m in metas] == [shapes[f](h) for f, h in zip(families, recipe, strict=True)]
+    shapes = {"mlp": lambda h, n: h, "kernel": lambda h, n: [n + 2]}  # kernel: a unit per label
+    assert [m["hidden"] for m in metas] == [shapes[f](h, m["n_pos"] + m["n_neg"])
+                                            for f, h, m in zip(families, recipe, metas, strict=True)]
     assert [v["tags"]["agile/model_family"] for v in versions] == families
     assert [r["info"]["family"] for r in env.store.rounds("blobs")] == families
     for m, v in zip(metas, versions, strict=True):
-        scores = m["config"]["model_choice"]["cv_auc_pr"]
-        if scores:  # cross-validated: every candidate scored, the best chosen, logged to MLflow
-            assert set(scores) == {"mlp", "linear", "ensemble"}
-            assert scores[m["config"]["family"]] == max(scores.values())
+        mc = m["config"]["model_choice"]
+        assert mc["cv_auc_pr"] == {} and mc["folds"] == 0  # no cross-validation by default
+        agreement = mc["agreement"]
+        assert m["config"]["family"] == ("kernel" if agreement is None or agreement >= 0.75 else "mlp")
+        if agreement is not None:
             run = mlflow.MlflowClient(env.paths.mlflow_uri()).get_run(v["run_id"])
-            for k, x in scores.items():
-                assert run.data.metrics[f"cv_auc_pr_{k}"] == pytest.approx(x)
+            assert run.data.metrics["near_duplicate_agreement"] == pytest.approx(agreement)
+    assert "near-duplicate" in mc["reason"]
 
 
-def test_the_kernel_family_runs_a_whole_round_as_an_ordinary_model_file(corpus, monkeypatch):
-    """AGILE_MODEL_FAMILY=kernel (opt-in): the round trains the kernel machine, saved as an MLP
-    with one hidden unit per label (plus two), and everything after it (int8/bf16 scans, the
-    checks, MLflow) reads it like any other model."""
-    monkeypatch.setenv("AGILE_MODEL_FAMILY", "kernel")
+def test_cv_chooses_by_cross_validation_and_logs_the_scores(corpus, monkeypatch):
+    """AGILE_MODEL_FAMILY=cv: the MLP, the ridge logistic regression or their ensemble, whichever
+    scores best in cross-validation on the ratings, with every score in MLflow and Dagster."""
+    monkeypatch.setenv("AGILE_MODEL_FAMILY", "cv")
+    env = _env(corpus)
+    env.store.create_concept("cvd", ["x"])
+    run_concept_start("cvd")
+    _rate(env, "cvd", pending_items(env, "cvd"), lambda i: int(i[-1], 16) < 8)
+    res = run_concept_round("cvd")
+    md = metadata_of(res, classifier)
+    meta = json.loads((env.concept_dir("cvd") / "round-000" / "meta.json").read_text())
+    scores = meta["config"]["model_choice"]["cv_auc_pr"]
+    assert set(scores) == {"mlp", "linear", "ensemble"}
+    assert md["family"] == meta["config"]["family"] == max(scores, key=scores.get)
+    assert meta["hidden"] == {"mlp": [16], "linear": [], "ensemble": [18]}[md["family"]]
+    run = mlflow.MlflowClient(env.paths.mlflow_uri()).get_run(model_versions(env.paths.mlflow_uri(), "cvd")[0]["run_id"])
+    for k, x in scores.items():
+        assert run.data.metrics[f"cv_auc_pr_{k}"] == pytest.approx(x) == pytest.approx(md[f"cv_auc_pr_{k}"])
+
+
+@pytest.mark.parametrize("family", ["kernel", "mlp+kernel"])
+def test_the_kernel_families_run_a_whole_round_as_an_ordinary_model_file(corpus, monkeypatch, family):
+    """AGILE_MODEL_FAMILY=kernel / mlp+kernel: the round trains the kernel machine (alone, or
+    averaged with the MLP), saved as an MLP with one hidden unit per label (plus two, plus the
+    MLP's own), and everything after it (int8/bf16 scans, the checks, MLflow) reads it like any
+    other model."""
+    monkeypatch.setenv("AGILE_MODEL_FAMILY", family)
     env = _env(corpus)
     env.store.create_concept("kern", ["red blob"], ["blue square"])
     run_concept_start("kern")
     truth = lambda i: int(i[:2], 16) % 4 == 0  # noqa: E731
     _rate(env, "kern", pending_items(env, "kern"), truth)
     res = run_concept_round("kern")
-    assert metadata_of(res, classifier)["family"] == "kernel"
+    assert metadata_of(res, classifier)["family"] == family
     assert metadata_of(res, al_candidates)["candidates"] == 100
     assert all(e.passed for e in res.get_asset_check_evaluations()
                if e.check_name in ("weights_finite", "batch_of_unlabeled_train_images"))
     meta = json.loads((env.concept_dir("kern") / "round-000" / "meta.json").read_text())
     n_labels = len(env.store.labeled_image_ids("kern"))
-    assert meta["config"]["family"] == "kernel" and meta["hidden"] == [n_labels + 2]
-    assert model_versions(env.paths.mlflow_uri(), "kern")[0]["tags"]["agile/model_family"] == "kernel"
+    mlp_units = 16 if family == "mlp+kernel" else 0  # the recipe's first MLP: one layer of 16
+    assert meta["config"]["family"] == family and meta["hidden"] == [mlp_units + n_labels + 2]
+    assert model_versions(env.paths.mlflow_uri(), "kern")[0]["tags"]["agile/model_family"] == family
 
 
 def test_same_labels_and_seed_give_the_same_model(corpus):
@@ -143,9 +169,11 @@ def test_same_labels_and_seed_give_the_same_model(corpus):
     assert metadata_of(res, classifier)["reused_previous_round"] is True
 
 
-def test_a_lookahead_round_trains_the_last_cross_validated_family(corpus):
-    """The app's lookahead round (the rater may be waiting) skips the cross-validation: it
-    trains the family the last cross-validated round chose; the follow-up cross-validates."""
+def test_a_lookahead_round_trains_the_last_cross_validated_family(corpus, monkeypatch):
+    """With AGILE_MODEL_FAMILY=cv, the app's lookahead round (the rater may be waiting) skips the
+    cross-validation: it trains the family the last cross-validated round chose; the follow-up
+    cross-validates."""
+    monkeypatch.setenv("AGILE_MODEL_FAMILY", "cv")
     env = _env(corpus)
     env.store.create_concept("ahead", ["x"])
     run_concept_start("ahead")

@@ -1,5 +1,7 @@
 """Pure logic of agile_pipeline.lib.model_choice: ridge LR, the folded ensemble, the CV choice."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,31 @@ def test_fold_ensemble_is_exactly_the_mean_logit(round_index: int, tmp_path) -> 
     np.testing.assert_allclose(back.predict_proba(probe), ens.predict_proba(probe), atol=1e-6)
 
 
+@pytest.mark.parametrize("round_index", [0, 1])
+def test_fold_mlp_kernel_is_exactly_the_mean_logit(round_index: int, tmp_path) -> None:
+    """The mlp+kernel family's one file: the MLP's units plus one per labelled image in the
+    first layer, two more per later layer, and exactly the mean of the two logits."""
+    from agile_pipeline.lib.model_choice import fit_kernel_logistic, fold_mlp_kernel
+
+    X, y = _planted(4)
+    idx, X_lab, y_lab = _labels(X, y, 20, 40)
+    mlp = train_classifier(X_lab, y_lab, X, round_index=round_index, exclude_from_pool=idx,
+                           config=TrainConfig(epochs=2))
+    km = fit_kernel_logistic(X_lab, y_lab, X[:500], l2=0.3, tau=0.2)
+    assert np.count_nonzero(km.v) > 0  # the kernel units matter in this check
+    folded = fold_mlp_kernel(mlp, km)
+    first = mlp.meta.hidden[0] + len(X_lab) + 2
+    assert folded.meta.hidden == (first, *(h + 2 for h in mlp.meta.hidden[1:]))
+    probe = X[:400] * 3.0
+    pm = mlp.predict_proba(probe).astype(np.float64)
+    expect = 0.5 * (np.log(pm) - np.log1p(-pm) + km.logits(l2_rows(probe)))
+    got = folded.predict_proba(probe).astype(np.float64)
+    np.testing.assert_allclose(np.log(got) - np.log1p(-got), expect, atol=2e-3)
+    folded.save(tmp_path / "m")
+    back = TrainedClassifier.load(tmp_path / "m")
+    np.testing.assert_allclose(back.predict_proba(probe), folded.predict_proba(probe), atol=1e-6)
+
+
 def test_choice_records_scores_and_picks_the_best_family() -> None:
     X, y = _planted(2)
     idx, X_lab, y_lab = _labels(X, y, 40, 80)
@@ -127,6 +154,45 @@ def test_kernel_machine_folds_exactly_into_one_mlp_file(tmp_path) -> None:
     assert average_precision_score(y[rest], cv.predict_proba(X[rest])) > 0.95
 
 
+def test_near_duplicate_agreement_counts_what_the_closest_rated_image_of_a_positive_is() -> None:
+    from agile_pipeline.lib.model_choice import near_duplicate_agreement
+
+    rng = np.random.default_rng(0)
+    centres = l2_rows(rng.normal(size=(6, 16)).astype(np.float32))
+    twin = lambda c: l2_rows((c + 0.01 * rng.normal(size=c.shape)).astype(np.float32))  # noqa: E731
+    X = np.concatenate([centres, twin(centres)])
+    same = np.array([1, 1, 1, 0, 0, 0] * 2)  # every positive's twin is a positive
+    assert near_duplicate_agreement(X, same, tau=0.9) == (1.0, 6)
+    swapped = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0])  # two twins rated negative
+    agreement, close = near_duplicate_agreement(X, swapped, tau=0.9)
+    assert close == 4 and agreement == pytest.approx(2 / 4)  # the third pair agrees, both ways
+    assert near_duplicate_agreement(centres, np.array([1, 0, 1, 0, 1, 0]), tau=0.9) == (None, 0)
+    assert near_duplicate_agreement(X, np.zeros(12), tau=0.9) == (None, 0)
+
+
+def test_the_agreement_rule_picks_the_kernel_where_near_duplicates_share_labels() -> None:
+    """auto (the default): the kernel machine where a positive's closest rated image is a positive
+    (tight clusters of one label), the MLP where it is a negative (lookalike pairs of opposite
+    labels), with the evidence in the model's choice record, and no cross-validation."""
+    from agile_pipeline.lib.model_choice import choice_for
+
+    rng = np.random.default_rng(6)
+    centres = l2_rows(rng.normal(size=(40, 8)).astype(np.float32))
+    members = np.repeat(np.arange(40), 6)
+    X = l2_rows((centres[members] + 0.03 * rng.normal(size=(240, 8))).astype(np.float32))
+    clusters = (members % 2 == 0).astype(np.int64)
+    m = train_round_model(X, clusters, X, round_index=1, choice=replace(choice_for("auto"), workers=1))
+    mc = m.meta.config["model_choice"]
+    assert m.meta.config["family"] == mc["family"] == "kernel" and mc["agreement"] == 1.0
+    assert mc["close_positives"] == 120 and mc["cv_auc_pr"] == {} and "agreement 1.00" in mc["reason"]
+    lookalikes = (np.arange(240) % 2 == 0).astype(np.int64)  # half of every cluster: a coin flip
+    m = train_round_model(X, lookalikes, X, round_index=1, choice=replace(choice_for("auto"), workers=1))
+    mc = m.meta.config["model_choice"]
+    assert m.meta.config["family"] == "mlp" and mc["agreement"] < 0.75 and m.meta.hidden == (128, 128, 128)
+    with pytest.raises(ValueError, match="exactly two"):
+        ModelChoiceConfig(candidates=("kernel", "mlp", "linear"), rule="agreement")
+
+
 def test_few_positives_fall_back_without_cross_validation() -> None:
     X, y = _planted(3)
     idx, X_lab, y_lab = _labels(X, y, 3, 50)
@@ -160,10 +226,14 @@ def test_settings_map_to_choices() -> None:
     from agile_pipeline.lib.model_choice import choice_for
 
     assert choice_for("paper") == PAPER and PAPER.mlp_lr is None
-    auto = choice_for("auto", seed=3)
-    assert auto.candidates == ("mlp", "linear", "ensemble") and auto.seed == 3 and auto.mlp_lr == 1e-3
+    cv = choice_for("cv", seed=3)
+    assert cv.candidates == ("mlp", "linear", "ensemble") and cv.seed == 3 and cv.mlp_lr == 1e-3
+    assert cv.cross_validates
     assert choice_for("linear").candidates == ("linear",) and choice_for("linear").fallback == "linear"
-    assert choice_for("kernel").candidates == ("kernel",)  # opt-in: not among auto's candidates
+    assert choice_for("kernel").candidates == ("kernel",)
+    auto = choice_for("auto", seed=3)
+    assert auto.candidates == ("kernel", "mlp") and auto.rule == "agreement" and not auto.cross_validates
+    assert auto.seed == 3 and auto.mlp_lr == 1e-3 and auto.kernel_tau == 0.7
     with pytest.raises(ValueError, match="unknown model family"):
         choice_for("forest")
 
