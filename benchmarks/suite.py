@@ -825,12 +825,12 @@ def run_size(n: int, cfg: SuiteConfig, machine: dict[str, Any]) -> None:
             log(_fmt(row) + f"   {row['family']}: AUC-PR {row['auc_pr']} (paper's recipe {train_row['auc_pr']}; "
                 f"{'CV ' + str(row['cv_auc_pr']) if row['cv_auc_pr'] else row['reason']})")
         _save(cfg, machine)
-        cfg.results.append(bench_al_round(b, cfg, model1))
-        log(_fmt(cfg.results[-1]) + f"   same selection: {cfg.results[-1]['same_selection_as_baseline']}")
+        full_scan = bench_al_round(b, cfg, model1)  # the pooled round's baseline: the same model
+        cfg.results.append(full_scan)
+        log(_fmt(full_scan) + f"   same selection: {full_scan['same_selection_as_baseline']}")
         cfg.results.append(bench_al_round_model_choice(b, cfg, chosen))
         log(_fmt(cfg.results[-1]) + f"   {cfg.results[-1]['family']}, hidden {cfg.results[-1]['hidden']}")
         _save(cfg, machine)
-        full_scan = cfg.results[-1]
         if cfg.ann:
             cfg.results.append(pool.bench_index(b, cfg, _row))
             log(_fmt(cfg.results[-1]) + f"   recall@100 {cfg.results[-1]['recall_at_100']} "

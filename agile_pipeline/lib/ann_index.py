@@ -203,15 +203,18 @@ def _search_rerank_in_cache(vectors: Any, model_id: str, tbl: Any, q: np.ndarray
 
     Measured at 1M rows (bench, 100 queries): 1.2 s against 4-7 s for LanceDB's own re-rank
     with a ``split`` prefilter, which reads every candidate's vector from the table and scans
-    the filter column per query; the same recall@100 (0.99)."""
+    the filter column per query; the same recall@100 (0.99). The candidates come back as row
+    ids (:meth:`SplitCache.rowid_positions`), not image ids: reading 3,000 ids from a 10M-row
+    table took 44 of a single query's 60 ms."""
     from agile_pipeline.lib.split_cache import split_cache
 
     how = settings or search_settings(vectors, model_id)
     cache = split_cache(vectors, model_id, split)
     res = (tbl.search(q if len(q) > 1 else q[0], vector_column_name="vector").distance_type("cosine")
-           .nprobes(int(how["nprobes"])).limit(k * int(how["refine_factor"])).select(["id", "_distance"]).to_arrow())
+           .nprobes(int(how["nprobes"])).limit(k * int(how["refine_factor"])).with_row_id(True)
+           .select(["_distance"]).to_arrow())
     qi = res.column("query_index").to_numpy() if "query_index" in res.column_names else np.zeros(res.num_rows, np.int64)
-    rows = cache.positions(res.column("id").to_numpy(zero_copy_only=False).astype(str))
+    rows = cache.rowid_positions(res.column("_rowid").to_numpy(), tbl)
     out: list[list[tuple[str, str, float]]] = []
     for j in range(len(q)):
         r = np.unique(rows[(qi == j) & (rows >= 0)])

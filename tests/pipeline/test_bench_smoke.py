@@ -48,6 +48,8 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     assert 0 < pooled["pool_size"] < 20_000 and 0 < pooled["sweep_scored"] <= POOL_SWEEP
     assert pooled["rows_scored"] <= pooled["pool_size"] + pooled["sweep_scored"] + pooled["random_scored"]
     assert 0 <= pooled["overlap_with_full_scan"] <= 100
+    # its baseline is the full scan with the same model (the al_round row), not another row's
+    assert pooled["baseline_runs"] == rows["al_round"]["runs"]
     quality = rows["pool_quality"]
     assert len(quality["auc_pr_pooled"]) == len(quality["auc_pr_full_scan"]) == 6
     assert all(0.0 <= a <= 1.0 for a in quality["auc_pr_pooled"] + quality["auc_pr_full_scan"])

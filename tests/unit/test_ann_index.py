@@ -53,3 +53,20 @@ def test_index_is_built_calibrated_to_recall_and_extended_without_a_cache_rebuil
     assert report.status == "extended" and report.indexed_rows == 20_300 and report.unindexed_rows == 0
     assert ann_index.search(vs, "m", X[[0]], 2, split="train")[0][0][0] in {f"{0:016x}", "n0"}
     assert ann_index.ensure_index(vs, "m", min_rows=10_000).status == "current"
+
+
+def test_index_candidates_map_to_split_cache_rows_by_row_id(clustered_store):
+    """The re-rank reads the index's candidates as LanceDB row ids, not image ids: each must land
+    on the cache row of its own image, and rows of the other split on none."""
+    vs, X = clustered_store
+    ann_index.ensure_index(vs, "m", min_rows=10_000)
+    tbl = vs.table("m")
+    train = split_cache(vs, "m", "train")
+    res = (tbl.search(X[0], vector_column_name="vector").distance_type("cosine").nprobes(8).limit(600)
+           .with_row_id(True).select(["id", "split"]).to_arrow())
+    rows = train.rowid_positions(res.column("_rowid").to_numpy(), tbl)
+    splits = res.column("split").to_pylist()
+    assert {"train", "test"} <= set(splits) and train.cached("rowids").exists()
+    for row, image_id, split in zip(rows.tolist(), res.column("id").to_pylist(), splits, strict=True):
+        assert (train.key_at(row) == image_id) if split == "train" else row == -1
+    assert train.rowid_positions(np.empty(0, np.uint64), tbl).size == 0
