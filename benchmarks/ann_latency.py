@@ -8,6 +8,8 @@ Uses the corpus's existing index (``agile bench`` builds and calibrates it) thro
 milliseconds per query, asked one at a time (as a phrase expansion does) and 50 in one call
 (as pool growth does). Two query sets: 50 train rows (what calibration uses) and the planted
 phrase directions plus noisy copies of them (text-like queries, off the image manifold).
+First, what one LanceDB query costs alone when it returns its candidates' image ids or only
+their row ids (what the re-rank reads since issue 15's row-id change).
 """
 
 import argparse
@@ -45,6 +47,23 @@ def main() -> None:
                "phrases": np.concatenate([phrases, noisy])}
     truth = {name: [{i for i, _s in h} for h in nearest_in_split(cache, q, 100)] for name, q in queries.items()}
     print(f"{len(cache):,} train rows; calibrated setting {ann_index.search_settings(vs, mid)}")
+    # what a single index query costs in LanceDB alone, with the candidates' image ids or row ids
+    tbl = vs.table(mid)
+    print("| LanceDB alone, nprobes 20 | candidates | ms with image ids | ms with row ids only |")
+    print("|---|---:|---:|---:|")
+    for limit in (100, 1000, 3000):
+        ms = []
+        for ids in (True, False):
+            def one(i: int, limit: int = limit, ids: bool = ids) -> None:
+                s = (tbl.search(phrases[i % len(phrases)], vector_column_name="vector").distance_type("cosine")
+                     .nprobes(20).limit(limit))
+                (s.select(["id", "_distance"]) if ids else s.with_row_id(True).select(["_distance"])).to_arrow()
+            one(0)
+            t0 = time.perf_counter()
+            for i in range(10):
+                one(i)
+            ms.append(100 * (time.perf_counter() - t0))
+        print(f"| | {limit:,} | {ms[0]:.1f} | {ms[1]:.1f} |")
     print("| nprobes | refine | queries | recall@100 | ms one at a time | ms per query, 50 in one call |")
     print("|---:|---:|---|---:|---:|---:|")
     for nprobes, refine in SETTINGS:
@@ -55,9 +74,9 @@ def main() -> None:
             got = ann_index.search(vs, mid, q, 100, split="train", settings=how)
             batched = 1000 * (time.perf_counter() - t0) / len(q)
             t0 = time.perf_counter()
-            for one in q[:10]:
+            for one in q[:20]:
                 ann_index.search(vs, mid, [one], 100, split="train", settings=how)
-            single = 1000 * (time.perf_counter() - t0) / 10
+            single = 1000 * (time.perf_counter() - t0) / 20
             recall = np.mean([len({i for i, _sp, _s in g} & t) / 100 for g, t in zip(got, truth[name], strict=True)])
             print(f"| {nprobes} | {refine} | {name} | {recall:.3f} | {single:.1f} | {batched:.1f} |")
 
