@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from agile_pipeline.lib.split_cache import has_cache, split_cache
+from agile_pipeline.lib.split_cache import has_cache, ids_to_bytes, split_cache
+
+SPLITS = ("train", "test")
 
 THRESHOLD = 0.5
 
@@ -43,19 +45,36 @@ def predictions_path(home: Path, concept_dir_name: str) -> Path:
 
 
 def _split_ids_and_scores(vectors: Any, model_id: str, model: Any, split: str,
-                          skip: set[str]) -> tuple[list[str], np.ndarray]:
-    """Ids of a split not in ``skip`` and the model's float32 P(concept) of each."""
+                          skip: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    """Ids of a split not in ``skip`` (ids as bytes) and the model's float32 P(concept) of each."""
     if has_cache(vectors):
         cache = split_cache(vectors, model_id, split)
-        if not skip:
+        if skip is None or not skip.size:
             return cache.id_at(np.arange(len(cache))), model.predict_proba(cache.f16)
-        rows = np.flatnonzero(~cache.mask(list(skip)))
+        rows = np.flatnonzero(~cache.mask(skip))
         return cache.id_at(rows), model.predict_proba(cache.rows_f32(rows)) if rows.size else np.empty(0, np.float32)
     m = vectors.matrix(model_id, split)
-    keep = [i for i, x in enumerate(m.ids) if str(x) not in skip]
+    skipped = {b.decode("utf-8") for b in skip.tolist()} if skip is not None else set()
+    keep = [i for i, x in enumerate(m.ids) if str(x) not in skipped]
     ids = [str(m.ids[i]) for i in keep]
     X = np.asarray(m.vectors[keep], np.float32) if keep else np.empty((0, m.vectors.shape[1]), np.float32)
     return ids, model.predict_proba(X) if keep else np.empty(0, np.float32)
+
+
+def _data_version(vectors: Any, model_id: str) -> str | None:
+    """The split caches' versions (they change with every write to the table), or ``None``."""
+    if not has_cache(vectors):
+        return None
+    return "+".join(split_cache(vectors, model_id, split).tag for split in SPLITS)
+
+
+def _rescore_in_place(vectors: Any, model_id: str, model: Any, old: Any) -> np.ndarray | None:
+    """P(concept) of every row of ``old`` (a table written in split-cache order, train then
+    test) by reading the caches in that order, or ``None`` if the row counts disagree."""
+    caches = [split_cache(vectors, model_id, split) for split in SPLITS]
+    if sum(len(c) for c in caches) != old.num_rows:
+        return None
+    return np.concatenate([np.asarray(model.predict_proba(c.f16), np.float32) for c in caches])
 
 
 def score_corpus(*, store: Any, vectors: Any, model_id: str, model: Any, model_version: str,
@@ -66,41 +85,60 @@ def score_corpus(*, store: Any, vectors: Any, model_id: str, model: Any, model_v
 
     out = Path(out)
     state_path = out.with_suffix(".state.json")
-    old = None
-    if out.exists() and state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("model_version") == model_version:
-            old = pq.read_table(out)
-    skip = set(old.column("image_id").to_pylist()) if old is not None else set()
-    ids: list[str] = []
-    splits: list[str] = []
-    probs: list[np.ndarray] = []
-    for split in ("train", "test"):
-        got_ids, got = _split_ids_and_scores(vectors, model_id, model, split, skip)
-        ids += got_ids
-        splits += [split] * len(got_ids)
-        probs.append(np.asarray(got, np.float32))
-    p = np.concatenate(probs) if probs else np.empty(0, np.float32)
-    paths = {r["id"]: r["path"] for r in store.image_rows(ids)} if ids else {}
-    new = pa.table({
-        "image_id": pa.array(ids, pa.string()),
-        "split": pa.array(splits, pa.string()),
-        "path": pa.array([paths.get(i) for i in ids], pa.string()),
-        "probability": pa.array(p, pa.float32()),
-        "is_concept": pa.array(p >= THRESHOLD, pa.bool_()),
-        "model_version": pa.array([model_version] * len(ids), pa.string()),
-    })
-    table = pa.concat_tables([old, new]) if old is not None else new
+    state = json.loads(state_path.read_text()) if out.exists() and state_path.exists() else {}
+    data = _data_version(vectors, model_id)
+    same_data = data is not None and state.get("data_version") == data
+    if same_data and state.get("model_version") == model_version and "top" in state:
+        # neither the champion nor the corpus changed: nothing to score or write
+        return CorpusScores(out, model_version, int(state["rows"]), 0, False,
+                            [(str(a), float(b)) for a, b in state["top"]])
+    table = None
+    scored_now, rescored_all, in_cache_order = 0, True, data is not None
+    if same_data and state.get("cache_order"):  # a new champion on the same rows: keep their
+        old = pq.read_table(out, columns=["image_id", "split", "path"])  # ids and paths
+        p = _rescore_in_place(vectors, model_id, model, old)
+        if p is not None:
+            table = old.append_column("probability", pa.array(p, pa.float32())).append_column(
+                "is_concept", pa.array(p >= THRESHOLD, pa.bool_())).append_column(
+                "model_version", pa.array(np.full(len(p), model_version, object), pa.string()))
+            scored_now = len(p)
+    if table is None:
+        old = pq.read_table(out) if out.exists() and state.get("model_version") == model_version else None
+        skip = ids_to_bytes(old.column("image_id")) if old is not None else None
+        ids: list[str] = []
+        splits: list[str] = []
+        probs: list[np.ndarray] = []
+        for split in SPLITS:
+            got_ids, got = _split_ids_and_scores(vectors, model_id, model, split, skip)
+            ids += got_ids
+            splits += [split] * len(got_ids)
+            probs.append(np.asarray(got, np.float32))
+        p = np.concatenate(probs) if probs else np.empty(0, np.float32)
+        paths = {r["id"]: r["path"] for r in store.image_rows(ids)} if ids else {}
+        new = pa.table({
+            "image_id": pa.array(ids, pa.string()),
+            "split": pa.array(splits, pa.string()),
+            "path": pa.array([paths.get(i) for i in ids], pa.string()),
+            "probability": pa.array(p, pa.float32()),
+            "is_concept": pa.array(p >= THRESHOLD, pa.bool_()),
+            "model_version": pa.array([model_version] * len(ids), pa.string()),
+        })
+        table = pa.concat_tables([old, new]) if old is not None else new
+        scored_now, rescored_all = len(ids), old is None
+        in_cache_order = in_cache_order and old is None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
-    tmp_state = state_path.with_name(state_path.name + f".{os.getpid()}.tmp")
-    tmp_state.write_text(json.dumps({"model_version": model_version, "rows": table.num_rows}))
-    tmp_state.replace(state_path)
     probs_all = table.column("probability").to_numpy()
-    order = np.argsort(-probs_all, kind="stable")[:top_k]
-    names = table.column("path").to_pylist()
-    img_ids = table.column("image_id").to_pylist()
-    top = [(names[i] or img_ids[i], float(probs_all[i])) for i in order.tolist()]
-    return CorpusScores(out, model_version, table.num_rows, len(ids), old is None, top)
+    k = min(top_k, len(probs_all))
+    part = np.argpartition(-probs_all, k - 1)[:k] if k else np.empty(0, np.int64)
+    order = part[np.lexsort((part, -probs_all[part]))]  # best first, ties by row (stable)
+    names = table.column("path").take(pa.array(order)).to_pylist()
+    img_ids = table.column("image_id").take(pa.array(order)).to_pylist()
+    top = [(names[j] or img_ids[j], float(probs_all[i])) for j, i in enumerate(order.tolist())]
+    tmp_state = state_path.with_name(state_path.name + f".{os.getpid()}.tmp")
+    tmp_state.write_text(json.dumps({"model_version": model_version, "rows": table.num_rows,
+                                     "data_version": data, "cache_order": in_cache_order, "top": top}))
+    tmp_state.replace(state_path)
+    return CorpusScores(out, model_version, table.num_rows, scored_now, rescored_all, top)

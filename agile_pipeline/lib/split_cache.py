@@ -32,7 +32,7 @@ from agile_pipeline.lib.npy_io import NpyWriter, npy_header
 log = logging.getLogger(__name__)
 
 
-def _ids_to_bytes(col: Any) -> np.ndarray:
+def ids_to_bytes(col: Any) -> np.ndarray:
     """Arrow string array → fixed-width ``S`` array (fast path when all ids have one length)."""
     import pyarrow as pa
 
@@ -143,7 +143,7 @@ class SplitCache:
         for batch in table.to_lance().to_batches(columns=["id"], filter=flt, with_row_id=True, batch_size=1 << 16):
             if batch.num_rows:
                 rid.append(batch.column("_rowid").to_numpy().astype(np.uint64))
-                keys.append(_ids_to_bytes(batch.column("id")))
+                keys.append(ids_to_bytes(batch.column("id")))
         rowids = np.concatenate(rid) if rid else np.empty(0, np.uint64)
         pos = self.positions(np.concatenate(keys) if keys else np.empty(0, "S1"))
         if len(rowids) != len(self) or (pos < 0).any():
@@ -283,7 +283,7 @@ def _build(tbl: Any, split: str | None, cache_dir: Path, tag: str, f16_path: Pat
         # then need no per-row division in the scan; others multiply the norm back
         f32 /= np.maximum(nrm, 1e-12)[:, None]
         wbf.write(torch.from_numpy(f32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
-        key_parts.append(_ids_to_bytes(batch.column("id")))
+        key_parts.append(ids_to_bytes(batch.column("id")))
         at += len(v16)
     w16.close()
     wbf.close()
