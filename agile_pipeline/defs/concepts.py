@@ -190,7 +190,7 @@ def classifier(
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
         "lookahead": config.lookahead,
-        "train_seconds": round(result.train_seconds, 3),
+        "train_seconds": round(result.train_seconds, 3), **result.working_set,
         "seconds_total": round(time.perf_counter() - t0, 3),
         "model_dir": str(result.model_dir),
     }, check_results=[_check("weights_finite", lambda: checks.classifier_weights_finite(result.model_dir))])
@@ -242,7 +242,8 @@ def al_candidates(
         "excluded_pending": batch.info.get("excluded_pending", 0),
         **{k: batch.info[k] for k in ("candidate_pool", "pool_size", "pool_k", "pool_scored", "random_scored",
                                       "sweep_scored", "pool_added", "pool_grow_seconds", "pool_swept",
-                                      "pool_sweep_seconds") if k in batch.info},
+                                      "pool_sweep_seconds", "working_set_rows", "working_set_misses",
+                                      "working_set_written", "working_set_seconds") if k in batch.info},
         "score_min": min(scores) if scores else 0.0, "score_max": max(scores) if scores else 0.0,
     }, check_results=[_check("batch_of_unlabeled_train_images", lambda: checks.batch_of_unlabeled_train_images(
         env.store, context.partition_key, batch.batch_id, batch_size=config.batch_size,

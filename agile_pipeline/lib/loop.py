@@ -21,6 +21,7 @@ from agile_pipeline.lib.selection import sample_expansion
 from agile_pipeline.lib.split_cache import has_cache, split_cache
 from agile_pipeline.lib.state import Concept, LabelRule, StateStore, concept_dir
 from agile_pipeline.lib.vectors import VectorStore
+from agile_pipeline.lib.working_set import RowSource, concept_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class RoundResult:
     model_version: str | None = None
     family: str = "mlp"
     model_choice: dict[str, Any] = field(default_factory=dict)
+    working_set: dict[str, int] = field(default_factory=dict)  # rows read from it / not (pooled)
 
 
 @dataclass
@@ -237,6 +239,10 @@ def label_counts(env: LoopEnv, concept: str, rule: LabelRule = LabelRule()) -> t
     pos = sum(labels.values())
     return pos, len(labels) - pos
 
+
+# the MLP's random negatives a working set holds: its random slots with the defaults (10 epochs
+# of at least 30 steps of 16 random rows) and room to spare
+PREFETCH_MLP_RANDOM = 8_000
 
 NO_POSITIVES_ADVICE = (
     "no positive labels yet for {name!r} ({neg} negative): queued a recovery batch — the next "
@@ -459,7 +465,8 @@ def _train_round(
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     from agile_pipeline.lib.training import training_inputs
 
-    X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids)
+    rows = (lambda cache: concept_rows(env.concept_dir(concept.name), cache)) if pooled(env) else None
+    X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids, rows=rows)
     events = store.label_events(concept.name, purpose="train", upto=cutoff)
     try:
         model = train_round_model(
@@ -486,6 +493,8 @@ def _train_round(
         concept.name, round_index, cutoff, n_pos, n_neg, model_dir,
         float(model.meta.train_seconds), warnings=list(model.meta.warnings),
         family=family_of(model.meta), model_choice=dict(model.meta.config.get("model_choice") or {}),
+        working_set={"working_set_hits": X_pool.hits, "working_set_misses": X_pool.misses}
+        if isinstance(X_pool, RowSource) else {},
     )
     store.record_round(
         concept.name, round_index, label_cutoff=cutoff, run_id=run_id, model_uri=str(model_dir),
@@ -626,7 +635,51 @@ def select_candidates(
                         "random sample only): %s", concept.name, exc)
             swept = 0
         batch.info.update(pool_swept=swept, pool_sweep_seconds=round(time.perf_counter() - t0, 4))
+        t0 = time.perf_counter()  # last, copy what the next round will read into one file
+        try:
+            kept = prefetch_working_set(env, concept.name, [it["image_id"] for it in batch.items],
+                                        int(batch.info["model_round"]))
+        except Exception as exc:  # a cache: the next round reads the split cache instead
+            log.warning("%s: the working set was not written (the next round reads the split cache): %s",
+                        concept.name, exc)
+            kept = 0
+        batch.info.update(working_set_written=kept, working_set_seconds=round(time.perf_counter() - t0, 4))
     return batch
+
+
+def prefetch_working_set(env: LoopEnv, concept_name: str, batch_ids: Sequence[str], model_round: int) -> int:
+    """Write the concept's working set (:mod:`.working_set`) with the train rows its next
+    pooled round will read once ``batch_ids`` are rated: the labelled rows, the rows the
+    selection will score (the pool, the sweep and the random sample it will draw), and the
+    random negatives the default model families will train on. Returns the rows written.
+
+    The draws are the next round's exactly when the rater rates the whole batch and nothing
+    else changes; whatever differs (a skip, labels from elsewhere, another seed) is read from
+    the split cache then, only slower."""
+    from agile_pipeline.lib import candidate_pool
+    from agile_pipeline.lib.model_choice import choice_for, kernel_random_rows
+    from agile_pipeline.lib.training import TrainConfig, mlp_random_rows
+    from agile_pipeline.lib.working_set import write_working_set
+
+    train = split_cache(env.vectors, env.model_id, "train")
+    pool = candidate_pool.load(candidate_pool.pool_path(env.concept_dir(concept_name), env.model_id))
+    ids, _y = training_labels(env, concept_name, rule=LabelRule(), upto=env.store.label_cutoff(concept_name))
+    lab = train.positions(list(dict.fromkeys([*ids, *batch_ids])))
+    lab = lab[lab >= 0]
+    eligible = ~train.mask(sorted(env.store.labeled_image_ids(concept_name) | set(batch_ids)))
+    in_pool = train.positions([*pool.ids, *pool.sweep])
+    scored, _ = candidate_pool.rows_to_score(in_pool[in_pool >= 0], eligible, candidate_pool.POOL_RANDOM,
+                                             _pool_rng(concept_name, model_round + 1))
+    negatives = [kernel_random_rows(choice_for(settings.model_family()), len(train), lab),
+                 mlp_random_rows(TrainConfig(), len(train), lab, PREFETCH_MLP_RANDOM)]
+    return write_working_set(env.concept_dir(concept_name), train, np.concatenate([scored, lab, *negatives]))
+
+
+def _pool_rng(concept_name: str, round_index: int) -> np.random.Generator:
+    """The generator of a pooled round's random sample (by the model's round and the concept)."""
+    import zlib
+
+    return np.random.default_rng([round_index, zlib.crc32(concept_name.encode())])
 
 
 def pooled(env: LoopEnv, mode: str | None = None) -> bool:
@@ -723,8 +776,6 @@ def _select_from_pool(env: LoopEnv, concept_name: str, model: Any, ineligible: s
                       strategy: str, round_index: int) -> Any:
     """The next batch chosen among the concept's SEALS pool plus a uniform sample of the rest
     of the split (:mod:`.candidate_pool`), scored exactly: O(labels x k), not O(corpus)."""
-    import zlib
-
     from agile_pipeline.lib import candidate_pool
     from agile_pipeline.lib.scan import exact_scores
     from agile_pipeline.lib.selection import (
@@ -742,16 +793,17 @@ def _select_from_pool(env: LoopEnv, concept_name: str, model: Any, ineligible: s
     pool = candidate_pool.load(candidate_pool.pool_path(env.concept_dir(concept_name), env.model_id))
     train = split_cache(env.vectors, env.model_id, "train")
     eligible = ~train.mask(list(ineligible))
-    rng = np.random.default_rng([round_index, zlib.crc32(concept_name.encode())])
+    rng = _pool_rng(concept_name, round_index)
+    source = concept_rows(env.concept_dir(concept_name), train)
     members = train.positions(list(pool.ids))
     swept = train.positions(pool.sweep) if pool.sweep else np.empty(0, np.int64)
     swept = swept[swept >= 0]
     rows, n_random = candidate_pool.rows_to_score(np.concatenate([members, swept]), eligible,
                                                   candidate_pool.POOL_RANDOM, rng)
-    scores = exact_scores(model, train, rows) if rows.size else np.empty(0, np.float32)
+    scores = exact_scores(model, source, rows) if rows.size else np.empty(0, np.float32)
     if strategy == "cluster-margin":  # diversity among the most uncertain only
         short = select_margin(scores, CLUSTER_POOL * k)
-        pick = short[diversify_by_cluster(margin(scores[short]), train.rows_f32(rows[short]), min(k, short.size))]
+        pick = short[diversify_by_cluster(margin(scores[short]), source.rows_f32(rows[short]), min(k, short.size))]
     else:
         pick = (select_margin if strategy == "margin" else select_margin_positive)(scores, k)
     return RoundSelection(train.id_at(rows[pick]), [float(x) for x in scores[pick]], int(rows.size),
@@ -760,6 +812,7 @@ def _select_from_pool(env: LoopEnv, concept_name: str, model: Any, ineligible: s
                               "pool_scored": int(rows.size - n_random), "random_scored": n_random,
                               "sweep_scored": int(eligible[swept].sum()),
                               "pool_caught_up": caught_up, "pool_catch_up_seconds": round(t_grow, 4),
+                              "working_set_rows": len(source.rows), "working_set_misses": source.misses,
                               "seconds": round(time.perf_counter() - t0, 4)})
 
 

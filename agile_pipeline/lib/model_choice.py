@@ -480,6 +480,13 @@ def cross_validate(
     return {c: float(np.mean([s[c] for s in per_fold])) for c in choice.candidates}
 
 
+def kernel_random_rows(choice: ModelChoiceConfig, n_pool: int, exclude: np.ndarray | None) -> np.ndarray:
+    """The unlabelled train rows (sorted) a round's kernel machine, linear model and
+    cross-validation take as random negatives: ``choice.cv_random`` of them, seeded by
+    ``choice.seed``, none in ``exclude`` (the labelled rows)."""
+    return np.sort(sample_random_negatives(np.random.default_rng(choice.seed), n_pool, choice.cv_random, exclude))
+
+
 def train_round_model(
     X_labeled: np.ndarray,
     y: np.ndarray,
@@ -527,8 +534,7 @@ def train_round_model(
     need_rand = family != "mlp"
     X_rand_unit = np.empty((0, X_pool.shape[1]), np.float32)
     if need_rand:
-        rng = np.random.default_rng(choice.seed)
-        idx = np.sort(sample_random_negatives(rng, X_pool.shape[0], choice.cv_random, exclude_from_pool))
+        idx = kernel_random_rows(choice, X_pool.shape[0], exclude_from_pool)
         X_rand_unit = l2_rows(np.asarray(X_pool[idx], np.float32))
     if not family:
         scores = cross_validate(X_lab_unit, y, X_rand_unit, round_index=round_index, train=config, choice=choice)

@@ -63,7 +63,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -167,12 +167,17 @@ class ClassifierMeta:
 class L2NormLinear(nn.Linear):
     """``Linear`` applied to the L2-normalised input: ``W (x / |x|) + b``.
 
-    Computed as ``(x Wᵀ) / |x| + b`` so no normalised copy of a large input chunk is made.
-    Zero rows stay zero. Same parameters (and state-dict keys) as :class:`torch.nn.Linear`.
+    A narrow layer (fewer outputs than inputs: the MLPs' first layers) computes
+    ``(x Wᵀ) / |x| + b``, so no normalised copy of a large input chunk is made; a wide one (the
+    kernel machine's unit per labelled image, thousands of them) normalises the input and adds
+    the bias inside the matrix product, so no pass is made over the far larger output. Zero rows stay zero.
+    Same parameters (and state-dict keys) as :class:`torch.nn.Linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+        if self.out_features > self.in_features:
+            return nn.functional.linear(x / norms, self.weight, self.bias)
         return nn.functional.linear(x, self.weight) / norms + self.bias
 
 
@@ -187,7 +192,7 @@ def build_mlp(
     prev = input_dim
     for i, h in enumerate(hidden):
         linear = L2NormLinear(prev, h) if (i == 0 and l2_input) else nn.Linear(prev, h)
-        layers += [linear, nn.ReLU(), nn.Dropout(dropout)]
+        layers += [linear, nn.ReLU(inplace=True), nn.Dropout(dropout)]  # in place: one pass less
         prev = h
     layers.append(L2NormLinear(prev, 1) if (not hidden and l2_input) else nn.Linear(prev, 1))
     return nn.Sequential(*layers)
@@ -200,12 +205,14 @@ class TrainedClassifier:
     module: nn.Sequential
     meta: ClassifierMeta
 
-    def predict_proba(self, X: np.ndarray, *, batch: int = 262144) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, *, batch: int = 32768) -> np.ndarray:
         """P(positive) for every row of ``X`` as float32, computed in chunks of ``batch`` rows.
 
         ``X`` may be float16 or float32 (or a memmap of either); each chunk is converted to
-        float32 on the fly, so peak extra memory is one float32 chunk (``batch × dim × 4``
-        bytes: 1.3 GB for the default at 1280-d; pass a smaller ``batch`` to cap it).
+        float32 on the fly, so peak extra memory is one float32 chunk and its hidden layers
+        (``batch × (dim + widest layer) × 4`` bytes: 400 MB for the default with a kernel
+        machine of 2,000 units). Chunks this size are also faster than larger ones: what a
+        chunk allocates is reused while warm instead of being faulted in afresh.
         """
         X = np.asarray(X) if not isinstance(X, np.memmap) else X
         if X.ndim != 2 or X.shape[1] != self.meta.input_dim:
@@ -304,6 +311,15 @@ def sample_random_negatives(
     if k == 0:
         return np.empty(0, np.int64)
     return eligible[rng.choice(eligible.size, size=k, replace=False)]
+
+
+def mlp_random_rows(config: TrainConfig, n_pool: int, exclude: np.ndarray | None, first: int) -> np.ndarray:
+    """The first ``first`` random negatives :func:`train_classifier` draws with ``config`` on a
+    pool of ``n_pool`` rows without ``exclude`` — the ones a run reads when it has no more than
+    ``first`` random slots (epochs x steps x the batch's random share; 4,800 with the defaults
+    and up to ~1,000 labels)."""
+    rows = sample_random_negatives(np.random.default_rng(config.seed), n_pool, config.random_negatives, exclude)
+    return rows[:first]
 
 
 def _gather(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -490,7 +506,7 @@ def train_classifier(
         raise not_enough_labels("positive", concept)
 
     rng = np.random.default_rng(config.seed)
-    random_idx = sample_random_negatives(
+    random_idx = sample_random_negatives(  # what mlp_random_rows gives: keep the two in step
         rng, X_pool.shape[0], config.random_negatives, exclude_from_pool
     )
     if neg_idx.size == 0 and random_idx.size == 0:
@@ -611,11 +627,16 @@ def train_classifier(
 
 
 # ---- the labeled rows of a round ---------------------------------------------------------------
-def training_inputs(vectors: Any, model_id: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_inputs(vectors: Any, model_id: str, ids: Sequence[str],
+                    rows: Callable[[Any], Any] | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
     """``(X_pool, X_labeled, exclude)`` for :func:`train_classifier`: the train split's float16
     matrix, the labeled rows as float32 (train split first, then test, then any split), and
     the train rows of the labeled ids — the values ``matrix``/``vectors_for``/``index_of`` give,
-    without building a dict of the split."""
+    without building a dict of the split.
+
+    ``rows`` (with split caches): maps the train split's cache to what the train rows are read
+    through — a concept's :class:`~agile_pipeline.lib.working_set.RowSource` — which is then
+    also ``X_pool``."""
     from agile_pipeline.lib.split_cache import has_cache, split_cache
 
     if not has_cache(vectors):
@@ -624,10 +645,11 @@ def training_inputs(vectors: Any, model_id: str, ids: Sequence[str]) -> tuple[np
         X_lab = vectors.vectors_for(model_id, ids)
         return train_m.vectors, X_lab, np.array([index[i] for i in ids if i in index], np.int64)
     train = split_cache(vectors, model_id, "train")
+    source = rows(train) if rows is not None else train
     pos = train.positions(ids)
     X_lab = np.empty((len(ids), train.dim), np.float32)
     inside = pos >= 0
-    X_lab[inside] = train.rows_f32(pos[inside])
+    X_lab[inside] = source.rows_f32(pos[inside])
     if not inside.all():
         rest = np.flatnonzero(~inside)
         test = split_cache(vectors, model_id, "test")
@@ -636,4 +658,4 @@ def training_inputs(vectors: Any, model_id: str, ids: Sequence[str]) -> tuple[np
         X_lab[rest[found]] = test.rows_f32(tpos[found])
         if not found.all():
             X_lab[rest[~found]] = vectors.vectors_for(model_id, [ids[i] for i in rest[~found]])
-    return train.f16, X_lab, pos[inside]
+    return (source if rows is not None else train.f16), X_lab, pos[inside]

@@ -3,7 +3,7 @@ the split caches (plumbing encoder: these tests check the machinery, not semanti
 
 import numpy as np
 
-from agile_pipeline.defs.concepts import al_candidates
+from agile_pipeline.defs.concepts import al_candidates, classifier
 from agile_pipeline.defs.corpus import embedding_index
 from agile_pipeline.lib import candidate_pool
 from agile_pipeline.lib.loop import load_model, pending_items
@@ -38,6 +38,12 @@ def test_pooled_rounds_score_the_neighbours_of_every_label_and_pick_the_least_ce
         assert a["candidate_pool"] is True and a["candidates"] == 100
         # the previous round's sweep is scored with the pool (none before the first pooled round)
         assert (a["sweep_scored"] > 0) == (r > 0)
+        # what it scored was read from the working set the previous round wrote (none before),
+        # and it wrote the next round's
+        assert a["working_set_rows"] > 0 and a["working_set_misses"] == 0 if r > 0 else a["working_set_rows"] == 0
+        assert a["working_set_written"] >= a["pool_size"]
+        c = metadata_of(res, classifier)  # and so was every row the classifier trained on
+        assert c["working_set_hits"] > 0 and c["working_set_misses"] == 0 if r > 0 else c["working_set_hits"] == 0
         pool = candidate_pool.load(path)
         labeled = env.store.labeled_image_ids("pooled")
         # every labelled train image's k nearest train neighbours are in the pool
