@@ -656,6 +656,10 @@ def _one_round(b: Bench, *, baseline: bool = False) -> tuple[float, dict[str, An
     info = {"round": c.get("round"), "train_seconds": c.get("train_seconds"),
             "classifier_seconds": c.get("seconds_total"), "select_seconds": a.get("select_seconds"),
             "candidate_pool": bool(a.get("candidate_pool")), "pool_size": a.get("pool_size"),
+            "images_scored": a.get("images_scored"), "family": c.get("family"),
+            "working_set_misses": {"classifier": c.get("working_set_misses"),
+                                   "al_candidates": a.get("working_set_misses")},
+            "working_set_written": a.get("working_set_written"),
             "next_candidates": len(nxt), "steps": steps, "run_seconds": round(seconds, 3),
             "candidates_ready_seconds": round(ready - wall0, 3) if ready else None}
     info["timed_seconds"] = ready - wall0 if ready else seconds

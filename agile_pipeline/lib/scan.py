@@ -26,6 +26,7 @@ import numpy as np
 
 from agile_pipeline.lib.npy_io import iter_npy_rows, npy_header
 from agile_pipeline.lib.split_cache import SplitCache
+from agile_pipeline.lib.working_set import RowSource
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,10 @@ def score_approx(model: Any, cache: SplitCache, *, chunk: int = 1 << 14,
     return plan.score(0, len(cache), chunk=chunk, threads=threads)
 
 
-def exact_scores(model: Any, cache: SplitCache, rows: np.ndarray) -> np.ndarray:
+def exact_scores(model: Any, cache: SplitCache | RowSource, rows: np.ndarray) -> np.ndarray:
     """Float32 P(positive) of the given rows from the float16 matrix — what
-    :meth:`TrainedClassifier.predict_proba` gives for them on ``VectorStore.matrix``."""
+    :meth:`TrainedClassifier.predict_proba` gives for them on ``VectorStore.matrix`` (read
+    through a concept's working set when ``cache`` is its :class:`RowSource`)."""
     rows = np.asarray(rows, np.int64)
     if rows.size == 0:
         return np.empty(0, np.float32)

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from agile_pipeline.lib.candidate_pool import POOL_SWEEP
+from benchmarks import rounds
 from benchmarks.cli import run_bench
 
 REQUIRED = {"expansion_exact", "expansion_ann", "al_round", "train", "eval_set", "round_end_to_end",
@@ -17,7 +18,7 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     out = tmp_path / "out"
     lines: list[str] = []
     doc = run_bench([20_000], Path("out"), dim=32, repeats=1, workdir=Path("work"), plain_epochs=1,
-                    random_negatives=2_000, baseline_round_repeats=1, ray=True, log=lines.append)
+                    random_negatives=2_000, baseline_round_repeats=1, ray=True, log=lines.append, keep=True)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(doc["results"]))
     assert isinstance(on_disk["machine"], str) and on_disk["machine"]
@@ -70,4 +71,14 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     scan = rows["al_round_model_choice"]
     assert scan["family"] == choice["family"] and scan["rows_scored"] == rows["al_round"]["rows_scored"]
     assert any(line.startswith("round_end_to_end") for line in lines)
-    assert not (tmp_path / "work" / "corpus-20000-d32").exists()  # deleted without keep
+    assert (tmp_path / "work" / "corpus-20000-d32" / "dagster_home").is_dir()  # kept, as asked
+
+    # more rounds on the kept corpus (benchmarks.rounds): the last pooled round wrote the concept's
+    # working set, so the next one reads every row it trains on and scores from it
+    more = rounds.main(["--home", "work/corpus-20000-d32", "--rounds", "1", "--out", "rounds.json"])
+    assert json.loads(Path("rounds.json").read_text()) == json.loads(json.dumps(more, default=str))
+    (r,) = more
+    assert r["next_candidates"] == 100 and r["candidate_pool"] is True
+    assert r["working_set_misses"] == {"classifier": 0, "al_candidates": 0}
+    assert 0 < r["timed_seconds"] <= r["run_seconds"]
+    assert r["steps_from_submit"]["classifier"][0] < r["steps_from_submit"]["al_candidates"][0]
