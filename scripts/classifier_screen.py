@@ -23,6 +23,11 @@ neighbours, default 0.3; ``K`` how many, default 10):
   kNN graph of train ∪ test, rated train images clamped to their ratings;
 * ``+lknnAkK`` — mixed with the mean rating of the K most similar rated images only (what a
   model file could carry).
+A suffix ``>plAkKnNtT`` distils label propagation into a model file (what the product could
+ship): the candidate is trained, its train-split scores propagated over the train images' own
+kNN graph (``A``, ``K`` as above; rated rows clamped), and the candidate trained again with the
+up-to-``N`` unrated train images whose propagated score is at least ``T`` (defaults 0.5, 10, 50,
+0.5) added as positives, e.g. ``kernel0.7>pl0.5k10n50``.
 A prefix ``center:`` subtracts the train split's mean unit vector first, ``whiteS:`` also
 whitens with shrinkage S (``white0.1:linear``).
 """
@@ -135,6 +140,48 @@ def _smooth(spec: str, p_te: np.ndarray, predict: Any, X_tr: np.ndarray, X_te: n
     return f[len(X_tr):]
 
 
+_PSEUDO = re.compile(r"pl(?P<a>[0-9.]+)?(?:k(?P<k>[0-9]+))?(?:n(?P<n>[0-9]+))?(?:t(?P<t>[0-9.]+))?$")
+_TRAIN_GRAPHS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _train_graph(X_tr: np.ndarray, k: int) -> np.ndarray:
+    """The k nearest train images of every train image (most similar first; train only, so a
+    model distilled from it never saw the test split)."""
+    if (id(X_tr), k) in _TRAIN_GRAPHS:
+        return _TRAIN_GRAPHS[(id(X_tr), k)]
+    U = l2_rows(X_tr)
+    s = U @ U.T
+    np.fill_diagonal(s, -np.inf)
+    part = np.argpartition(-s, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1)
+    _TRAIN_GRAPHS[(id(X_tr), k)] = np.take_along_axis(part, order, axis=1)
+    return _TRAIN_GRAPHS[(id(X_tr), k)]
+
+
+def _pseudo_labels(spec: str, p_tr: np.ndarray, X_tr: np.ndarray, idx: np.ndarray,
+                   y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unlabelled train rows label propagation makes confidently positive: ``plAkKnNtT`` —
+    ten steps of ``f = (1-A)·p + A·mean f(K train neighbours)`` from the model's train scores,
+    rated rows clamped; the up-to-N unrated rows with f ≥ T (most confident first), counted as
+    rated positives."""
+    m = _PSEUDO.match(spec)
+    if not m:
+        raise SystemExit(f"unknown pseudo-labelling {spec!r}")
+    a, k = float(m["a"] or 0.5), int(m["k"] or 10)
+    n, t = int(m["n"] or 50), float(m["t"] or 0.5)
+    nb = _train_graph(X_tr, k)
+    p0 = p_tr.astype(np.float64).copy()
+    p0[idx] = y
+    f = p0.copy()
+    for _ in range(10):
+        f = (1 - a) * p0 + a * f[nb].mean(axis=1)
+        f[idx] = y
+    f[idx] = -1.0
+    order = np.argsort(-f)
+    chosen = order[: n][f[order[: n]] >= t]
+    return chosen, f[chosen]
+
+
 def _random_rows(n: int, idx: np.ndarray, seed: int) -> np.ndarray:
     """Up to 3,000 unlabelled train rows, the random negatives of the linear models."""
     rest = np.setdiff1d(np.arange(n), idx)
@@ -158,6 +205,14 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
         prefix, _, name = name.partition(":")
         mu, T = _whitening(X_tr, 0.0 if prefix == "center" else float(prefix[5:] or 0.1))
         X_tr, X_te = (l2_rows(X_tr) - mu) @ T, (l2_rows(X_te) - mu) @ T
+    if ">" in name:  # "kernel0.7>pl0.5k10n50": the base model, then refit with pseudo-positives
+        first, _, spec = name.partition(">")
+        p_tr = _score(first, X_tr, X_tr, idx, y, arch, seed, g)
+        extra, _ = _pseudo_labels(spec, p_tr, X_tr, idx, y)
+        if not len(extra):
+            return _score(first, X_tr, X_te, idx, y, arch, seed, g)
+        return _score(first, X_tr, X_te, np.concatenate([idx, extra]),
+                      np.concatenate([y, np.ones(len(extra), y.dtype)]), arch, seed, g)
     base, _, knn = name.partition("+")
     base, _, lr = base.partition("@")
     tc = TrainConfig(seed=seed, lr=float(lr) if lr else TrainConfig.lr)
