@@ -57,6 +57,12 @@ def _dagster_dry_run() -> None:
                    run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
 
 
+def _image_tower(agile: AgileResources) -> None:
+    from PIL import Image
+
+    agile.encoder.load().embed_images([Image.new("RGB", (32, 32), "white")])
+
+
 def _split_caches(agile: AgileResources) -> None:
     from agile_pipeline.lib.scan import prepare_scans
     from agile_pipeline.lib.split_cache import split_cache
@@ -110,6 +116,9 @@ def warm_up(agile: AgileResources | None = None) -> dict[str, float]:
         ("imports", _import_round_modules),
         ("dagster_execution", _dagster_dry_run),
         ("encoder_load", agile.encoder.load),
+        # the image network loads on the first image (phrase queries never need it): an
+        # exemplar upload is the app's first image
+        ("image_tower", lambda: _image_tower(agile)),
         # the text tower loads lazily on the first phrase: a concept's first images wait on it
         ("text_tower", lambda: agile.encoder.load().embed_texts(["a photo"])),
         ("split_caches", lambda: _split_caches(agile)),

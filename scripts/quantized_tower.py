@@ -169,8 +169,10 @@ def main() -> None:
         raise SystemExit(f"no demo corpus at {corpus}: run `agile demo-corpus` or pass --corpus")
     out(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, cpus {os.cpu_count()}")
     fp32 = load_encoder("bundled")
+    fp32.ensure_image_tower()
     start = time.perf_counter()
     int8 = load_encoder("bundled-int8")
+    int8.ensure_image_tower()  # calibrates now, or reads the disk cache
     out(f"int8 encoder loaded in {time.perf_counter() - start:.1f} s "
         f"({'calibrated now' if int8.calibrated else 'from the disk cache'}: {int8.cache_path})")
 

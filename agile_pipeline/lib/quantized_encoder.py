@@ -134,6 +134,7 @@ class QuantizedBundledEncoder(BundledEncoder):
 
     def pooled_features(self, batch: np.ndarray) -> np.ndarray:
         """Raw 1280-d pooled features from the int8 network (before centring), float32."""
+        self.ensure_image_tower()
         return self._run(batch)
 
 

@@ -42,6 +42,6 @@ def test_warm_up_reports_every_part_without_a_corpus(agile_home, caplog) -> None
         parts = warm_up()
     # the warm-up's own dry training is not the user's: it must not print warnings
     assert not [r for r in caplog.records if r.name.startswith("agile_pipeline.lib")], caplog.text
-    for key in ("imports", "dagster_execution", "encoder_load", "text_tower", "split_caches",
+    for key in ("imports", "dagster_execution", "encoder_load", "image_tower", "text_tower", "split_caches",
                 "torch_kernels", "mlflow_client", "seconds"):
         assert key in parts and parts[key] >= 0

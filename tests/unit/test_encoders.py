@@ -348,6 +348,37 @@ def test_bundled_encoder_loads_quietly() -> None:
     assert _run_in_fresh_process(code) == "(1, 1280) (1, 1280)"
 
 
+def test_imagenet_classes_are_timms() -> None:
+    """The class names and definitions the text tower bridges through, read from timm's files
+    without importing it, are what timm's own reader gives."""
+    from timm.data import ImageNetInfo
+
+    from agile_pipeline.lib.bundled_encoder import _imagenet_classes
+
+    info = ImageNetInfo()
+    lemmas, definitions = _imagenet_classes()
+    assert lemmas == tuple(info.index_to_description(i) for i in range(1000))
+    assert tuple(f"{lem}: {d}" for lem, d in zip(lemmas, definitions, strict=True)) == tuple(
+        info.index_to_description(i, detailed=True) for i in range(1000))
+
+
+@pytest.mark.slow
+def test_phrase_queries_leave_the_image_network_unloaded() -> None:
+    """``agile search`` and expansion embed phrases only: the image network (its weights and the
+    traced graph, about a second of a cold CLI call) loads on the first image, and the ConSE rows
+    the phrases were built from are that network's classifier rows, centred."""
+    code = (
+        "import numpy as np; from PIL import Image; "
+        "from agile_pipeline.lib.encoders import load_encoder; "
+        "e = load_encoder('bundled'); t = e.embed_texts(['a red car']); "
+        "print(e._tower_loaded); "
+        "e.embed_images([Image.new('RGB', (64, 64), (200, 30, 30))]); "
+        "w = e._classifier_w - e._classifier_w.mean(axis=0, keepdims=True); "
+        "print(e._tower_loaded, np.allclose(e._rows, w, rtol=0, atol=1e-6))"
+    )
+    assert _run_in_fresh_process(code).split("\n") == ["False", "True True"]
+
+
 @pytest.mark.slow
 def test_bundled_on_real_photos(bundled: ImageTextEncoder) -> None:
     """Photos shipped in installed packages: each query ranks its own photo first."""
