@@ -207,10 +207,10 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
         X_tr, X_te = (l2_rows(X_tr) - mu) @ T, (l2_rows(X_te) - mu) @ T
     if ">" in name:  # "kernel0.7>pl0.5k10n50": the base model, then refit with pseudo-positives
         first, _, spec = name.partition(">")
-        p_tr = _score(first, X_tr, X_tr, idx, y, arch, seed, g)
-        extra, _ = _pseudo_labels(spec, p_tr, X_tr, idx, y)
-        if not len(extra):
-            return _score(first, X_tr, X_te, idx, y, arch, seed, g)
+        p_both = _score(first, X_tr, np.concatenate([X_tr, X_te]), idx, y, arch, seed, g)
+        extra, _ = _pseudo_labels(spec, p_both[: len(X_tr)], X_tr, idx, y)
+        if not len(extra):  # nothing confident enough: the base model's own test scores
+            return p_both[len(X_tr):]
         return _score(first, X_tr, X_te, np.concatenate([idx, extra]),
                       np.concatenate([y, np.ones(len(extra), y.dtype)]), arch, seed, g)
     base, _, knn = name.partition("+")

@@ -113,11 +113,14 @@ class BundledEncoder(ImageTextEncoder):
     def _rows(self) -> np.ndarray:
         """The ImageNet classifier's rows (centred if ``center_rows``): ConSE's class vectors."""
         if self._text_rows is None:
-            rows = _classifier_tensors(_load_source_weights())[0]
-            if self.options["center_rows"]:
-                rows = rows - rows.mean(axis=0, keepdims=True)
-            self._text_rows = rows.astype(np.float32)
+            self._text_rows = self._conse_rows(_load_source_weights())
         return self._text_rows
+
+    def _conse_rows(self, source: dict[str, Any]) -> np.ndarray:
+        rows = _classifier_tensors(source)[0]
+        if self.options["center_rows"]:
+            rows = rows - rows.mean(axis=0, keepdims=True)
+        return rows.astype(np.float32)
 
     def _load_image_tower(self) -> None:
         import timm
@@ -154,6 +157,8 @@ class BundledEncoder(ImageTextEncoder):
         w, b = _classifier_tensors(source)
         if not (np.array_equal(w, self._classifier_w) and np.array_equal(b, self._classifier_b)):
             raise RuntimeError(f"{path}: the classifier rows ConSE reads are not the network's classifier")
+        if self._text_rows is None:  # the weights are read once, whichever tower comes first
+            self._text_rows = self._conse_rows(source)
 
     def _build_image_forward(self, model: Any) -> Any:
         """The callable :meth:`pooled_features` runs on ``model``: a frozen TorchScript graph.
