@@ -84,9 +84,11 @@ def live_server(app: Any) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = getattr(app.state, "settings", None) or UiSettings()
-    # served as `agile app` serves it (no client address taken from forwarded headers)
+    # served as `agile app` serves it (no client address taken from forwarded headers); without
+    # uvicorn's logging.config.dictConfig: run while an earlier app's warm-up thread logs through
+    # Dagster's handler, its module-lock/handler-lock order deadlocks (seen under load)
     server = uvicorn.Server(server_config(app, dataclasses.replace(settings, host="127.0.0.1"), port=port,
-                                          log_level="warning"))
+                                          log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
