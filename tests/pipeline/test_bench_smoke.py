@@ -82,3 +82,14 @@ def test_bench_writes_results_json(tmp_path, monkeypatch):
     assert r["working_set_misses"] == {"classifier": 0, "al_candidates": 0}
     assert 0 < r["timed_seconds"] <= r["run_seconds"]
     assert r["steps_from_submit"]["classifier"][0] < r["steps_from_submit"]["al_candidates"][0]
+
+
+def test_bench_deletes_its_corpus_unless_kept(tmp_path, monkeypatch):
+    """Without ``keep`` the synthetic corpus (up to ~45 GB at 10M) is gone after its size."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    doc = run_bench([20_000], Path("out"), dim=32, repeats=1, workdir=Path("work"), plain_epochs=0,
+                    random_negatives=500, ann=False, pool=False, baseline_round=False, log=lambda _: None)
+    assert {r["name"] for r in doc["results"]} >= {"corpus_write", "al_round"}
+    assert (tmp_path / "out" / "results.json").is_file()
+    assert (tmp_path / "work").is_dir() and not (tmp_path / "work" / "corpus-20000-d32").exists()
