@@ -21,6 +21,9 @@ neighbours, default 0.3; ``K`` how many, default 10):
   ones counted by their rating), e.g. ``linear+knn`` or ``linear+knn0.5k20``;
 * ``+lpAkK`` — label propagation: ten steps of ``f = (1-A)·p + A·mean f(K neighbours)`` over the
   kNN graph of train ∪ test, rated train images clamped to their ratings;
+* ``+ilpAkK`` — inductive label propagation (what the product could serve for any image): the
+  ten steps above over the train images' own kNN graph only, then each test image mixed with
+  its K nearest train images' propagated scores as in ``+knn``;
 * ``+lknnAkK`` — mixed with the mean rating of the K most similar rated images only (what a
   model file could carry).
 A suffix ``>plAkKnNtT`` distils label propagation into a model file (what the product could
@@ -59,7 +62,7 @@ def _record_label_sets(data: Any, names: list[str], seed: int) -> dict[tuple[str
     original = simulate._fit_round
     counter: dict[str, int] = defaultdict(int)
 
-    def spy(X_train, idx, y, arch_round, cfg, concept, text, neg_text):  # type: ignore[no-untyped-def]
+    def spy(X_train, idx, y, arch_round, cfg, concept, text, neg_text, X_test=None):  # type: ignore[no-untyped-def]
         seen[(concept, counter[concept])] = np.array(idx)
         counter[concept] += 1
         return original(X_train, idx, y, arch_round, cfg, concept, text, neg_text)
@@ -90,7 +93,7 @@ def _whitening(X_tr: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]
     return mu.astype(np.float32), (T / np.sqrt(np.mean(np.diag(T)))).astype(np.float32)
 
 
-_SMOOTH = re.compile(r"(?P<kind>knn|lp|lknn)(?P<a>[0-9.]+)?(?:k(?P<k>[0-9]+))?$")
+_SMOOTH = re.compile(r"(?P<kind>knn|ilp|lp|lknn)(?P<a>[0-9.]+)?(?:k(?P<k>[0-9]+))?$")
 
 
 @dataclass
@@ -129,15 +132,24 @@ def _smooth(spec: str, p_te: np.ndarray, predict: Any, X_tr: np.ndarray, X_te: n
         kk = min(k, len(idx))
         nb = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         return (1 - a) * p_te + a * np.asarray(y, np.float64)[nb].mean(axis=1)
+    if kind == "ilp":  # propagate over the train split's own graph, then mix as knn does
+        f_tr = _propagate(predict(X_tr).astype(np.float64), _train_graph(X_tr, k), idx, y, a)
+        return _knn_smooth(p_te, f_tr, g.te_tr[:, :k], a)
     # lp: label propagation over the kNN graph of train ∪ test, rated train images clamped
     p0 = np.concatenate([predict(X_tr), p_te]).astype(np.float64)
+    return _propagate(p0, g.all_all[:, :k], idx, y, a)[len(X_tr):]
+
+
+def _propagate(p0: np.ndarray, nb: np.ndarray, idx: np.ndarray, y: np.ndarray, a: float,
+               steps: int = 10) -> np.ndarray:
+    """Ten steps of ``f = (1-a)·p0 + a·mean f(neighbours)``, rows ``idx`` clamped to ``y``."""
+    p0 = p0.copy()
     p0[idx] = y
     f = p0.copy()
-    nb = g.all_all[:, :k]
-    for _ in range(10):
+    for _ in range(steps):
         f = (1 - a) * p0 + a * f[nb].mean(axis=1)
         f[idx] = y
-    return f[len(X_tr):]
+    return f
 
 
 _PSEUDO = re.compile(r"pl(?P<a>[0-9.]+)?(?:k(?P<k>[0-9]+))?(?:n(?P<n>[0-9]+))?(?:t(?P<t>[0-9.]+))?$")
@@ -169,13 +181,7 @@ def _pseudo_labels(spec: str, p_tr: np.ndarray, X_tr: np.ndarray, idx: np.ndarra
         raise SystemExit(f"unknown pseudo-labelling {spec!r}")
     a, k = float(m["a"] or 0.5), int(m["k"] or 10)
     n, t = int(m["n"] or 50), float(m["t"] or 0.5)
-    nb = _train_graph(X_tr, k)
-    p0 = p_tr.astype(np.float64).copy()
-    p0[idx] = y
-    f = p0.copy()
-    for _ in range(10):
-        f = (1 - a) * p0 + a * f[nb].mean(axis=1)
-        f[idx] = y
+    f = _propagate(p_tr.astype(np.float64), _train_graph(X_tr, k), idx, y, a)
     f[idx] = -1.0
     order = np.argsort(-f)
     chosen = order[: n][f[order[: n]] >= t]

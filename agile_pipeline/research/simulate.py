@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from agile_pipeline import settings
+from agile_pipeline.lib import propagation
 from agile_pipeline.lib.candidate_pool import POOL_RANDOM, POOL_SWEEP, rows_to_score
 from agile_pipeline.lib.evalset import stratified_eval_set, zero_shot_calibration, zero_shot_to_unit
 from agile_pipeline.lib.labeled_dataset import SimData, load_dataset
@@ -102,7 +103,10 @@ FEW_SHOT_VARIANTS: dict[str, str] = {
     "mlp-pseudo": "the paper's MLP with the phrase vectors added as labeled points",
     "prior-decay": "the paper's MLP blended with the zero-shot prior, β = c / n_pos",
     "auto": "the product's default (AGILE_MODEL_FAMILY=auto): the kernel machine on the rated images or "
-            "the MLP, by the near-duplicate agreement of the labels",
+            "the MLP, by the near-duplicate agreement of the labels; lp_alpha=A,lp_k=K scores the test "
+            "split by label propagation over the kNN graph of train ∪ test (lp_family=kernel: kernel "
+            "rounds only; lp_select=0: batches chosen on the model's own scores — the product's corpus "
+            "scores), knn_alpha=A,knn_k=K mixes in the K nearest train images' scores",
     "cv": "AGILE_MODEL_FAMILY=cv: MLP, ridge LR or their ensemble by k-fold AUC-PR on the labels "
           "(candidates=... for other families, e.g. candidates=kernel for one family)",
     "ensemble": "the mean logit of the paper's MLP and ridge LR, every round",
@@ -159,6 +163,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
     text = data.text_vectors[concept]
     X_train, X_test = data.X_train, data.X_test
     test_index = {k: i for i, k in enumerate(data.test_ids)}
+    test_nodes = len(X_train) + np.arange(len(X_test))  # the test rows in a train ∪ test graph
     zs_test = X_test @ text[0]
     zs_train = X_train @ text[0]
     zs_pr, zs_roc = _auc(y_test, zs_test)
@@ -190,7 +195,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
 
     def fit(rows: np.ndarray, plan: RoundPlan) -> _RoundModel:
         return _fit_round(X_train, rows, y_train[rows], book.architecture(plan, rows), cfg,
-                          concept, text, neg_text)
+                          concept, text, neg_text, X_test)
 
     in_pool = np.zeros(len(data.train_ids), dtype=bool)
     expanded = np.zeros(len(data.train_ids), dtype=bool)
@@ -241,7 +246,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                 book.trained(plan, idx, model)
             entry["train_s"] = round(time.perf_counter() - t0, 3)
             entry["model_kind"] = model.kind
-            p_test = model.predict(X_test, zs_unit)
+            p_test = model.predict(X_test, zs_unit, test_nodes)
             entry["auc_pr"], entry["auc_roc"] = _auc(y_test, p_test)
             eval_scores[f"round-{r}"] = p_test
             es = stratified_eval_set(data.test_ids, eval_scores, key=settings.EVAL_KEY,
@@ -282,7 +287,7 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                                              cfg.pool_random, np.random.default_rng(cfg.seed * 1009 + r))
                 entry.update(pool_size=int(in_pool.sum()), scored=int(rows.size), random_scored=n_rand,
                              sweep_scored=int(eligible[swept].sum()))
-            p_rows = selector.predict(X_train[rows], zs_train_unit[rows])
+            p_rows = selector.predict(X_train[rows], zs_train_unit[rows], rows, selecting=True)
             sub_eligible = eligible[rows]
             if cfg.strategy == "margin-positive":
                 pick = select_margin_positive(p_rows, cfg.batch, eligible=sub_eligible)
@@ -295,7 +300,8 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
             if cfg.pool_k > 0 and cfg.pool_sweep > 0:  # after the commit: the whole split, this model
                 rest = eligible.copy()
                 rest[nxt] = False
-                swept = select_margin(selector.predict(X_train, zs_train_unit), cfg.pool_sweep, eligible=rest)
+                swept = select_margin(selector.predict(X_train, zs_train_unit, np.arange(len(X_train)),
+                                                       selecting=True), cfg.pool_sweep, eligible=rest)
         else:  # no positive yet: widen the expansion to the next-nearest images per phrase
             widen += 1
             cand = []
@@ -386,8 +392,20 @@ class _RoundModel:
     beta: float = 0.0
     smoothing: "_KnnSmoothing | None" = None
 
-    def predict(self, X: np.ndarray, zs_unit: np.ndarray) -> np.ndarray:
-        p = self.scorer.predict_proba(X)
+    propagation: "_LabelPropagation | None" = None
+
+    def predict(self, X: np.ndarray, zs_unit: np.ndarray, nodes: np.ndarray | None = None, *,
+                selecting: bool = False) -> np.ndarray:
+        """Scores of the rows ``X``; ``nodes``: their rows in the graph of train ∪ test (train
+        rows first), which transductive label propagation reads its scores from (when
+        ``selecting`` a batch, only if the propagation is set to select too)."""
+        use = self.propagation is not None and not (selecting and not self.propagation.selects)
+        if use:
+            if nodes is None:
+                raise ValueError("label propagation scores graph nodes: pass nodes")
+            p = self.propagation.scores(self.scorer)[nodes].astype(np.float32)
+        else:
+            p = self.scorer.predict_proba(X)
         if self.smoothing is not None:
             p = self.smoothing.apply(X, p, self.scorer)
         return few_shot.blend_logits(p, zs_unit, self.beta) if self.beta else p
@@ -420,9 +438,42 @@ class _KnnSmoothing:
         return ((1 - self.alpha) * p + self.alpha * self._p_train[nb].mean(axis=1)).astype(np.float32)
 
 
+_GRAPHS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def corpus_graph(X_train: np.ndarray, X_test: np.ndarray, k: int) -> np.ndarray:
+    """:func:`~agile_pipeline.lib.propagation.knn_graph` of train ∪ test (rows: train then
+    test), computed once per process and split pair."""
+    key = (id(X_train), id(X_test), k)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = propagation.knn_graph(np.concatenate([X_train, X_test]), k)
+    return _GRAPHS[key]
+
+
+@dataclass
+class _LabelPropagation:
+    """Transductive label propagation of a model's scores over the kNN graph of train ∪ test
+    (:mod:`agile_pipeline.lib.propagation`, the rated train rows held at their ratings):
+    scores only the images in the graph (the corpus)."""
+
+    X_all: np.ndarray  # train rows then test rows
+    graph: np.ndarray
+    labeled: np.ndarray
+    y: np.ndarray
+    alpha: float
+    selects: bool = True  # False: batches are chosen on the model's own scores
+    _f: np.ndarray | None = None
+
+    def scores(self, scorer: Any) -> np.ndarray:
+        if self._f is None:
+            self._f = propagation.propagate(scorer.predict_proba(self.X_all), self.graph, self.labeled,
+                                            self.y, alpha=self.alpha)
+        return self._f
+
+
 def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: int,
                cfg: SimConfig, concept: str, text: np.ndarray,
-               neg_text: np.ndarray | None) -> _RoundModel:
+               neg_text: np.ndarray | None, X_test: np.ndarray | None = None) -> _RoundModel:
     """Train a round's model on the labeled rows ``idx`` of ``X_train`` per ``cfg.few_shot``;
     ``arch_round`` is :func:`architecture_round`'s answer (0: the recipe's first model)."""
     from dataclasses import replace
@@ -458,7 +509,19 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
         if float(args.get("knn_alpha", 0)) > 0:
             smooth = _KnnSmoothing(X_train, idx, y.astype(np.float64), float(args["knn_alpha"]),
                                    int(args.get("knn_k", 10)), bool(int(args.get("knn_labels", 1))))
-        return _RoundModel(str(m.meta.config["family"]), m, smoothing=smooth)
+        prop = None
+        lp_families = args.get("lp_family", ())
+        lp_families = (lp_families,) if isinstance(lp_families, str) else tuple(lp_families)
+        if float(args.get("lp_alpha", 0)) > 0 and (not lp_families or m.meta.config["family"] in lp_families):
+            assert X_test is not None
+            k = int(args.get("lp_k", 10))
+            graph = corpus_graph(X_train, X_test, k)
+            # lp_rule=graph: only where the graph's rated neighbours agree (the product's rule)
+            if args.get("lp_rule") != "graph" or propagation.should_propagate(
+                    propagation.neighbour_agreement(graph, idx, y)[0]):
+                prop = _LabelPropagation(np.concatenate([X_train, X_test]), graph, idx, y.astype(np.float64),
+                                         float(args["lp_alpha"]), selects=bool(int(args.get("lp_select", 1))))
+        return _RoundModel(str(m.meta.config["family"]), m, smoothing=smooth, propagation=prop)
     X_lab, y_lab = X_train[idx], y
     if variant == "mlp-pseudo":
         Xp, yp = few_shot.phrase_pseudo_labels(text, neg_text, X_train.shape[1])

@@ -203,3 +203,37 @@ def test_simulated_pool_scores_the_previous_selectors_sweep() -> None:
     assert all(e["scored"] <= e["pool_size"] + e["sweep_scored"] + e["random_scored"] for e in pooled)
     off = run_concept(data, "planted", replace(base, pool_sweep=0))
     assert all(e["sweep_scored"] == 0 for e in off["rounds"] if "pool_size" in e)
+
+
+def test_label_propagation_clamps_the_ratings_and_lifts_the_planted_concept() -> None:
+    from agile_pipeline.research.simulate import SimConfig, run_concept
+
+    data = _sim_data()
+    base = SimConfig(rounds=2, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5, few_shot="auto")
+    plain = run_concept(data, "planted", base)
+    lp = run_concept(data, "planted", replace(base, few_shot_args={"lp_alpha": 0.5, "lp_k": 10}))
+    assert lp["model_trained"]
+    # the same first model, its test scores mixed with their neighbours': a different ranking
+    assert [e["auc_pr"] for e in lp["rounds"]] != [e["auc_pr"] for e in plain["rounds"]]
+    assert all(0 <= e["auc_pr"] <= 1 for e in lp["rounds"])
+
+
+def test_label_propagation_scores_graph_nodes_with_ratings_clamped() -> None:
+    from agile_pipeline.research.simulate import _LabelPropagation, corpus_graph
+
+    data = _sim_data()
+    X_all = np.concatenate([data.X_train, data.X_test])
+    rated = np.array([0, 1, 2])
+
+    class Constant:  # a model that scores every image 0.5
+        def predict_proba(self, X: np.ndarray) -> np.ndarray:
+            return np.full(len(X), 0.5)
+
+    lp = _LabelPropagation(X_all, corpus_graph(data.X_train, data.X_test, 10), rated,
+                           np.array([1.0, 0.0, 1.0]), alpha=0.5)
+    f = lp.scores(Constant())
+    np.testing.assert_array_equal(f[rated], [1.0, 0.0, 1.0])
+    nb = corpus_graph(data.X_train, data.X_test, 10)
+    near_pos = np.flatnonzero((nb == 0).any(axis=1) & ~np.isin(np.arange(len(f)), rated))
+    assert near_pos.size and (f[near_pos] > 0.5).any()  # a rated positive lifts its neighbours
+    assert lp.scores(Constant()) is f  # propagated once per model
