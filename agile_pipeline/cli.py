@@ -748,9 +748,15 @@ def _print_metrics(name: str) -> None:
         typer.echo("metrics: no eval labels yet")
         return
     typer.echo(f"metrics on {report['n_eval_labels']} eval labels (plot: {path.with_suffix('.png')}):")
-    typer.echo("model\tlabels\tAUC-PR\tAUC-ROC\tF1\taccuracy")
+    corpus = any("auc_pr_corpus" in r for r in report["models"])
+    typer.echo("model\tlabels\tAUC-PR\tAUC-ROC\tF1\taccuracy" + ("\tAUC-PR (corpus scores)" if corpus else ""))
     for r in report["models"]:
-        typer.echo(f"{r['model']}\t{r['n_labels']}\t{r['auc_pr']:.3f}\t{r['auc_roc']:.3f}\t{r['f1']:.3f}\t{r['accuracy']:.3f}")
+        extra = f"\t{r.get('auc_pr_corpus', r['auc_pr']):.3f}" if corpus else ""
+        typer.echo(f"{r['model']}\t{r['n_labels']}\t{r['auc_pr']:.3f}\t{r['auc_roc']:.3f}\t{r['f1']:.3f}\t{r['accuracy']:.3f}"
+                   + extra)
+    if corpus:
+        typer.echo("AUC-PR (corpus scores): the scores of this corpus's own images (propagated over the "
+                   "corpus's kNN graph where its rated neighbours agree; elsewhere the model file's)")
 
 
 @app.command()

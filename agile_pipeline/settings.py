@@ -213,6 +213,23 @@ def candidate_pool_mode() -> str:
     return os.environ.get("AGILE_CANDIDATE_POOL", "auto").strip().lower() or "auto"
 
 
+PROPAGATION_MAX_IMAGES = 50_000
+"""``AGILE_PROPAGATION=auto``: corpus scores by label propagation (:mod:`agile_pipeline.lib.corpus_scores`)
+up to this many embedded images. Its graph is exact (every image against every other, once per
+table version): BENCHMARKS.md, "Corpus scores", measures its build time."""
+
+
+def propagation_mode() -> str:
+    """``AGILE_PROPAGATION``: ``auto`` (default: the corpus's own images are scored by label
+    propagation over its kNN graph, where the graph's rated neighbours agree, up to
+    :data:`PROPAGATION_MAX_IMAGES` images), ``on`` (at any size) or ``off`` (the model file's
+    scores everywhere)."""
+    value = os.environ.get("AGILE_PROPAGATION", "auto").strip().lower() or "auto"
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"AGILE_PROPAGATION={value!r}: use auto, on or off")
+    return value
+
+
 MODEL_FAMILIES = ("auto", "cv", "paper", "mlp", "linear", "ensemble", "kernel", "mlp+kernel")
 
 

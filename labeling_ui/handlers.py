@@ -425,13 +425,25 @@ def _fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "—"
 
 
-def _auc_cell(row: dict | None) -> str:
-    """``0.81 (0.72–0.88)``: a model's AUC-PR on the eval ratings and its bootstrap interval."""
-    if not row or row.get("auc_pr") != row.get("auc_pr"):
+def _auc_cell(row: dict | None, key: str = "auc_pr") -> str:
+    """``0.81 (0.72–0.88)``: a model's AUC-PR (``key``: of the model file, or ``auc_pr_corpus``
+    of its corpus scores) on the eval ratings and its bootstrap interval."""
+    value = (row or {}).get(key)
+    if value is None or value != value:
         return "—"
-    lo, hi = row.get("auc_pr_lo"), row.get("auc_pr_hi")
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")  # type: ignore[union-attr]
     band = f' <span class="am-muted">({lo:.2f}–{hi:.2f})</span>' if lo == lo and hi == hi and lo is not None else ""
-    return f"{row['auc_pr']:.2f}{band}"
+    return f"{value:.2f}{band}"
+
+
+def _corpus_auc_cell(row: dict | None) -> str:
+    """The collection's AUC-PR; for a model whose collection scores are its own (not propagated:
+    the collection's neighbours disagreed on the ratings), says so instead of repeating it."""
+    if row and "auc_pr_corpus" not in row and row.get("auc_pr") == row.get("auc_pr"):
+        return ('<span class="am-muted" title="not propagated: in your collection, the nearest rated '
+                'neighbours of the rated positives are too often negatives, so its scores there are '
+                'the model file\'s">= model file</span>')
+    return _auc_cell(row, "auc_pr_corpus")
 
 
 FAMILY_NAMES = {"mlp": "MLP", "linear": "logistic regression", "ensemble": "MLP + logistic regression",
@@ -469,9 +481,16 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
         report, _mtime = service.export.metrics_report(concept)
         scored = {m["model"]: m for m in (report or {}).get("models", [])} if (report or {}).get(
             "n_eval_labels") else {}
+        corpus = any("auc_pr_corpus" in m for m in scored.values())
+        corpus_head = ('<th title="the scores this collection\'s own images get: the model\'s scores '
+                       'spread over each image\'s nearest neighbours in the collection, your training '
+                       'ratings held (label propagation); what the predictions table holds">AUC-PR, '
+                       'your collection</th>') if corpus else ""
         parts.append('<table class="am-table"><thead><tr><th>Model</th><th>Trained on</th>'
-                     '<th title="on every evaluation rating so far; in brackets a 90% bootstrap '
-                     'interval">AUC-PR</th><th title="which classifier the round trained, chosen by '
+                     '<th title="the model file on its own (what it gives a new image), on every '
+                     'evaluation rating so far; in brackets a 90% bootstrap interval">AUC-PR'
+                     + (', model file' if corpus else '') + '</th>' + corpus_head
+                     + '<th title="which classifier the round trained, chosen by '
                      'cross-validation on your ratings">Kind</th><th>MLflow version</th><th>Training time</th>'
                      '<th>Finished</th><th>Download</th></tr></thead><tbody>')
         for r in reversed(rows):
@@ -485,7 +504,8 @@ def model_panel(service: LabelingService, concept: str | None, *, role: str = "o
             parts.append(
                 f"<tr><td>Model {r['round'] + 1}{note}</td><td>{r['positive']} yes / {r['negative']} no</td>"
                 f"<td>{_auc_cell(scored.get(model_key))}</td>"
-                f"<td>{_family_cell(r)}</td>"
+                + (f'<td data-slot="auc-corpus">{_corpus_auc_cell(scored.get(model_key))}</td>' if corpus else "")
+                + f"<td>{_family_cell(r)}</td>"
                 f"<td>{esc(str(r['model_version'] or '—'))}</td>"
                 f"<td>{(r['train_seconds'] or 0):.1f} s</td><td>{_fmt_time(r['finished_at'])}</td>"
                 f'<td>{download}</td></tr>'

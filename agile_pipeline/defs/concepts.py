@@ -358,9 +358,10 @@ def model_metrics(
         env, context.partition_key, zero_shot_threshold=config.zero_shot_threshold,
     ))
     table = "\n".join(
-        ["| model | labels | AUC-PR | AUC-ROC | F1 | accuracy |", "|---|---|---|---|---|---|"]
-        + [f"| {r['model']} | {r['n_labels']} | {r['auc_pr']:.3f} | {r['auc_roc']:.3f} | "
-           f"{r['f1']:.3f} | {r['accuracy']:.3f} |" for r in report["models"]]
+        ["| model | labels | AUC-PR | AUC-PR (corpus scores) | AUC-ROC | F1 | accuracy |",
+         "|---|---|---|---|---|---|---|"]
+        + [f"| {r['model']} | {r['n_labels']} | {r['auc_pr']:.3f} | {r.get('auc_pr_corpus', float('nan')):.3f} | "
+           f"{r['auc_roc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in report["models"]]
     )
     png = open(report["plot"], "rb").read()
     import base64
@@ -371,10 +372,12 @@ def model_metrics(
     models = [r for r in report["models"] if r["model"] != "zero-shot"]
     latest = max(models, key=lambda r: r["round"]) if models else None
     zero = next((r for r in report["models"] if r["model"] == "zero-shot"), None)
-    for prefix, row in (("", latest), ("zero_shot_", zero)):
-        for key in ("auc_pr", "auc_roc", "f1", "accuracy"):
-            if row is not None and row[key] == row[key]:  # not NaN: no eval ratings yet
-                numbers[prefix + key] = dg.MetadataValue.float(float(row[key]))
+    for prefix, row, keys in (("", latest, ("auc_pr", "auc_roc", "f1", "accuracy", "auc_pr_corpus")),
+                              ("zero_shot_", zero, ("auc_pr", "auc_roc", "f1", "accuracy"))):
+        for key in keys:
+            value = float("nan") if row is None else float(row.get(key, float("nan")))
+            if value == value:  # not NaN: no eval ratings yet, or no corpus scores
+                numbers[prefix + key] = dg.MetadataValue.float(value)
     if latest is not None:
         numbers["model_round"] = dg.MetadataValue.int(int(latest["round"]))
         numbers["training_labels"] = dg.MetadataValue.int(int(latest["n_labels"]))
@@ -401,8 +404,12 @@ def model_metrics(
     description=(
         "The champion classifier applied to every embedded image of the corpus: "
         "$AGILE_HOME/predictions/<concept storage key>.parquet (image_id, split, path, probability, "
-        "is_concept, model_version), DuckDB-queryable. Rescored when the champion changes, "
-        "extended with only the new images after a corpus refresh."
+        "is_concept, model_version, model_probability, propagated), DuckDB-queryable. `probability` "
+        "is the corpus score: on corpora up to AGILE_PROPAGATION's size, the champion's scores "
+        "propagated over the corpus's kNN graph with its training ratings held, where the graph's "
+        "rated neighbours agree on the ratings (`neighbour_agreement`); "
+        "`model_probability` is the model file's own answer. Rescored when the champion changes; "
+        "after a corpus refresh, extended with the new images (all rescored when propagated)."
     ),
 )
 def concept_predictions(
@@ -411,6 +418,11 @@ def concept_predictions(
 ) -> dg.MaterializeResult:
     from pathlib import Path
 
+    from agile_pipeline.lib.corpus_scores import (
+        RoundCorpusScores,
+        corpus_graph,
+        round_corpus_scores,
+    )
     from agile_pipeline.lib.predictions import predictions_path, score_corpus
     from agile_pipeline.lib.tracking import version_for_alias
     from agile_pipeline.lib.training import TrainedClassifier
@@ -422,9 +434,17 @@ def concept_predictions(
     row = next((r for r in env.store.rounds(concept) if version and r["model_version"] == version), None)
     if row is None:
         return dg.MaterializeResult(metadata={"status": "no registered champion yet: nothing scored"})
-    res = score_corpus(store=env.store, vectors=env.vectors, model_id=env.model_id,
-                       model=TrainedClassifier.load(Path(row["model_uri"])), model_version=version,
-                       out=predictions_path(env.paths.home, env.concept_dir(concept).name))
+    model = TrainedClassifier.load(Path(row["model_uri"]))
+    graph = corpus_graph(env.vectors, env.model_id)
+
+    def scores() -> RoundCorpusScores:
+        assert graph is not None
+        return round_corpus_scores(env, concept, model, int(row["label_cutoff"]), graph)
+
+    res = score_corpus(
+        store=env.store, vectors=env.vectors, model_id=env.model_id, model=model, model_version=version,
+        out=predictions_path(env.paths.home, env.concept_dir(concept).name),
+        corpus_scores=None if graph is None else scores)
     top = "\n".join(["| image | P(concept) |", "|---|---|"]
                     + [f"| {name} | {p:.3f} |" for name, p in res.top])
     return dg.MaterializeResult(metadata={
@@ -432,6 +452,9 @@ def concept_predictions(
         "rows": dg.MetadataValue.int(res.rows),
         "scored_now": dg.MetadataValue.int(res.scored_now),
         "rescored_all": res.rescored_all,
+        "propagated": res.propagated,
+        **({"neighbour_agreement": dg.MetadataValue.float(float(res.agreement))}
+           if res.agreement is not None else {}),
         "champion_version": dg.MetadataValue.int(int(version)),
         "champion_round": dg.MetadataValue.int(int(row["round"])),
         "top_images": dg.MetadataValue.md(top),

@@ -139,6 +139,7 @@ def evaluate(
     y = np.array([labels[i] for i in rated], dtype=np.int64)
     rows: list[dict[str, Any]] = []
     rounds = {f"round-{r['round']}": r for r in env.store.rounds(c.name)}
+    corpus = corpus_test_scores(env, c.name, rated, list(rounds.values()), rule=rule) if rated else {}
     for name, s in rated_scores.items():
         sel = s if rated else np.zeros(0, np.float32)
         thr = zero_shot_threshold if name == ZERO_SHOT else 0.5
@@ -156,6 +157,11 @@ def evaluate(
             lo, hi = bootstrap_auc_pr(y, sel)
             row.update(auc_pr=m.auc_pr, auc_roc=m.auc_roc, f1=m.f1, accuracy=m.accuracy,
                        auc_pr_lo=lo, auc_pr_hi=hi)
+        if name in corpus:  # the same ratings against the corpus scores (label propagation)
+            m = compute_metrics(y, corpus[name], threshold=thr)
+            lo, hi = bootstrap_auc_pr(y, corpus[name])
+            row.update(auc_pr_corpus=m.auc_pr, auc_roc_corpus=m.auc_roc,
+                       auc_pr_corpus_lo=lo, auc_pr_corpus_hi=hi)
         rows.append(row)
     report = {"concept": c.name, "n_eval_labels": len(rated), "models": rows}
     out_dir = env.concept_dir(c.name)
@@ -169,12 +175,36 @@ def evaluate(
             r = rounds.get(row["model"])
             if r and r.get("mlflow_run_id"):
                 log_metrics(env.paths.mlflow_uri(), r["mlflow_run_id"], {
-                    f"eval_{k}": float(row[k]) for k in ("auc_pr", "auc_roc", "f1", "accuracy")
+                    f"eval_{k}": float(row[k]) for k in ("auc_pr", "auc_roc", "f1", "accuracy",
+                                                         "auc_pr_corpus", "auc_roc_corpus") if k in row
                 } | {"eval_n": float(row["n_eval"])}, step=int(r["round"]))
         last = rounds[max(rounds, key=lambda k: rounds[k]["round"])] if rounds else None
         if last and last.get("mlflow_run_id"):
             log_artifact(env.paths.mlflow_uri(), last["mlflow_run_id"], plot, "evaluation")
     return report
+
+
+def corpus_test_scores(env: Any, concept: str, rated: Sequence[str], rounds: Sequence[dict[str, Any]], *,
+                       rule: LabelRule = LabelRule()) -> dict[str, np.ndarray]:
+    """``{"round-N": corpus scores of the rated test images}`` for every round whose corpus
+    scores are propagated (:func:`~agile_pipeline.lib.corpus_scores.corpus_scores`; ``{}`` where
+    the corpus has no graph, :func:`~agile_pipeline.lib.corpus_scores.corpus_graph`)."""
+    from agile_pipeline.lib.corpus_scores import corpus_graph, round_corpus_scores
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    g = corpus_graph(env.vectors, env.model_id)
+    if g is None:
+        return {}
+    rows = g.test.positions(list(rated))
+    if (rows < 0).any():  # a rated image left the table since: no like-for-like figure
+        return {}
+    out = {}
+    for r in rounds:
+        model = TrainedClassifier.load(Path(r["model_uri"]))
+        got = round_corpus_scores(env, concept, model, int(r["label_cutoff"]), g, rule=rule)
+        if got.propagated:
+            out[f"round-{r['round']}"] = got.corpus[g.n_train + rows]
+    return out
 
 
 def plot_auc_pr(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
@@ -196,6 +226,10 @@ def plot_auc_pr(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path:
         if bars:
             bx, by, blo, bhi = (list(t) for t in zip(*bars, strict=True))
             ax.errorbar(bx, by, yerr=[blo, bhi], fmt="none", ecolor="#1f77b4", alpha=0.5, capsize=3)
+    corpus = [(r["n_labels"], r["auc_pr_corpus"]) for r in models if "auc_pr_corpus" in r]
+    if corpus:
+        ax.plot(*zip(*corpus, strict=True), "s--", color="#2ca02c",
+                label="corpus scores (propagated over the corpus)")
     zs = next((r["auc_pr"] for r in rows if r["model"] == ZERO_SHOT), float("nan"))
     if zs == zs:
         ax.axhline(zs, color="#d62728", linestyle="--", label=f"zero-shot ({zs:.2f})")

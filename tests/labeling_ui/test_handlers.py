@@ -143,3 +143,29 @@ def test_the_kind_column_names_the_family_and_says_why_it_was_chosen() -> None:
                                                  "cv_auc_pr": {"mlp": 0.5, "linear": 0.6, "ensemble": 0.7}}}
     cell = handlers._family_cell(cv)
     assert "4-fold cross-validation" in cell and "MLP + logistic regression 0.700" in cell
+
+
+@pytest.mark.parametrize("corpus", [True, False])
+def test_the_model_tab_shows_the_collections_figure_beside_the_model_files(world: World, corpus: bool) -> None:
+    """With corpus scores (label propagation) the Model tab has a second AUC-PR column, named
+    for what it measures; without them, one column as before."""
+    from labeling_ui.export import concept_dir_name
+
+    _create(world)
+    c = "red things"
+    world.store.record_round(c, 0, label_cutoff=0, model_uri="/nowhere/round-000", model_version="1",
+                             mlflow_run_id=None, n_pos=3, n_neg=97, train_seconds=0.5)
+    world.store.record_round(c, 1, label_cutoff=0, model_uri="/nowhere/round-001", model_version="2",
+                             mlflow_run_id=None, n_pos=3, n_neg=97, train_seconds=0.5)
+    row = {"model": "round-0", "auc_pr": 0.41, "auc_pr_lo": 0.3, "auc_pr_hi": 0.5}
+    if corpus:  # round 0 a kernel machine (propagated), round 1 an MLP (its own scores)
+        row |= {"auc_pr_corpus": 0.63, "auc_pr_corpus_lo": 0.55, "auc_pr_corpus_hi": 0.71}
+    mlp = {"model": "round-1", "auc_pr": 0.45, "auc_pr_lo": 0.3, "auc_pr_hi": 0.5}
+    d = world.home / "concepts" / concept_dir_name(c)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.json").write_text(json.dumps({"concept": c, "n_eval_labels": 40, "models": [row, mlp]}))
+    panel = handlers.model_panel(world.service, c)
+    assert "0.41" in panel and "0.45" in panel
+    assert ("AUC-PR, your collection" in panel) is corpus and ("AUC-PR, model file" in panel) is corpus
+    assert ('data-slot="auc-corpus">0.63' in panel) is corpus and ("0.55–0.71" in panel) is corpus
+    assert ("= model file</span>" in panel) is corpus  # round 1's collection scores are its own

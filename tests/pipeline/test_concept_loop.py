@@ -4,6 +4,7 @@ Uses the plumbing (random) encoder: these tests check the machinery, not semanti
 """
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,6 +14,7 @@ from agile_pipeline.defs.concepts import (
     classifier,
     eval_set,
     expansion_candidates,
+    model_metrics,
     registered_model,
 )
 from agile_pipeline.lib.loop import pending_items
@@ -191,7 +193,11 @@ def test_a_lookahead_round_trains_the_last_cross_validated_family(corpus, monkey
     assert info["lookahead"] is True and info["model_choice"]["folds"] == 0
 
 
-def test_eval_set_is_test_split_and_metrics_are_computed(corpus):
+def test_eval_set_is_test_split_and_metrics_are_computed(corpus, monkeypatch, capsys):
+    from agile_pipeline.lib import propagation
+
+    # the ratings below are random with respect to the vectors; any neighbour agreement counts here
+    monkeypatch.setattr(propagation, "MIN_AGREEMENT", 0.0)
     env = _env(corpus)
     env.store.create_concept("ev", ["x"])
     run_concept_start("ev")
@@ -204,11 +210,31 @@ def test_eval_set_is_test_split_and_metrics_are_computed(corpus):
     splits = env.store.all_image_splits()
     assert all(splits[it["image_id"]] == "test" for it in items)
     _rate(env, "ev", items, truth, purpose="eval")
-    run_concept_eval("ev")
+    md = metadata_of(run_concept_eval("ev"), model_metrics)
     report = json.loads((env.concept_dir("ev") / "metrics.json").read_text())
     assert report["n_eval_labels"] == len(items)
     assert {r["model"] for r in report["models"]} == {"zero-shot", "round-0"}
     assert all(0 <= r["auc_pr"] <= 1 for r in report["models"])
+    # a small corpus: the round's corpus scores (label propagation) are measured on the same ratings
+    from agile_pipeline.lib.corpus_scores import corpus_graph, round_corpus_scores
+    from agile_pipeline.lib.metrics import compute_metrics
+    from agile_pipeline.lib.training import TrainedClassifier
+
+    g = corpus_graph(env.vectors, env.model_id)
+    r0 = env.store.rounds("ev")[0]
+    got = round_corpus_scores(env, "ev", TrainedClassifier.load(Path(r0["model_uri"])), int(r0["label_cutoff"]), g)
+    assert got.propagated
+    f = got.corpus
+    ids = [it["image_id"] for it in items]
+    want = compute_metrics([int(truth(i)) for i in ids], f[g.n_train + g.test.positions(ids)]).auc_pr
+    row = next(r for r in report["models"] if r["model"] == "round-0")
+    assert row["auc_pr_corpus"] == pytest.approx(want) and md["auc_pr_corpus"] == pytest.approx(want)
+    assert "zero_shot_auc_pr_corpus" not in md and "auc_pr_corpus" not in report["models"][0]
+    from agile_pipeline.cli import _print_metrics
+
+    _print_metrics("ev")  # what `agile evaluate` prints: the corpus figure beside the model file's
+    out = capsys.readouterr().out
+    assert "AUC-PR (corpus scores)" in out and f"{want:.3f}" in out.split("round-0")[1].splitlines()[0]
     assert (env.concept_dir("ev") / "metrics.png").stat().st_size > 1000
     # eval labels never train: the training label count is unchanged
     assert len(env.store.effective_labels("ev", purpose="train")) == 100

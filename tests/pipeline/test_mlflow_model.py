@@ -146,30 +146,56 @@ def test_mlflow_models_predict_and_agile_predict_agree(trained, tmp_path):
     assert missing.returncode == 1 and "no registered model for 'dots' at version 99" in missing.stderr
 
 
-def test_concept_predictions_score_the_corpus_with_the_champion_incrementally(trained, tmp_path):
+def test_concept_predictions_score_the_corpus_with_the_champion_incrementally(trained, tmp_path, monkeypatch):
     import duckdb
 
     from agile_pipeline.defs.concepts import concept_predictions
+    from agile_pipeline.lib import propagation
     from agile_pipeline.runner import metadata_of
 
     env, _src = trained
     table = env.paths.home / "predictions" / f"{env.concept_dir('dots').name}.parquet"
     champion = version_for_alias(env.paths.mlflow_uri(), "dots", "champion")
-    rows = duckdb.sql(f"SELECT image_id, probability, model_version, path FROM '{table}'").fetchall()
+    query = f"SELECT image_id, probability, model_version, path, model_probability, propagated FROM '{table}'"
+    rows = duckdb.sql(query).fetchall()
     n_images = lambda: sum(env.store.count_images().values())  # noqa: E731
     assert len(rows) == n_images() and {r[2] for r in rows} == {champion}
-    clf = TrainedClassifier.load(Path(next(r for r in env.store.rounds("dots")
-                                          if r["model_version"] == champion)["model_uri"]))
-    ids = [r[0] for r in rows]
-    want = clf.predict_proba(env.vectors.vectors_for(env.model_id, ids))
-    assert np.allclose([r[1] for r in rows], want, atol=1e-6)
-    assert all(Path(r[3]).exists() for r in rows[:20])
-
+    round_row = next(r for r in env.store.rounds("dots") if r["model_version"] == champion)
+    clf = TrainedClassifier.load(Path(round_row["model_uri"]))
+    want = lambda rows: clf.predict_proba(env.vectors.vectors_for(env.model_id, [r[0] for r in rows]))  # noqa: E731
+    # the model file's own answer is always there; the ratings here are random with respect to
+    # the (random) vectors, so the graph's rated neighbours disagree: not propagated
     again = metadata_of(run_concept_round("dots", selection=["concept_predictions"]), concept_predictions)
     assert again["scored_now"] == 0 and again["rows"] == len(rows)  # nothing new: nothing scored
+    assert not again["propagated"] and again["neighbour_agreement"] < propagation.MIN_AGREEMENT
+    assert np.allclose([r[4] for r in rows], want(rows), atol=1e-6)
+    assert [r[1] for r in rows] == [r[4] for r in rows] and not any(r[5] for r in rows)
+    assert all(Path(r[3]).exists() for r in rows[:20])
+
+    # where the neighbours agree (here: any agreement counts), the corpus scores are propagated and
+    # a refresh rescores every image (the graph changed)
+    monkeypatch.setattr(propagation, "MIN_AGREEMENT", 0.0)
     more = tmp_path / "more"
     write_real_like_images(more, 12, seed=99)
     run_corpus([str(more)])
     after = metadata_of(run_concept_round("dots", selection=["concept_predictions"]), concept_predictions)
-    assert after["scored_now"] == n_images() - len(rows) > 0
-    assert after["rows"] == n_images() and not after["rescored_all"]
+    assert after["propagated"] and after["scored_now"] == after["rows"] == n_images()
+    rows = duckdb.sql(query).fetchall()
+    assert all(r[5] for r in rows) and np.allclose([r[4] for r in rows], want(rows), atol=1e-6)
+    assert not np.allclose([r[1] for r in rows], [r[4] for r in rows], atol=1e-3)
+    ratings = env.store.effective_labels("dots", purpose="train", upto=int(round_row["label_cutoff"]))
+    got = {r[0]: r[1] for r in rows}
+    assert ratings and all(got[i] == float(v) for i, v in ratings.items())  # ratings held
+
+    # propagation off: the model file's scores, and a refresh scores only the new images
+    monkeypatch.setenv("AGILE_PROPAGATION", "off")
+    off = metadata_of(run_concept_round("dots", selection=["concept_predictions"]), concept_predictions)
+    assert not off["propagated"] and off["scored_now"] == n_images()
+    rows = duckdb.sql(query).fetchall()
+    assert np.allclose([r[1] for r in rows], want(rows), atol=1e-6) and not any(r[5] for r in rows)
+    before = n_images()
+    write_real_like_images(tmp_path / "even-more", 7, seed=98)
+    run_corpus([str(tmp_path / "even-more")])
+    last = metadata_of(run_concept_round("dots", selection=["concept_predictions"]), concept_predictions)
+    assert last["scored_now"] == n_images() - before > 0
+    assert last["rows"] == n_images() and not last["rescored_all"]
