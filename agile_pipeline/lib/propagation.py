@@ -14,7 +14,7 @@ only images in the graph: it is the corpus's score, not a model file for new ima
 
 import numpy as np
 
-ALPHA = 0.5  # the neighbours' weight
+ALPHA = 0.4  # the neighbours' weight (README, "Corpus scores": 0.3-0.5 measured)
 K = 10  # neighbours per image
 STEPS = 10
 MIN_AGREEMENT = 0.75  # propagate when the graph's rated neighbours agree at least this often
