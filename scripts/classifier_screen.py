@@ -52,6 +52,7 @@ from agile_pipeline.lib.model_choice import (
     fit_ridge_logistic,
     train_round_model,
 )
+from agile_pipeline.lib.propagation import knn_graph, propagate
 from agile_pipeline.lib.training import TrainConfig, l2_rows, train_classifier
 from agile_pipeline.research import simulate
 
@@ -106,15 +107,8 @@ class Graph:
 
 
 def _build_graph(X_tr: np.ndarray, X_te: np.ndarray, k: int = 30) -> Graph:
-    U_tr, U_te = l2_rows(X_tr), l2_rows(X_te)
-    U = np.concatenate([U_tr, U_te])
-    s = U_te @ U_tr.T
-    te_tr = np.argsort(-s, axis=1)[:, :k]
-    s = U @ U.T
-    np.fill_diagonal(s, -np.inf)
-    part = np.argpartition(-s, k, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1)
-    return Graph(te_tr=te_tr, all_all=np.take_along_axis(part, order, axis=1))
+    te_tr = np.argsort(-(l2_rows(X_te) @ l2_rows(X_tr).T), axis=1)[:, :k]
+    return Graph(te_tr=te_tr, all_all=knn_graph(np.concatenate([X_tr, X_te]), k))
 
 
 def _smooth(spec: str, p_te: np.ndarray, predict: Any, X_tr: np.ndarray, X_te: np.ndarray,
@@ -133,23 +127,11 @@ def _smooth(spec: str, p_te: np.ndarray, predict: Any, X_tr: np.ndarray, X_te: n
         nb = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         return (1 - a) * p_te + a * np.asarray(y, np.float64)[nb].mean(axis=1)
     if kind == "ilp":  # propagate over the train split's own graph, then mix as knn does
-        f_tr = _propagate(predict(X_tr).astype(np.float64), _train_graph(X_tr, k), idx, y, a)
+        f_tr = propagate(predict(X_tr).astype(np.float64), _train_graph(X_tr, k), idx, y, alpha=a)
         return _knn_smooth(p_te, f_tr, g.te_tr[:, :k], a)
     # lp: label propagation over the kNN graph of train ∪ test, rated train images clamped
     p0 = np.concatenate([predict(X_tr), p_te]).astype(np.float64)
-    return _propagate(p0, g.all_all[:, :k], idx, y, a)[len(X_tr):]
-
-
-def _propagate(p0: np.ndarray, nb: np.ndarray, idx: np.ndarray, y: np.ndarray, a: float,
-               steps: int = 10) -> np.ndarray:
-    """Ten steps of ``f = (1-a)·p0 + a·mean f(neighbours)``, rows ``idx`` clamped to ``y``."""
-    p0 = p0.copy()
-    p0[idx] = y
-    f = p0.copy()
-    for _ in range(steps):
-        f = (1 - a) * p0 + a * f[nb].mean(axis=1)
-        f[idx] = y
-    return f
+    return propagate(p0, g.all_all[:, :k], idx, y, alpha=a)[len(X_tr):]
 
 
 _PSEUDO = re.compile(r"pl(?P<a>[0-9.]+)?(?:k(?P<k>[0-9]+))?(?:n(?P<n>[0-9]+))?(?:t(?P<t>[0-9.]+))?$")
@@ -159,14 +141,8 @@ _TRAIN_GRAPHS: dict[tuple[int, int], np.ndarray] = {}
 def _train_graph(X_tr: np.ndarray, k: int) -> np.ndarray:
     """The k nearest train images of every train image (most similar first; train only, so a
     model distilled from it never saw the test split)."""
-    if (id(X_tr), k) in _TRAIN_GRAPHS:
-        return _TRAIN_GRAPHS[(id(X_tr), k)]
-    U = l2_rows(X_tr)
-    s = U @ U.T
-    np.fill_diagonal(s, -np.inf)
-    part = np.argpartition(-s, k, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1)
-    _TRAIN_GRAPHS[(id(X_tr), k)] = np.take_along_axis(part, order, axis=1)
+    if (id(X_tr), k) not in _TRAIN_GRAPHS:
+        _TRAIN_GRAPHS[(id(X_tr), k)] = knn_graph(X_tr, k)
     return _TRAIN_GRAPHS[(id(X_tr), k)]
 
 
@@ -181,7 +157,7 @@ def _pseudo_labels(spec: str, p_tr: np.ndarray, X_tr: np.ndarray, idx: np.ndarra
         raise SystemExit(f"unknown pseudo-labelling {spec!r}")
     a, k = float(m["a"] or 0.5), int(m["k"] or 10)
     n, t = int(m["n"] or 50), float(m["t"] or 0.5)
-    f = _propagate(p_tr.astype(np.float64), _train_graph(X_tr, k), idx, y, a)
+    f = propagate(p_tr.astype(np.float64), _train_graph(X_tr, k), idx, y, alpha=a)
     f[idx] = -1.0
     order = np.argsort(-f)
     chosen = order[: n][f[order[: n]] >= t]
