@@ -360,8 +360,9 @@ def model_metrics(
     table = "\n".join(
         ["| model | labels | AUC-PR | AUC-PR (corpus scores) | AUC-ROC | F1 | accuracy |",
          "|---|---|---|---|---|---|---|"]
-        + [f"| {r['model']} | {r['n_labels']} | {r['auc_pr']:.3f} | {r.get('auc_pr_corpus', float('nan')):.3f} | "
-           f"{r['auc_roc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in report["models"]]
+        + [f"| {r['model']} | {r['n_labels']} | {r['auc_pr']:.3f} | "
+           + (f"{r['auc_pr_corpus']:.3f}" if "auc_pr_corpus" in r else "—")  # not propagated
+           + f" | {r['auc_roc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in report["models"]]
     )
     png = open(report["plot"], "rb").read()
     import base64

@@ -5,11 +5,11 @@ platform team queries (DuckDB, pandas, Spark), kept current incrementally.
 spaces as ``_`` and a short hash, e.g. ``birds.b3697b1a``; see
 :func:`agile_pipeline.lib.state.concept_storage_key`) has one row per embedded image: ``image_id``,
 ``split``, ``path`` (as ingested), ``probability`` (P(concept), float32: the corpus score —
-for a kernel-machine champion on corpora up to ``AGILE_PROPAGATION``'s size, its answer
-propagated over the corpus's kNN graph with its training ratings held,
+on corpora up to ``AGILE_PROPAGATION``'s size, the champion's answer propagated over the
+corpus's kNN graph with its training ratings held where the graph's rated neighbours agree,
 :mod:`agile_pipeline.lib.corpus_scores`; otherwise the champion's own answer on the image's
-stored embedding), ``model_probability`` (the champion
-model file's own answer, what it gives a new image), ``is_concept`` (``probability >= 0.5``),
+stored embedding), ``model_probability`` (the champion model file's own answer, what it gives a
+new image), ``is_concept`` (``probability >= 0.5``),
 ``model_version`` (the MLflow version that scored it) and ``propagated`` (whether
 ``probability`` is a propagated score). For example::
 
