@@ -91,18 +91,32 @@ def model_scores(model: Any, g: CorpusGraph) -> np.ndarray:
     return np.concatenate([np.asarray(model.predict_proba(c.f16), np.float32) for c in (g.train, g.test)])
 
 
+def held_ratings(g: CorpusGraph, ratings: dict[str, int]) -> tuple[np.ndarray, np.ndarray, float | None, int]:
+    """``(rows, ratings, agreement, pairs)``: the graph rows of the rated train images, their
+    ratings, and the graph's :func:`~agile_pipeline.lib.propagation.neighbour_agreement` on them
+    (what decides, before any image is scored, whether to propagate)."""
+    ids = list(ratings)
+    rows = g.train.positions(ids) if ids else np.empty(0, np.int64)
+    keep = rows >= 0
+    y = np.array([ratings[i] for i in ids], np.float64)[keep]
+    agreement, pairs = propagation.neighbour_agreement(g.graph, rows[keep], y)
+    return rows[keep], y, agreement, pairs
+
+
+def train_ratings(env: Any, concept: str, label_cutoff: int, rule: Any = None) -> dict[str, int]:
+    """The train ratings a round trained on (those up to its ``label_cutoff``)."""
+    from agile_pipeline.lib.state import LabelRule
+
+    return env.store.effective_labels(concept, purpose="train", rule=rule or LabelRule(), upto=label_cutoff)
+
+
 def corpus_scores(p: np.ndarray, g: CorpusGraph, ratings: dict[str, int]) -> RoundCorpusScores:
     """``p`` (one score per graph row) propagated over the graph with the train images in
     ``ratings`` (id → 1/0) held at their ratings — if the graph's rated neighbours agree
     (:func:`~agile_pipeline.lib.propagation.should_propagate`; on the unseen glyphs, where a
     glyph's nearest rated image is often its mirrored or lookalike negative, propagation lost
     most of the gain), else ``p`` itself."""
-    ids = list(ratings)
-    rows = g.train.positions(ids) if ids else np.empty(0, np.int64)
-    keep = rows >= 0
-    rows = rows[keep]
-    y = np.array([ratings[i] for i in ids], np.float64)[keep]
-    agreement, pairs = propagation.neighbour_agreement(g.graph, rows, y)
+    rows, y, agreement, pairs = held_ratings(g, ratings)
     p = np.asarray(p, np.float32)
     if not propagation.should_propagate(agreement):
         return RoundCorpusScores(p, p, False, agreement, pairs)
@@ -114,8 +128,4 @@ def round_corpus_scores(env: Any, concept: str, model: Any, label_cutoff: int, g
                         rule: Any = None) -> RoundCorpusScores:
     """:func:`corpus_scores` of a round's ``model``, holding the train ratings it trained on
     (those up to ``label_cutoff``)."""
-    from agile_pipeline.lib.state import LabelRule
-
-    ratings = env.store.effective_labels(concept, purpose="train", rule=rule or LabelRule(),
-                                         upto=label_cutoff)
-    return corpus_scores(model_scores(model, g), g, ratings)
+    return corpus_scores(model_scores(model, g), g, train_ratings(env, concept, label_cutoff, rule))

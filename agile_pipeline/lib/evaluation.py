@@ -189,7 +189,14 @@ def corpus_test_scores(env: Any, concept: str, rated: Sequence[str], rounds: Seq
     """``{"round-N": corpus scores of the rated test images}`` for every round whose corpus
     scores are propagated (:func:`~agile_pipeline.lib.corpus_scores.corpus_scores`; ``{}`` where
     the corpus has no graph, :func:`~agile_pipeline.lib.corpus_scores.corpus_graph`)."""
-    from agile_pipeline.lib.corpus_scores import corpus_graph, round_corpus_scores
+    from agile_pipeline.lib.corpus_scores import (
+        corpus_graph,
+        corpus_scores,
+        held_ratings,
+        model_scores,
+        train_ratings,
+    )
+    from agile_pipeline.lib.propagation import should_propagate
     from agile_pipeline.lib.training import TrainedClassifier
 
     g = corpus_graph(env.vectors, env.model_id)
@@ -200,10 +207,11 @@ def corpus_test_scores(env: Any, concept: str, rated: Sequence[str], rounds: Seq
         return {}
     out = {}
     for r in rounds:
+        ratings = train_ratings(env, concept, int(r["label_cutoff"]), rule)
+        if not should_propagate(held_ratings(g, ratings)[2]):
+            continue  # its corpus scores are the model file's: nothing to score again
         model = TrainedClassifier.load(Path(r["model_uri"]))
-        got = round_corpus_scores(env, concept, model, int(r["label_cutoff"]), g, rule=rule)
-        if got.propagated:
-            out[f"round-{r['round']}"] = got.corpus[g.n_train + rows]
+        out[f"round-{r['round']}"] = corpus_scores(model_scores(model, g), g, ratings).corpus[g.n_train + rows]
     return out
 
 
