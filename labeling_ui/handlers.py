@@ -459,8 +459,14 @@ def _family_cell(row: dict[str, Any]) -> str:
     tip = (f"chosen by {choice.get('folds')}-fold cross-validation on the ratings, AUC-PR: "
            + ", ".join(f"{FAMILY_NAMES.get(k, k)} {v:.3f}" for k, v in scores.items())) if scores else (
         str(choice.get("reason") or "the paper's recipe"))
+    name = FAMILY_NAMES.get(family, family)
+    extra = int(row.get("graph_positives") or 0)
+    if extra:
+        name += f" + {extra} graph positives"
+        tip += (f"; also trained on {extra} unrated images of your collection that label propagation "
+                "over its neighbour graph made confidently positive")
     return (f'<span data-family="{html.escape(family, quote=True)}" title="{html.escape(tip, quote=True)}">'
-            f"{html.escape(FAMILY_NAMES.get(family, family))}</span>")
+            f"{html.escape(name)}</span>")
 
 
 def model_panel(service: LabelingService, concept: str | None, *, role: str = "owner") -> str:

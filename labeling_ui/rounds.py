@@ -347,6 +347,7 @@ class Rounds:
                 "hidden": (r.get("info") or {}).get("hidden"),
                 "family": str((r.get("info") or {}).get("family", "mlp")),
                 "model_choice": (r.get("info") or {}).get("model_choice") or {},
+                "graph_positives": int((r.get("info") or {}).get("graph_positives", 0)),
                 "lookahead": bool((r.get("info") or {}).get("lookahead")),
                 "registered_model": (r.get("info") or {}).get("registered_model"),
             }

@@ -132,7 +132,7 @@ def zero_shot_scores(
     partitions_def=concept_partitions,
     deps=[concept_labels],
     kinds={"pytorch"},
-    code_version="1",
+    code_version="2",  # 2: kernel rounds train on graph positives too
     check_specs=[dg.AssetCheckSpec(
         "weights_finite", asset="classifier", blocking=True,
         description="Every weight of the round's classifier is finite (no NaN/inf); a model "
@@ -142,8 +142,10 @@ def zero_shot_scores(
         "negatives (one model per round; its MLflow run and model version are `registered_model`): "
         "by default a kernel machine on the rated images or the paper's MLP (1x16 first, then 3x128), "
         "chosen by the near-duplicate agreement of the ratings (`family`, `family_reason`, "
-        "`near_duplicate_agreement`); with `model_family` cv, the MLP, a ridge logistic regression "
-        "or their ensemble by cross-validation (`cv_auc_pr_*`)."
+        "`near_duplicate_agreement`); a kernel round also trains on up to 50 unrated images that "
+        "label propagation over the corpus graph makes confidently positive (`graph_positives`); "
+        "with `model_family` cv, the MLP, a ridge logistic regression or their ensemble by "
+        "cross-validation (`cv_auc_pr_*`)."
     ),
 )
 def classifier(
@@ -188,6 +190,7 @@ def classifier(
         **({"near_duplicate_agreement": dg.MetadataValue.float(float(result.model_choice["agreement"]))}
            if result.model_choice.get("agreement") is not None else {}),
         "round": result.round_index, "n_pos": result.n_pos, "n_neg": result.n_neg,
+        "graph_positives": result.graph_positives,
         "label_cutoff": result.label_cutoff, "reused_previous_round": result.reused,
         "lookahead": config.lookahead,
         "train_seconds": round(result.train_seconds, 3), **result.working_set,

@@ -129,3 +129,13 @@ def round_corpus_scores(env: Any, concept: str, model: Any, label_cutoff: int, g
     """:func:`corpus_scores` of a round's ``model``, holding the train ratings it trained on
     (those up to ``label_cutoff``)."""
     return corpus_scores(model_scores(model, g), g, train_ratings(env, concept, label_cutoff, rule))
+
+
+def graph_positives(model: Any, g: CorpusGraph, ratings: dict[str, int]) -> np.ndarray:
+    """Train-split rows the round's ``model`` and the graph make confidently positive
+    (:func:`~agile_pipeline.lib.propagation.pseudo_positives`, the train ratings in ``ratings``
+    held): the kernel rounds refit with them as positives (README, "Graph positives")."""
+    rows, y, _, _ = held_ratings(g, ratings)
+    return propagation.pseudo_positives(model_scores(model, g), g.graph, rows, y, alpha=propagation.PSEUDO_ALPHA,
+                                        limit=propagation.PSEUDO_LIMIT, threshold=propagation.PSEUDO_THRESHOLD,
+                                        eligible=g.n_train)

@@ -86,6 +86,7 @@ class RoundResult:
     family: str = "mlp"
     model_choice: dict[str, Any] = field(default_factory=dict)
     working_set: dict[str, int] = field(default_factory=dict)  # rows read from it / not (pooled)
+    graph_positives: int = 0  # unrated images a kernel round also trained on as positives
 
 
 @dataclass
@@ -453,6 +454,7 @@ def _train_round(
             mlflow_run_id=last["mlflow_run_id"], model_version=last["model_version"],
             family=str((last.get("info") or {}).get("family", "mlp")),
             model_choice=dict((last.get("info") or {}).get("model_choice") or {}),
+            graph_positives=int((last.get("info") or {}).get("graph_positives", 0)),
         )
     if plan.action != "train" or plan.round_index is None:  # no positive: nothing to learn from
         raise LoopError(
@@ -468,14 +470,18 @@ def _train_round(
     rows = (lambda cache: concept_rows(env.concept_dir(concept.name), cache)) if pooled(env) else None
     X_pool, X_lab, exclude = training_inputs(env.vectors, env.model_id, ids, rows=rows)
     events = store.label_events(concept.name, purpose="train", upto=cutoff)
+    arch_round = architecture_round(round_index, [e["round"] for e in events])
     try:
         model = train_round_model(
-            X_lab, y, X_pool, round_index=architecture_round(round_index, [e["round"] for e in events]),
-            config=config, choice=choice,
+            X_lab, y, X_pool, round_index=arch_round, config=config, choice=choice,
             exclude_from_pool=exclude, concept=concept.name,
         )
     except NotEnoughLabels as exc:
         raise LoopError(str(exc)) from exc
+    graph_ids: list[str] = []
+    if family_of(model.meta) == "kernel" and not isinstance(X_pool, RowSource):
+        model, graph_ids = _refit_with_graph_positives(env, concept.name, model, ids, y, X_lab, X_pool,
+                                                       exclude, round_index=arch_round, config=config)
     model_dir = env.concept_dir(concept.name) / f"round-{round_index:03d}"
     tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
     model.save(tmp_dir)
@@ -483,6 +489,7 @@ def _train_round(
         "label_cutoff": cutoff, "rule": rule.describe(), "embedding_model": env.model_id,
         "labels": dict(zip(ids, y.tolist(), strict=True)),
         "event_seqs": [r["seq"] for r in events],
+        "graph_positives": graph_ids,
     }))
     if model_dir.exists():
         import shutil
@@ -495,16 +502,18 @@ def _train_round(
         family=family_of(model.meta), model_choice=dict(model.meta.config.get("model_choice") or {}),
         working_set={"working_set_hits": X_pool.hits, "working_set_misses": X_pool.misses}
         if isinstance(X_pool, RowSource) else {},
+        graph_positives=len(graph_ids),
     )
     store.record_round(
         concept.name, round_index, label_cutoff=cutoff, run_id=run_id, model_uri=str(model_dir),
         model_version=result.model_version, mlflow_run_id=result.mlflow_run_id, n_pos=n_pos,
         n_neg=n_neg, train_seconds=result.train_seconds,
-        info={"warnings": result.warnings, "hidden": list(model.meta.hidden),
+        info={"warnings": result.warnings, "hidden": list(model.meta.hidden), "graph_positives": len(graph_ids),
               "family": family_of(model.meta), "model_choice": model.meta.config.get("model_choice"),
               "params": {**config.to_dict(), "hidden": list(model.meta.hidden),
                          "model_family": family_of(model.meta),
                          "model_candidates": ",".join(choice.candidates),
+                         "graph_positives": len(graph_ids),
                          "label_rule": rule.describe(), "label_cutoff": cutoff},
               "n_random_neg": int(model.meta.n_random_neg), "lookahead": lookahead},
     )
@@ -512,6 +521,28 @@ def _train_round(
         result.mlflow_run_id, result.model_version, _ = register_round(
             env, concept.name, round_index, run_id=run_id)
     return result
+
+
+def _refit_with_graph_positives(env: LoopEnv, concept: str, model: Any, ids: list[str], y: np.ndarray,
+                                X_lab: np.ndarray, X_pool: Any, exclude: np.ndarray, *, round_index: int,
+                                config: Any) -> tuple[Any, list[str]]:
+    """A kernel round trained again with its graph positives (README, "Graph positives"): the
+    unrated train images that the model's scores, propagated over the corpus graph with the
+    ratings held, make confidently positive. Unchanged (and no ids) where the corpus has no graph
+    (``AGILE_PROPAGATION``) or nothing is confident enough."""
+    from agile_pipeline.lib.corpus_scores import corpus_graph, graph_positives
+    from agile_pipeline.lib.model_choice import refit_with_positives
+
+    g = corpus_graph(env.vectors, env.model_id)
+    if g is None:
+        return model, []
+    rows = graph_positives(model, g, dict(zip(ids, (int(v) for v in y), strict=True)))
+    if not len(rows):
+        return model, []
+    refit = refit_with_positives(model, X_lab, y, X_pool, rows, round_index=round_index, config=config,
+                                 exclude_from_pool=exclude, concept=concept)
+    log.info("%s: kernel refitted with %d graph positives", concept, len(rows))
+    return refit, g.train.id_at(rows)
 
 
 def dagster_run_link(run_id: str | None) -> dict[str, str]:

@@ -591,3 +591,37 @@ def train_round_model(
 def family_of(meta: ClassifierMeta) -> str:
     """The family of a saved model (models from before the choice existed are MLPs)."""
     return str(meta.config.get("family", "mlp"))
+
+
+def refit_with_positives(
+    model: TrainedClassifier,
+    X_labeled: np.ndarray,
+    y: np.ndarray,
+    X_pool: np.ndarray,
+    extra_rows: np.ndarray,
+    *,
+    round_index: int,
+    config: TrainConfig = TrainConfig(),
+    exclude_from_pool: np.ndarray | None = None,
+    concept: str | None = None,
+) -> TrainedClassifier:
+    """``model``'s family trained again with the pool rows ``extra_rows`` added as positives
+    (graph positives: :func:`~agile_pipeline.lib.propagation.pseudo_positives`) and kept out of
+    its random negatives. The model file records how many (``graph_positives``), the original
+    choice's report, and the rated counts as ``n_pos``/``n_neg``."""
+    extra_rows = np.asarray(extra_rows, np.int64)
+    if not len(extra_rows):
+        return model
+    family = family_of(model.meta)
+    y = np.asarray(y).reshape(-1).astype(np.int64)
+    exclude = np.asarray(exclude_from_pool if exclude_from_pool is not None else [], np.int64)
+    refit = train_round_model(
+        np.concatenate([np.asarray(X_labeled, np.float32), np.asarray(X_pool[extra_rows], np.float32)]),
+        np.concatenate([y, np.ones(len(extra_rows), np.int64)]), X_pool, round_index=round_index,
+        config=config, choice=choice_for(family, seed=config.seed),
+        exclude_from_pool=np.concatenate([exclude, extra_rows]), concept=concept)
+    refit.meta = replace(refit.meta, n_pos=model.meta.n_pos, n_neg=model.meta.n_neg,
+                         train_seconds=round(model.meta.train_seconds + refit.meta.train_seconds, 4),
+                         config={**refit.meta.config, "model_choice": model.meta.config.get("model_choice"),
+                                 "graph_positives": len(extra_rows)})
+    return refit

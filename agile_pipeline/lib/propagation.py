@@ -81,3 +81,24 @@ def should_propagate(agreement: float | None, min_agreement: float | None = None
     """Propagate unless the ratings say the graph's neighbours disagree (no evidence: propagate);
     ``min_agreement`` defaults to :data:`MIN_AGREEMENT`."""
     return agreement is None or agreement >= (MIN_AGREEMENT if min_agreement is None else min_agreement)
+
+
+PSEUDO_ALPHA = 0.5  # self-training's propagation (README, "Graph positives")
+PSEUDO_LIMIT = 50  # at most this many graph positives per round
+PSEUDO_THRESHOLD = 0.5  # ... each with a propagated score at least this
+
+
+def pseudo_positives(p: np.ndarray, graph: np.ndarray, rated: np.ndarray, ratings: np.ndarray, *,
+                     alpha: float = PSEUDO_ALPHA, limit: int = PSEUDO_LIMIT,
+                     threshold: float = PSEUDO_THRESHOLD, eligible: int | None = None) -> np.ndarray:
+    """Rows (not ``rated``; below ``eligible`` if given) that the model's scores ``p``
+    propagated over ``graph`` make confidently positive: up to ``limit`` with a propagated score
+    ≥ ``threshold``, most confident first. A model refitted with them as positives carries some
+    of the graph's smoothing into its file (self-training on the graph: Iscen et al., "Label
+    propagation for deep semi-supervised learning", CVPR 2019)."""
+    f = propagate(p, graph, rated, ratings, alpha=alpha)
+    f[np.asarray(rated, np.int64)] = -np.inf
+    if eligible is not None:
+        f[eligible:] = -np.inf
+    order = np.argsort(-f, kind="stable")[:limit]
+    return order[f[order] >= threshold]

@@ -106,7 +106,8 @@ FEW_SHOT_VARIANTS: dict[str, str] = {
             "the MLP, by the near-duplicate agreement of the labels; lp_alpha=A,lp_k=K scores the test "
             "split by label propagation over the kNN graph of train ∪ test (lp_family=kernel: kernel "
             "rounds only; lp_select=0: batches chosen on the model's own scores — the product's corpus "
-            "scores), knn_alpha=A,knn_k=K mixes in the K nearest train images' scores",
+            "scores), pl_n=N,pl_family=kernel refits kernel rounds with up to N graph positives (the "
+            "product's; pl_alpha, pl_t, pl_k), knn_alpha=A,knn_k=K mixes in the K nearest train images' scores",
     "cv": "AGILE_MODEL_FAMILY=cv: MLP, ridge LR or their ensemble by k-fold AUC-PR on the labels "
           "(candidates=... for other families, e.g. candidates=kernel for one family)",
     "ensemble": "the mean logit of the paper's MLP and ridge LR, every round",
@@ -246,6 +247,8 @@ def run_concept(data: SimData, concept: str, cfg: SimConfig) -> dict[str, Any]:
                 book.trained(plan, idx, model)
             entry["train_s"] = round(time.perf_counter() - t0, 3)
             entry["model_kind"] = model.kind
+            entry["graph_positives"] = int(model.scorer.meta.config.get("graph_positives", 0)) \
+                if hasattr(model.scorer, "meta") else 0
             p_test = model.predict(X_test, zs_unit, test_nodes)
             entry["auc_pr"], entry["auc_roc"] = _auc(y_test, p_test)
             eval_scores[f"round-{r}"] = p_test
@@ -492,7 +495,12 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
                                        exclude_from_pool=idx, config=pcfg)
         return _RoundModel("linear", lm)
     if variant in ("auto", "cv", "ensemble"):
-        from agile_pipeline.lib.model_choice import ModelChoiceConfig, choice_for, train_round_model
+        from agile_pipeline.lib.model_choice import (
+            ModelChoiceConfig,
+            choice_for,
+            refit_with_positives,
+            train_round_model,
+        )
 
         known_c = ModelChoiceConfig.__dataclass_fields__
         ckw = {k: v for k, v in args.items() if k in known_c}
@@ -505,6 +513,22 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
         m = train_round_model(X_train[idx], y, X_train, round_index=arch_round,
                               config=TrainConfig(seed=cfg.seed, **cfg.train), choice=choice,
                               exclude_from_pool=idx, concept=concept)
+        family = str(m.meta.config["family"])
+        pl_families = args.get("pl_family", ())
+        pl_families = (pl_families,) if isinstance(pl_families, str) else tuple(pl_families)
+        if int(args.get("pl_n", 0)) > 0 and (not pl_families or family in pl_families):
+            # graph positives (the product's kernel rounds): the train rows label propagation
+            # over the corpus graph makes confident, the family refitted with them as positives
+            assert X_test is not None
+            extra = propagation.pseudo_positives(
+                m.predict_proba(np.concatenate([X_train, X_test])),
+                corpus_graph(X_train, X_test, int(args.get("pl_k", propagation.K))), idx,
+                y.astype(np.float64), alpha=float(args.get("pl_alpha", propagation.PSEUDO_ALPHA)),
+                limit=int(args["pl_n"]), threshold=float(args.get("pl_t", propagation.PSEUDO_THRESHOLD)),
+                eligible=len(X_train))
+            m = refit_with_positives(m, X_train[idx], y, X_train, extra, round_index=arch_round,
+                                     config=TrainConfig(seed=cfg.seed, **cfg.train),
+                                     exclude_from_pool=idx, concept=concept)
         smooth = None
         if float(args.get("knn_alpha", 0)) > 0:
             smooth = _KnnSmoothing(X_train, idx, y.astype(np.float64), float(args["knn_alpha"]),

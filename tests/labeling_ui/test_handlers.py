@@ -138,7 +138,10 @@ def test_the_kind_column_names_the_family_and_says_why_it_was_chosen() -> None:
                   "among the ratings, 93% have a positive one (≥ 75%)"}}
     cell = handlers._family_cell(agreement)
     assert 'data-family="kernel"' in cell and ">kernel machine on the rated images<" in cell
-    assert "93% have a positive one" in cell
+    assert "93% have a positive one" in cell and "graph positives" not in cell
+    cell = handlers._family_cell({**agreement, "graph_positives": 50})  # refitted with graph positives
+    assert ">kernel machine on the rated images + 50 graph positives<" in cell
+    assert "(≥ 75%); also trained on 50 unrated images" in cell
     cv = {"family": "ensemble", "model_choice": {"family": "ensemble", "folds": 4,
                                                  "cv_auc_pr": {"mlp": 0.5, "linear": 0.6, "ensemble": 0.7}}}
     cell = handlers._family_cell(cv)

@@ -94,9 +94,11 @@ def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
     # agreement of the ratings), recorded in the model, MLflow and the store
     families = [m["config"]["family"] for m in metas]
     recipe = [[16], [128, 128, 128]]  # the paper's first and later MLPs
-    shapes = {"mlp": lambda h, n: h, "kernel": lambda h, n: [n + 2]}  # kernel: a unit per label
-    assert [m["hidden"] for m in metas] == [shapes[f](h, m["n_pos"] + m["n_neg"])
-                                            for f, h, m in zip(families, recipe, metas, strict=True)]
+    # kernel: a unit per label and per graph positive
+    shapes = {"mlp": lambda h, n: h, "kernel": lambda h, n: [n + 2]}
+    assert [m["hidden"] for m in metas] == [
+        shapes[f](h, m["n_pos"] + m["n_neg"] + m["config"].get("graph_positives", 0))
+        for f, h, m in zip(families, recipe, metas, strict=True)]
     assert [v["tags"]["agile/model_family"] for v in versions] == families
     assert [r["info"]["family"] for r in env.store.rounds("blobs")] == families
     for m, v in zip(metas, versions, strict=True):
@@ -108,6 +110,39 @@ def test_rounds_register_versions_and_select_uncertain_unlabeled(corpus):
             run = mlflow.MlflowClient(env.paths.mlflow_uri()).get_run(v["run_id"])
             assert run.data.metrics["near_duplicate_agreement"] == pytest.approx(agreement)
     assert "near-duplicate" in mc["reason"]
+
+
+def test_a_kernel_round_trains_on_graph_positives_and_records_them(corpus, monkeypatch):
+    """A kernel round refits with the unrated train images that label propagation over the corpus
+    graph makes confident (here any propagated score counts, so all 50 places fill): they are
+    unrated train images, listed beside the round's labels, counted in Dagster, the store and
+    MLflow, and a hidden unit each; AGILE_PROPAGATION=off trains on the ratings alone."""
+    from agile_pipeline.lib import propagation
+
+    monkeypatch.setenv("AGILE_MODEL_FAMILY", "kernel")
+    monkeypatch.setattr(propagation, "PSEUDO_THRESHOLD", 0.0)
+    env = _env(corpus)
+    env.store.create_concept("gp", ["red blob"], ["blue square"])
+    run_concept_start("gp")
+    _rate(env, "gp", pending_items(env, "gp"), lambda i: int(i[:2], 16) % 4 == 0)
+    res = run_concept_round("gp")
+    assert metadata_of(res, classifier)["graph_positives"] == propagation.PSEUDO_LIMIT == 50
+    saved = json.loads((env.concept_dir("gp") / "round-000" / "training_labels.json").read_text())
+    extra = saved["graph_positives"]
+    splits = env.store.all_image_splits()
+    assert len(set(extra)) == 50 and not set(extra) & set(saved["labels"])
+    assert all(splits[i] == "train" for i in extra)
+    meta = json.loads((env.concept_dir("gp") / "round-000" / "meta.json").read_text())
+    assert meta["config"]["graph_positives"] == 50 and meta["hidden"] == [len(saved["labels"]) + 50 + 2]
+    assert meta["n_pos"] + meta["n_neg"] == len(saved["labels"])  # the model file counts ratings
+    assert env.store.rounds("gp")[0]["info"]["graph_positives"] == 50
+    run = mlflow.MlflowClient(env.paths.mlflow_uri()).get_run(model_versions(env.paths.mlflow_uri(), "gp")[0]["run_id"])
+    assert run.data.params["graph_positives"] == "50"
+    monkeypatch.setenv("AGILE_PROPAGATION", "off")
+    again = run_concept_round("gp", training={"force": True})
+    assert metadata_of(again, classifier)["graph_positives"] == 0
+    assert json.loads((env.concept_dir("gp") / "round-000" / "training_labels.json").read_text())[
+        "graph_positives"] == []
 
 
 def test_cv_chooses_by_cross_validation_and_logs_the_scores(corpus, monkeypatch):
@@ -150,7 +185,10 @@ def test_the_kernel_families_run_a_whole_round_as_an_ordinary_model_file(corpus,
     meta = json.loads((env.concept_dir("kern") / "round-000" / "meta.json").read_text())
     n_labels = len(env.store.labeled_image_ids("kern"))
     mlp_units = 16 if family == "mlp+kernel" else 0  # the recipe's first MLP: one layer of 16
-    assert meta["config"]["family"] == family and meta["hidden"] == [mlp_units + n_labels + 2]
+    # a kernel round may also train on graph positives (a hidden unit each); mlp+kernel does not
+    extra = int(meta["config"].get("graph_positives", 0))
+    assert extra == metadata_of(res, classifier)["graph_positives"] and (family == "kernel" or extra == 0)
+    assert meta["config"]["family"] == family and meta["hidden"] == [mlp_units + n_labels + extra + 2]
     assert model_versions(env.paths.mlflow_uri(), "kern")[0]["tags"]["agile/model_family"] == family
 
 

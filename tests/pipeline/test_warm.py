@@ -45,3 +45,12 @@ def test_warm_up_reports_every_part_without_a_corpus(agile_home, caplog) -> None
     for key in ("imports", "dagster_execution", "encoder_load", "image_tower", "text_tower", "split_caches",
                 "torch_kernels", "mlflow_client", "seconds"):
         assert key in parts and parts[key] >= 0
+
+
+def test_warm_up_builds_the_corpus_graph_so_no_round_waits_on_it(corpus) -> None:
+    from agile_pipeline.lib.corpus_scores import corpus_graph
+
+    parts = warm_up(corpus)
+    assert parts["corpus_graph"] >= 0
+    g = corpus_graph(corpus.vectors.vectors(), corpus.encoder.model_id())
+    assert g is not None and g.build_seconds == 0.0 and len(g.graph) == 800  # read back, not built

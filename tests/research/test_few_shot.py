@@ -237,3 +237,24 @@ def test_label_propagation_scores_graph_nodes_with_ratings_clamped() -> None:
     near_pos = np.flatnonzero((nb == 0).any(axis=1) & ~np.isin(np.arange(len(f)), rated))
     assert near_pos.size and (f[near_pos] > 0.5).any()  # a rated positive lifts its neighbours
     assert lp.scores(Constant()) is f  # propagated once per model
+
+
+def test_graph_positives_refit_the_kernel_rounds_only() -> None:
+    """``pl_n``: a kernel round is refitted with its graph positives (the product's rule); an MLP
+    round is not touched."""
+    from agile_pipeline.research.simulate import SimConfig, run_concept
+
+    data = _sim_data()
+    base = SimConfig(rounds=2, batch=20, per_phrase=30, expansion=30, eval_per_stratum=5, few_shot="cv",
+                     few_shot_args={"candidates": "kernel"})
+    plain = run_concept(data, "planted", base)
+    gp = run_concept(data, "planted", replace(base, few_shot_args={"candidates": "kernel", "pl_n": 20,
+                                                                  "pl_family": "kernel", "pl_t": 0.0}))
+    assert all(e.get("graph_positives", 0) == 0 for e in plain["rounds"])
+    trained = [e for e in gp["rounds"] if "model_kind" in e]
+    assert trained and all(e["model_kind"] == "kernel" and e["graph_positives"] == 20 for e in trained)
+    # the refit is a different model: the first model's test scores rank differently
+    assert trained[0]["auc_pr"] != next(e for e in plain["rounds"] if "model_kind" in e)["auc_pr"]
+    mlp = run_concept(data, "planted", replace(base, few_shot_args={"candidates": "mlp", "pl_n": 20,
+                                                                   "pl_family": "kernel", "pl_t": 0.0}))
+    assert all(e.get("graph_positives", 0) == 0 for e in mlp["rounds"])

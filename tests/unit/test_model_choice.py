@@ -268,3 +268,28 @@ def test_a_lookahead_round_reuses_the_last_cross_validated_family() -> None:
     assert reuse_choice(auto, None) == auto
     fixed = ModelChoiceConfig(candidates=("mlp",), fallback="mlp")
     assert reuse_choice(fixed, cv) == fixed
+
+
+def test_refit_with_graph_positives_keeps_the_family_and_the_rated_counts(tmp_path) -> None:
+    """A kernel round refitted with graph positives: the same family, the extra rows scored as
+    positives, the model file's counts still the ratings', and the original choice's report."""
+    from agile_pipeline.lib.model_choice import choice_for, refit_with_positives
+    from agile_pipeline.lib.propagation import knn_graph, pseudo_positives
+
+    rng = np.random.default_rng(7)
+    centres = l2_rows(rng.normal(size=(30, 8)).astype(np.float32))
+    members = np.repeat(np.arange(30), 40)
+    X = l2_rows((centres[members] + 0.15 * rng.normal(size=(1200, 8))).astype(np.float32))
+    y = (members < 6).astype(np.int64)  # six clusters of 40
+    idx = np.concatenate([np.flatnonzero(y == 1)[::40], rng.choice(np.flatnonzero(y == 0), 40, replace=False)])
+    m = train_round_model(X[idx], y[idx], X, round_index=0, exclude_from_pool=idx, choice=choice_for("kernel"))
+    extra = pseudo_positives(m.predict_proba(X), knn_graph(X, 10), idx, y[idx].astype(np.float64))
+    assert 0 < len(extra) <= 50 and y[extra].mean() > 0.9  # the positives' cluster mates
+    refit = refit_with_positives(m, X[idx], y[idx], X, extra, round_index=0, exclude_from_pool=idx)
+    assert refit.meta.config["family"] == "kernel" and refit.meta.config["graph_positives"] == len(extra)
+    assert refit.meta.n_pos == 6 and refit.meta.n_neg == 40
+    assert refit.meta.config["model_choice"] == m.meta.config["model_choice"]
+    assert refit.predict_proba(X[extra]).mean() > m.predict_proba(X[extra]).mean()
+    refit.save(tmp_path)
+    assert TrainedClassifier.load(tmp_path).meta.config["graph_positives"] == len(extra)
+    assert refit_with_positives(m, X[idx], y[idx], X, np.empty(0, np.int64), round_index=0) is m

@@ -69,3 +69,19 @@ def test_neighbour_agreement_reads_each_rated_positives_nearest_rated_neighbour(
     assert neighbour_agreement(graph, rated, y) == (0.5, 2)
     assert not should_propagate(0.5) and should_propagate(0.75) and should_propagate(None)
     assert neighbour_agreement(graph, np.array([3, 2]), np.array([1, 0])) == (None, 0)  # no evidence
+
+
+def test_pseudo_positives_are_the_most_confident_unrated_eligible_rows() -> None:
+    from agile_pipeline.lib.propagation import pseudo_positives
+
+    # a chain 0-1-...-7; 0 rated positive: its neighbours along the chain become confident
+    graph = np.array([[1, 1], [0, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7], [6, 6]])
+    p = np.array([0.9, 0.6, 0.6, 0.6, 0.1, 0.1, 0.1, 0.1])
+    f = propagate(p, graph, np.array([0]), np.array([1.0]), alpha=0.5)
+    got = pseudo_positives(p, graph, np.array([0]), np.array([1.0]), alpha=0.5, limit=10, threshold=0.5)
+    assert 0 not in got  # a rated image is never a pseudo-label
+    np.testing.assert_array_equal(got, np.flatnonzero(f[1:] >= 0.5)[np.argsort(-f[1:][f[1:] >= 0.5])] + 1)
+    assert list(got[:1]) == [1] and 4 not in got  # most confident first; the low end stays out
+    assert list(pseudo_positives(p, graph, np.array([0]), np.array([1.0]), alpha=0.5, limit=1)) == [1]
+    assert set(pseudo_positives(p, graph, np.array([0]), np.array([1.0]), alpha=0.5, eligible=2)) <= {1}
+    assert not len(pseudo_positives(p, graph, np.array([0]), np.array([1.0]), threshold=1.01))
