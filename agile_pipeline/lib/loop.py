@@ -480,8 +480,8 @@ def _train_round(
         raise LoopError(str(exc)) from exc
     graph_ids: list[str] = []
     if family_of(model.meta) == "kernel" and not isinstance(X_pool, RowSource):
-        model, graph_ids = _refit_with_graph_positives(env, concept.name, model, ids, y, X_lab, X_pool,
-                                                       exclude, round_index=arch_round, config=config)
+        model, graph_ids = _refit_with_graph_positives(env, concept.name, model, ids, y, X_lab, X_pool, exclude,
+                                                       round_index=arch_round, config=config, choice=choice)
     model_dir = env.concept_dir(concept.name) / f"round-{round_index:03d}"
     tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
     model.save(tmp_dir)
@@ -525,7 +525,7 @@ def _train_round(
 
 def _refit_with_graph_positives(env: LoopEnv, concept: str, model: Any, ids: list[str], y: np.ndarray,
                                 X_lab: np.ndarray, X_pool: Any, exclude: np.ndarray, *, round_index: int,
-                                config: Any) -> tuple[Any, list[str]]:
+                                config: Any, choice: Any) -> tuple[Any, list[str]]:
     """A kernel round trained again with its graph positives (README, "Graph positives"): the
     unrated train images that the model's scores, propagated over the corpus graph with the
     ratings held, make confidently positive. Unchanged (and no ids) where the corpus has no graph
@@ -540,7 +540,7 @@ def _refit_with_graph_positives(env: LoopEnv, concept: str, model: Any, ids: lis
     if not len(rows):
         return model, []
     refit = refit_with_positives(model, X_lab, y, X_pool, rows, round_index=round_index, config=config,
-                                 exclude_from_pool=exclude, concept=concept)
+                                 exclude_from_pool=exclude, concept=concept, choice=choice)
     log.info("%s: kernel refitted with %d graph positives", concept, len(rows))
     return refit, g.train.id_at(rows)
 

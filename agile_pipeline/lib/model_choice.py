@@ -604,11 +604,13 @@ def refit_with_positives(
     config: TrainConfig = TrainConfig(),
     exclude_from_pool: np.ndarray | None = None,
     concept: str | None = None,
+    choice: ModelChoiceConfig | None = None,
 ) -> TrainedClassifier:
     """``model``'s family trained again with the pool rows ``extra_rows`` added as positives
     (graph positives: :func:`~agile_pipeline.lib.propagation.pseudo_positives`) and kept out of
-    its random negatives. The model file records how many (``graph_positives``), the original
-    choice's report, and the rated counts as ``n_pos``/``n_neg``."""
+    its random negatives, with the settings of the ``choice`` that trained it (narrowed to that
+    family). The model file records how many (``graph_positives``), the original choice's
+    report, and the rated counts as ``n_pos``/``n_neg``."""
     extra_rows = np.asarray(extra_rows, np.int64)
     if not len(extra_rows):
         return model
@@ -618,7 +620,8 @@ def refit_with_positives(
     refit = train_round_model(
         np.concatenate([np.asarray(X_labeled, np.float32), np.asarray(X_pool[extra_rows], np.float32)]),
         np.concatenate([y, np.ones(len(extra_rows), np.int64)]), X_pool, round_index=round_index,
-        config=config, choice=choice_for(family, seed=config.seed),
+        config=config, choice=replace(choice or choice_for(family, seed=config.seed), candidates=(family,),
+                                      fallback=family, rule="cv", reason="graph positives added"),
         exclude_from_pool=np.concatenate([exclude, extra_rows]), concept=concept)
     refit.meta = replace(refit.meta, n_pos=model.meta.n_pos, n_neg=model.meta.n_neg,
                          train_seconds=round(model.meta.train_seconds + refit.meta.train_seconds, 4),

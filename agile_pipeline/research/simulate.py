@@ -528,7 +528,7 @@ def _fit_round(X_train: np.ndarray, idx: np.ndarray, y: np.ndarray, arch_round: 
                 eligible=len(X_train))
             m = refit_with_positives(m, X_train[idx], y, X_train, extra, round_index=arch_round,
                                      config=TrainConfig(seed=cfg.seed, **cfg.train),
-                                     exclude_from_pool=idx, concept=concept)
+                                     exclude_from_pool=idx, concept=concept, choice=choice)
         smooth = None
         if float(args.get("knn_alpha", 0)) > 0:
             smooth = _KnnSmoothing(X_train, idx, y.astype(np.float64), float(args["knn_alpha"]),
