@@ -462,9 +462,9 @@ def _family_cell(row: dict[str, Any]) -> str:
     name = FAMILY_NAMES.get(family, family)
     extra = int(row.get("graph_positives") or 0)
     if extra:
-        name += f" + {extra} graph positives"
-        tip += (f"; also trained on {extra} unrated images of your collection that label propagation "
-                "over its neighbour graph made confidently positive")
+        name += f" + {extra} graph positive{'s' if extra != 1 else ''}"
+        tip += (f"; also trained on {extra} unrated image{'s' if extra != 1 else ''} of your collection "
+                "that label propagation over its neighbour graph made confidently positive")
     return (f'<span data-family="{html.escape(family, quote=True)}" title="{html.escape(tip, quote=True)}">'
             f"{html.escape(name)}</span>")
 

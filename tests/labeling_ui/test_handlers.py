@@ -142,6 +142,7 @@ def test_the_kind_column_names_the_family_and_says_why_it_was_chosen() -> None:
     cell = handlers._family_cell({**agreement, "graph_positives": 50})  # refitted with graph positives
     assert ">kernel machine on the rated images + 50 graph positives<" in cell
     assert "(≥ 75%); also trained on 50 unrated images" in cell
+    assert "images + 1 graph positive<" in handlers._family_cell({**agreement, "graph_positives": 1})
     cv = {"family": "ensemble", "model_choice": {"family": "ensemble", "folds": 4,
                                                  "cv_auc_pr": {"mlp": 0.5, "linear": 0.6, "ensemble": 0.7}}}
     cell = handlers._family_cell(cv)
