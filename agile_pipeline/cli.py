@@ -233,6 +233,7 @@ def ingest(
         embedding_index,
         image_embeddings,
         image_manifest,
+        neighbour_graph,
         train_test_assignment,
     )
     from agile_pipeline.runner import metadata_of, run_corpus
@@ -263,6 +264,12 @@ def ingest(
     elif ix.get("status"):
         typer.echo(f"index:        IVF-PQ {ix['status']} ({ix.get('indexed_rows', 0):,} rows, "
                    f"recall@100 {ix.get('recall_at_100', '?')}, {ix.get('build_seconds', '?')} s)")
+    gr = metadata_of(result, neighbour_graph)
+    if gr.get("status") in ("built", "current"):
+        typer.echo(f"graph:        {gr['images']:,} images, {gr['k']} neighbours each ({gr['status']}, "
+                   f"{gr['build_seconds']} s): corpus scores and graph positives")
+    elif gr.get("status"):
+        typer.echo(f"graph:        {gr['status']}")
     rate = e.get("images_per_second")
     typer.echo(f"seconds:      {seconds:.1f}" + (f"  (embedding: {rate} images/s)" if rate else ""))
 

@@ -23,6 +23,7 @@ def definitions_for(resources: "AgileResources") -> dg.Definitions:
             corpus.train_test_assignment,
             corpus.image_embeddings,
             corpus.embedding_index,
+            corpus.neighbour_graph,
             concepts.concept_labels,
             concepts.expansion_candidates,
             concepts.zero_shot_scores,

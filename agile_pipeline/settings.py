@@ -218,6 +218,11 @@ PROPAGATION_MAX_IMAGES = 50_000
 up to this many embedded images. Its graph is exact (every image against every other, once per
 table version): BENCHMARKS.md, "Corpus scores", measures its build time."""
 
+PROPAGATION_ROUND_BUILD_IMAGES = 5_000
+"""A round that finds no graph for the current table version builds it only up to this many
+images (~0.3 s on the development box); above, the corpus job's ``neighbour_graph`` asset and the
+app's warm-up build it, off the rater's path, and the round trains without graph positives."""
+
 
 def propagation_mode() -> str:
     """``AGILE_PROPAGATION``: ``auto`` (default: the corpus's own images are scored by label

@@ -48,10 +48,11 @@ class CorpusGraph:
 
 
 def corpus_graph(vectors: Any, model_id: str, *, mode: str | None = None,
-                 max_images: int | None = None) -> CorpusGraph | None:
+                 max_images: int | None = None, build_max_images: int | None = None) -> CorpusGraph | None:
     """The table's graph (built on the first call per table version, then read from the split
     caches' folder), or ``None`` where propagation is off: ``AGILE_PROPAGATION=off``, no split
-    caches, fewer than 2 images, or (``auto``) more than ``max_images`` images."""
+    caches, fewer than 2 images, or (``auto``) more than ``max_images`` images — and where it is
+    not built yet for this table version and the table has more than ``build_max_images``."""
     mode = (mode or settings.propagation_mode())
     if mode == "off" or not has_cache(vectors):
         return None
@@ -64,6 +65,10 @@ def corpus_graph(vectors: Any, model_id: str, *, mode: str | None = None,
     t0 = time.perf_counter()
     if path.exists():
         return CorpusGraph(train, test, np.load(path), 0.0)
+    if build_max_images is not None and n > build_max_images:
+        log.info("corpus graph of %d images not built yet for this table version (the corpus job's "
+                 "neighbour_graph asset builds it)", n)
+        return None
     X = np.concatenate([np.asarray(train.f16, np.float32), np.asarray(test.f16, np.float32)])
     graph = propagation.knn_graph(X, propagation.K)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")

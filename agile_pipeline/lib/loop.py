@@ -529,11 +529,13 @@ def _refit_with_graph_positives(env: LoopEnv, concept: str, model: Any, ids: lis
     """A kernel round trained again with its graph positives (README, "Graph positives"): the
     unrated train images that the model's scores, propagated over the corpus graph with the
     ratings held, make confidently positive. Unchanged (and no ids) where the corpus has no graph
-    (``AGILE_PROPAGATION``) or nothing is confident enough."""
+    (``AGILE_PROPAGATION``), its graph is not built yet and would take the rater's time to build
+    (:data:`~agile_pipeline.settings.PROPAGATION_ROUND_BUILD_IMAGES`), or nothing is confident
+    enough."""
     from agile_pipeline.lib.corpus_scores import corpus_graph, graph_positives
     from agile_pipeline.lib.model_choice import refit_with_positives
 
-    g = corpus_graph(env.vectors, env.model_id)
+    g = corpus_graph(env.vectors, env.model_id, build_max_images=settings.PROPAGATION_ROUND_BUILD_IMAGES)
     if g is None:
         return model, []
     rows = graph_positives(model, g, dict(zip(ids, (int(v) for v in y), strict=True)))
