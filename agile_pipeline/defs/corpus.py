@@ -285,10 +285,11 @@ def neighbour_graph(vectors: VectorsResource, encoder: EncoderResource) -> dg.Ma
     mode = settings.propagation_mode()
     g = corpus_graph(vs, model_id, mode=mode)
     if g is None:
-        return dg.MaterializeResult(metadata={
-            "status": "off" if mode == "off" else
-            f"none: over {settings.PROPAGATION_MAX_IMAGES:,} images (AGILE_PROPAGATION=on builds it)",
-            "mode": mode})
+        from agile_pipeline.lib.split_cache import has_cache
+
+        status = ("off" if mode == "off" else "none: no split caches" if not has_cache(vs) else
+                  f"none: over {settings.PROPAGATION_MAX_IMAGES:,} images (AGILE_PROPAGATION=on builds it)")
+        return dg.MaterializeResult(metadata={"status": status, "mode": mode})
     return dg.MaterializeResult(metadata={
         "status": "built" if g.build_seconds else "current", "mode": mode,
         "images": len(g.graph), "train_images": g.n_train, "k": propagation.K,

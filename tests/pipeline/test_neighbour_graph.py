@@ -19,12 +19,17 @@ from tests.pipeline.test_concept_loop import _env, _rate
 
 
 def test_the_corpus_job_builds_the_graph_once_per_table_version(corpus, monkeypatch):
+    from agile_pipeline import settings
+
     env = _env(corpus)
     g = corpus_graph(env.vectors, env.model_id)
     assert g is not None and g.build_seconds == 0.0 and len(g.graph) == 800  # the corpus job built it
     md = metadata_of(_run(CORPUS_JOB, selection=["neighbour_graph"]), neighbour_graph)
     assert md["status"] == "current" and md["images"] == 800 and md["k"] == propagation.K
     assert md["train_images"] == g.n_train
+    monkeypatch.setattr(settings, "PROPAGATION_MAX_IMAGES", 799)
+    assert metadata_of(_run(CORPUS_JOB, selection=["neighbour_graph"]), neighbour_graph)["status"] == (
+        "none: over 799 images (AGILE_PROPAGATION=on builds it)")
     monkeypatch.setenv("AGILE_PROPAGATION", "off")
     assert metadata_of(_run(CORPUS_JOB, selection=["neighbour_graph"]), neighbour_graph)["status"] == "off"
 
