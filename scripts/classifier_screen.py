@@ -52,7 +52,7 @@ from agile_pipeline.lib.model_choice import (
     fit_ridge_logistic,
     train_round_model,
 )
-from agile_pipeline.lib.propagation import knn_graph, propagate
+from agile_pipeline.lib.propagation import knn_graph, propagate, pseudo_positives
 from agile_pipeline.lib.training import TrainConfig, l2_rows, train_classifier
 from agile_pipeline.research import simulate
 
@@ -146,22 +146,16 @@ def _train_graph(X_tr: np.ndarray, k: int) -> np.ndarray:
     return _TRAIN_GRAPHS[(id(X_tr), k)]
 
 
-def _pseudo_labels(spec: str, p_tr: np.ndarray, X_tr: np.ndarray, idx: np.ndarray,
-                   y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pseudo_labels(spec: str, p_tr: np.ndarray, X_tr: np.ndarray, idx: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Unlabelled train rows label propagation makes confidently positive: ``plAkKnNtT`` —
-    ten steps of ``f = (1-A)·p + A·mean f(K train neighbours)`` from the model's train scores,
-    rated rows clamped; the up-to-N unrated rows with f ≥ T (most confident first), counted as
-    rated positives."""
+    :func:`~agile_pipeline.lib.propagation.pseudo_positives` over the train images' own K-NN
+    graph (A its alpha, up to N rows with a propagated score ≥ T), counted as rated positives."""
     m = _PSEUDO.match(spec)
     if not m:
         raise SystemExit(f"unknown pseudo-labelling {spec!r}")
     a, k = float(m["a"] or 0.5), int(m["k"] or 10)
     n, t = int(m["n"] or 50), float(m["t"] or 0.5)
-    f = propagate(p_tr.astype(np.float64), _train_graph(X_tr, k), idx, y, alpha=a)
-    f[idx] = -1.0
-    order = np.argsort(-f)
-    chosen = order[: n][f[order[: n]] >= t]
-    return chosen, f[chosen]
+    return pseudo_positives(p_tr.astype(np.float64), _train_graph(X_tr, k), idx, y, alpha=a, limit=n, threshold=t)
 
 
 def _random_rows(n: int, idx: np.ndarray, seed: int) -> np.ndarray:
@@ -190,7 +184,7 @@ def _score(name: str, X_tr: np.ndarray, X_te: np.ndarray, idx: np.ndarray, y: np
     if ">" in name:  # "kernel0.7>pl0.5k10n50": the base model, then refit with pseudo-positives
         first, _, spec = name.partition(">")
         p_both = _score(first, X_tr, np.concatenate([X_tr, X_te]), idx, y, arch, seed, g)
-        extra, _ = _pseudo_labels(spec, p_both[: len(X_tr)], X_tr, idx, y)
+        extra = _pseudo_labels(spec, p_both[: len(X_tr)], X_tr, idx, y)
         if not len(extra):  # nothing confident enough: the base model's own test scores
             return p_both[len(X_tr):]
         return _score(first, X_tr, X_te, np.concatenate([idx, extra]),
